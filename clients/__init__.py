@@ -1,0 +1,1 @@
+"""Client side of every method: one declaration per file (model, parameter partition, local schedule)."""

@@ -1,0 +1,1 @@
+"""fedlora-flwr: personalized federated learning with low-rank adaptation on Flower."""

@@ -1,0 +1,144 @@
+"""The run configuration: every key of ``[tool.flwr.app.config]``, validated into one typed object.
+
+Flower hands both apps the fused run config (pyproject defaults + ``--run-config`` overrides) as
+a flat ``{"kebab-key": value}`` mapping. :func:`load_config` turns it into a frozen
+:class:`RunConfig` or raises :class:`ConfigError` whose message is one line naming each bad key.
+
+Relative paths (``data-dir``, ``output-dir``) resolve against the working directory of the
+process that validates the config: for ``flwr run`` that is the SuperLink's working directory
+(the managed local SuperLink starts in the directory where ``flwr run`` first launched it).
+The ServerApp resolves them once, logs the absolute paths, records them in ``config.json`` and
+sends them to the clients, so every process uses the same absolute paths.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedlora_flwr.data import DATASETS
+from fedlora_flwr.models import MODELS
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message is one line naming the key(s)."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class RunConfig(BaseModel):
+    """One run of one method. Field docs give the paper symbol where there is one."""
+
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+
+    method: str = Field("fedlora", description="registered method, see fedlora_flwr.methods")
+    dataset: str = "cifar10"
+    data_dir: str = "data"
+    partition: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
+    alpha: float = Field(0.1, gt=0, description="Dirichlet concentration α")
+    classes_per_client: int = Field(2, ge=1, description="k for the pathological partition")
+    train_per_client: int = Field(500, ge=1)
+    test_per_client: int = Field(100, ge=1)
+    model: str = "resnet8"
+    num_server_rounds: int = Field(3, ge=1, description="T")
+    local_epochs: int = Field(5, ge=1, description="E")
+    lora_epochs: int = Field(2, ge=0, description="E_lora (FedLoRA, eq. 6)")
+    lora_schedule: Literal["alternating", "simultaneous"] = "alternating"
+    batch_size: int = Field(100, ge=1, description="B")
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    rank_conv: float = Field(0.6, gt=0, le=1, description="R_c")
+    rank_linear: float = Field(0.6, gt=0, le=1, description="R_l")
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    aggregation: Literal["auto", "mean", "weighted"] = "auto"
+    partial_average: Literal["participants", "all-clients"] = "participants"
+    seed: int = 1
+    output_dir: str = "outputs"
+    run_name: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    round_timeout: float = Field(3600.0, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from fedlora_flwr.methods import METHODS  # the registry imports strategies, clients
+
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; choose one of {sorted(DATASETS)}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"unknown model {value!r}; choose one of {sorted(MODELS)}")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.lora_epochs > self.local_epochs:
+            raise _KeyError("lora-epochs", f"{self.lora_epochs} exceeds local-epochs={self.local_epochs}")
+        if self.dataset == "npz" and not Path(self.data_dir).is_file():
+            raise _KeyError("data-dir", f"no npz file at {self.data_dir!r} (dataset='npz' needs the .npz file)")
+        return self
+
+    def as_record(self) -> dict[str, Any]:
+        """The config as Flower run-config keys (kebab-case), e.g. for ``config.json``."""
+        return self.model_dump(by_alias=True)
+
+
+_PATH_KEYS = ("data-dir", "output-dir")
+
+
+class _KeyError(ValueError):
+    """Raised inside validators that check several fields, to name the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunConfig:
+    """Validate Flower's run config (kebab keys) into a :class:`RunConfig` with absolute paths.
+
+    Raises :class:`ConfigError` with one line listing every invalid key and why.
+    """
+    base = (base or Path.cwd()).resolve()
+    values = dict(run_config)
+    for key in _PATH_KEYS:
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = str((base / Path(values[key]).expanduser()).resolve())
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            context_error = (error.get("ctx") or {}).get("error")
+            if isinstance(context_error, _KeyError):
+                problems.append(f"{context_error.key}: {context_error}")
+                continue
+            key = ".".join(str(part) for part in error["loc"]) or "config"
+            value = run_config.get(key, "<missing>")
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}={value!r}: {message}")
+        raise ConfigError("invalid run config: " + "; ".join(problems)) from None

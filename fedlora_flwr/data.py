@@ -1,0 +1,650 @@
+"""Datasets, client partitions and training tensors.
+
+Three layers, each cached per process (simulated clients run in reused Ray
+actors, and loading the CIFAR-10 npz alone takes ~1.7 s):
+
+1. ``load_dataset(name, data_dir)`` -> :class:`ImageDataset` (uint8 HWC images,
+   int64 labels, normalisation statistics, whether training uses augmentation).
+2. ``partition(y_train, y_test, num_clients, scheme, ...)`` -> one
+   :class:`ClientSplit` (train/test index arrays) per client;
+   ``client_split(name, data_dir, partition_id, cfg)`` loads, partitions and
+   caches the whole federation and returns one client's split.
+3. ``client_tensors`` (float32 NCHW, normalised) and ``batches`` (a DataLoader
+   replacement without worker overhead, for ~500-sample clients).
+
+The cached arrays are made read-only: they are shared by every client of the
+process, so a client that modified them in place would corrupt the others.
+
+Paths: ``data_dir`` is resolved against the current working directory of the
+process that calls :func:`load_dataset` (``Path(data_dir).expanduser().resolve()``).
+Under ``flwr run`` that is the SuperLink's working directory, so pass absolute
+paths there.
+
+Protocol reference: METHODS.md A.7 (FedDecomp ``utils/sampling.py``
+``dirichlet_noniid`` and ``utils/get_dataset.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DATASETS",
+    "SCHEMES",
+    "ClientSplit",
+    "DatasetError",
+    "ImageDataset",
+    "PartitionConfig",
+    "batches",
+    "client_split",
+    "client_tensors",
+    "dirichlet_noniid",
+    "load_dataset",
+    "make_augment",
+    "partition",
+    "partition_dataset",
+]
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "npz", "synthetic")
+SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
+
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+CIFAR100_MEAN = (0.507, 0.487, 0.441)
+CIFAR100_STD = (0.267, 0.256, 0.276)
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be loaded; the message says which setting to fix."""
+
+
+# --------------------------------------------------------------------------- #
+# 1. Datasets
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """A train/test image classification dataset held in memory.
+
+    Images are uint8 ``N x H x W x C``, labels int64; both read-only.
+    ``mean``/``std`` are the per-channel normalisation on the [0, 1] scale;
+    ``train_augment`` says whether the paper's protocol augments the training
+    images (CIFAR-100 only: RandomCrop(32, pad 4), HFlip, RandomRotation(15)).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_augment: bool
+
+
+def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset:
+    """Load dataset ``name`` (one of :data:`DATASETS`), cached per process.
+
+    ``data_dir`` is the torchvision root for ``cifar10``/``cifar100`` (the
+    extracted ``cifar-*-python`` folder or its ``.tar.gz`` must already be
+    there when offline), the ``.npz`` file for ``npz``, and ignored for
+    ``synthetic``. The cache is keyed on (name, resolved path).
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _load_cached(name, _path_key(name, data_dir))
+
+
+def _path_key(name: str, data_dir: str | Path) -> str:
+    if name == "synthetic":
+        return ""
+    if data_dir is None or str(data_dir) == "":
+        raise DatasetError(f"data-dir: dataset {name!r} needs data-dir (got an empty path)")
+    return str(Path(data_dir).expanduser().resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(name: str, path: str) -> ImageDataset:
+    if name == "cifar10":
+        return _load_torchvision("CIFAR10", Path(path), HALF_MEAN, HALF_STD, augment=False)
+    if name == "cifar100":
+        return _load_torchvision("CIFAR100", Path(path), CIFAR100_MEAN, CIFAR100_STD, augment=True)
+    if name == "npz":
+        return _load_npz(Path(path))
+    if name == "synthetic":
+        return _make_synthetic()
+    raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.setflags(write=False)
+    return a
+
+
+def _build(x_tr, y_tr, x_te, y_te, mean, std, augment, num_classes=None) -> ImageDataset:
+    y_tr = np.asarray(y_tr).astype(np.int64)
+    y_te = np.asarray(y_te).astype(np.int64)
+    if num_classes is None:
+        num_classes = int(max(y_tr.max(initial=-1), y_te.max(initial=-1))) + 1
+    return ImageDataset(
+        x_train=_readonly(x_tr),
+        y_train=_readonly(y_tr),
+        x_test=_readonly(x_te),
+        y_test=_readonly(y_te),
+        num_classes=int(num_classes),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        train_augment=augment,
+    )
+
+
+def _load_torchvision(cls_name: str, root: Path, mean, std, *, augment: bool) -> ImageDataset:
+    import torchvision.datasets as tvd  # lazy: ~3 s import, only needed here
+
+    cls = getattr(tvd, cls_name)
+    try:
+        train = cls(root=str(root), train=True, download=True)
+        test = cls(root=str(root), train=False, download=True)
+    except Exception as exc:  # URLError offline, RuntimeError on corrupt files, ...
+        folder = cls.base_folder
+        raise DatasetError(
+            f"data-dir: could not load {cls_name} from {root} "
+            f"({type(exc).__name__}: {exc}); put the extracted {folder!r} folder "
+            f"(or {cls.filename}) under data-dir, or run once with internet access"
+            + (", or use dataset=npz with data-dir=<path to cifar10.npz>" if cls_name == "CIFAR10" else "")
+        ) from exc
+    num_classes = len(train.classes)
+    return _build(train.data, train.targets, test.data, test.targets, mean, std, augment, num_classes)
+
+
+def _load_npz(path: Path) -> ImageDataset:
+    if not path.is_file():
+        raise DatasetError(
+            f"data-dir: {path} is not a file; for dataset=npz set data-dir to an .npz "
+            f"file with arrays {', '.join(NPZ_KEYS)} (e.g. ../shared/data/cifar10/cifar10.npz)"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            missing = [k for k in NPZ_KEYS if k not in keys]
+            extra = sorted(keys - set(NPZ_KEYS))
+            if missing or extra:
+                raise DatasetError(
+                    f"data-dir: {path} must hold exactly the arrays {', '.join(NPZ_KEYS)}; "
+                    f"missing: {missing or 'none'}, unexpected: {extra or 'none'}"
+                )
+            arrays = {k: z[k] for k in NPZ_KEYS}
+    except DatasetError:
+        raise
+    except Exception as exc:  # BadZipFile, ValueError (pickled objects), OSError
+        raise DatasetError(f"data-dir: cannot read {path} as .npz ({type(exc).__name__}: {exc})") from exc
+
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+            raise DatasetError(
+                f"data-dir: {path}: x_{split} must be uint8 N x H x W x 3 images, "
+                f"got dtype {x.dtype} shape {x.shape}"
+            )
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise DatasetError(
+                f"data-dir: {path}: y_{split} must be a 1-D integer label array, got dtype {y.dtype} shape {y.shape}"
+            )
+        if len(x) != len(y):
+            raise DatasetError(f"data-dir: {path}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels")
+        if len(y) == 0:
+            raise DatasetError(f"data-dir: {path}: the {split} split is empty")
+        if y.min() < 0:
+            raise DatasetError(f"data-dir: {path}: y_{split} has negative labels")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DatasetError(
+            f"data-dir: {path}: train images {arrays['x_train'].shape[1:]} and test images "
+            f"{arrays['x_test'].shape[1:]} differ in size"
+        )
+    return _build(
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], HALF_MEAN, HALF_STD, False
+    )
+
+
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_TRAIN_PER_CLASS = 500  # enough for the paper's 500/100 protocol at any alpha
+SYNTHETIC_TEST_PER_CLASS = 100
+
+
+def _make_synthetic(seed: int = 0) -> ImageDataset:
+    """10 classes of 32x32x3 uint8 images: a fixed smooth template per class + noise.
+
+    Each template is a sum of three low-frequency 2-D cosines per channel around
+    mid-grey; each sample adds i.i.d. Gaussian pixel noise (std 60) and a
+    per-sample brightness offset, then is clipped to 0..255. It is an easy
+    fixture for fast tests (a nearest-class-mean classifier is ~100% accurate;
+    a small CNN is far above chance within an epoch or two), not a benchmark.
+    500 train / 100 test per class, so the paper's 500/100 Dirichlet protocol
+    works at any alpha. Stored in shuffled order (like the CIFAR-10 npz).
+    """
+    rng = np.random.default_rng(seed)
+    c, hw = SYNTHETIC_CLASSES, 32
+    yy, xx = np.meshgrid(np.arange(hw), np.arange(hw), indexing="ij")
+    templates = np.full((c, hw, hw, 3), 128.0, dtype=np.float32)
+    for k in range(c):
+        for ch in range(3):
+            for _ in range(3):
+                fy, fx = rng.integers(0, 4, size=2)
+                phase = rng.uniform(0, 2 * np.pi)
+                amp = rng.uniform(20, 45)
+                templates[k, :, :, ch] += amp * np.cos(2 * np.pi * (fy * yy + fx * xx) / hw + phase)
+
+    def draw(per_class: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.repeat(np.arange(c, dtype=np.int64), per_class)
+        y = y[rng.permutation(len(y))]
+        noise = rng.standard_normal((len(y), hw, hw, 3), dtype=np.float32) * 60.0
+        shift = rng.uniform(-20, 20, size=(len(y), 1, 1, 1)).astype(np.float32)
+        x = np.clip(np.rint(templates[y] + noise + shift), 0, 255).astype(np.uint8)
+        return x, y
+
+    x_tr, y_tr = draw(SYNTHETIC_TRAIN_PER_CLASS)
+    x_te, y_te = draw(SYNTHETIC_TEST_PER_CLASS)
+    return _build(x_tr, y_tr, x_te, y_te, HALF_MEAN, HALF_STD, False, c)
+
+
+# --------------------------------------------------------------------------- #
+# 2. Partitions
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, eq=False)
+class ClientSplit:
+    """One client's data: int64 indices into the dataset's train and test arrays."""
+
+    train: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """Hashable description of a partition (the cache key, with the dataset).
+
+    Defaults follow the paper (N = 40, 500 train / 100 test per client, seed 1).
+    """
+
+    num_clients: int = 40
+    scheme: str = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    train_per_client: int = 500
+    test_per_client: int = 100
+    seed: int = 1
+
+
+def partition(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    *,
+    alpha: float = 0.5,
+    classes_per_client: int = 2,
+    train_per_client: int = 500,
+    test_per_client: int = 100,
+    seed: int = 1,
+) -> list[ClientSplit]:
+    """Split a dataset's labels into ``num_clients`` client train/test index sets.
+
+    ``scheme``:
+
+    - ``"dirichlet"`` (the paper's, METHODS A.7): see :func:`dirichlet_noniid`.
+      Uses ``alpha``; clients may share images.
+    - ``"pathological"``: ``classes_per_client`` classes per client, the same
+      classes in its train and test split (flwr-datasets
+      ``PathologicalPartitioner``); disjoint across clients.
+    - ``"iid"``: flwr-datasets ``IidPartitioner``; disjoint across clients.
+
+    Every client gets at most ``train_per_client`` / ``test_per_client``
+    samples (the flwr-datasets schemes are capped with a seeded subsample that
+    keeps at least one sample of every class the client holds).
+    """
+    y_train = _check_labels(y_train, "y_train")
+    y_test = _check_labels(y_test, "y_test")
+    if int(num_clients) < 1:
+        raise ValueError(f"num-clients must be >= 1, got {num_clients}")
+    if train_per_client < 1 or test_per_client < 1:
+        raise ValueError(
+            f"train/test samples per client must be >= 1, got {train_per_client}/{test_per_client}"
+        )
+    if scheme == "dirichlet":
+        return dirichlet_noniid(
+            y_train, y_test, num_clients, alpha,
+            train_per_client=train_per_client, test_per_client=test_per_client, seed=seed,
+        )
+    if scheme == "pathological":
+        return _pathological(y_train, y_test, num_clients, classes_per_client, train_per_client, test_per_client, seed)
+    if scheme == "iid":
+        return _iid(y_train, y_test, num_clients, train_per_client, test_per_client, seed)
+    raise ValueError(f"partition: unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def _check_labels(y: np.ndarray, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or y.dtype.kind not in "iu" or len(y) == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D integer array, got dtype {y.dtype} shape {y.shape}")
+    if y.min() < 0:
+        raise ValueError(f"{what} has negative labels")
+    return y.astype(np.int64, copy=False)
+
+
+def dirichlet_noniid(
+    y_train: np.ndarray,
+    y_test: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    *,
+    train_per_client: int = 500,
+    test_per_client: int = 100,
+    seed: int = 1,
+) -> list[ClientSplit]:
+    """FedDecomp's ``dirichlet_noniid`` (METHODS A.7), reproduced bit for bit.
+
+    ``rs = RandomState(seed)``; ``q = rs.dirichlet(alpha * 1_C, size=N)``; for
+    client i and class j in order: ``n_tr = int(train_per_client * q_ij + 0.5)``
+    and ``n_te = int(test_per_client * q_ij + 0.5)``, each truncated to what is
+    left of the client's budget (so totals are <= the budget, possibly a few
+    short: not renormalised); then ``rs.choice`` draws n_tr indices of class j
+    from the FULL train split and n_te from the FULL test split, both without
+    replacement, interleaved on the one ``rs`` and called even for a count of 0
+    (it still consumes randomness). Clients draw independently, so different
+    clients may share images; each client's test set follows its train
+    distribution (same q).
+
+    Why not flwr-datasets' ``DirichletPartitioner``: it splits ONE dataset into
+    DISJOINT partitions whose sizes vary with the draw (class-wise proportions
+    over clients, ``q ~ Dir(alpha)`` per class, plus a min-size resampling loop),
+    and it would partition the test split with an independent draw. The paper's
+    protocol instead gives every client a FIXED budget drawn from the whole
+    pool with overlap allowed, and uses the SAME q for its test split, so its
+    numbers can only be reproduced with this loop.
+
+    C = max label + 1 over both splits. If a class holds fewer samples than a
+    client asks for, a ValueError says which (no silent replacement).
+    """
+    y_train = np.asarray(y_train, dtype=np.int64)
+    y_test = np.asarray(y_test, dtype=np.int64)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    train_by_class = [np.flatnonzero(y_train == j) for j in range(num_classes)]
+    test_by_class = [np.flatnonzero(y_test == j) for j in range(num_classes)]
+
+    rs = np.random.RandomState(seed)
+    q = rs.dirichlet(np.repeat(alpha, num_classes), num_clients)
+    splits = []
+    for i in range(num_clients):
+        left_tr, left_te = train_per_client, test_per_client
+        tr_parts, te_parts = [], []
+        for j in range(num_classes):
+            n_tr = int(train_per_client * q[i][j] + 0.5)
+            n_te = int(test_per_client * q[i][j] + 0.5)
+            n_tr = n_tr if left_tr - n_tr >= 0 else left_tr
+            n_te = n_te if left_te - n_te >= 0 else left_te
+            left_tr -= n_tr
+            left_te -= n_te
+            for n, pool, split in ((n_tr, train_by_class[j], "train"), (n_te, test_by_class[j], "test")):
+                if n > len(pool):
+                    raise ValueError(
+                        f"partition: dirichlet client {i} needs {n} {split} samples of class {j} "
+                        f"but the {split} split has only {len(pool)} (drawn without replacement); "
+                        f"lower the samples per client or use a larger dataset"
+                    )
+            tr_parts.append(rs.choice(train_by_class[j], n_tr, replace=False))
+            te_parts.append(rs.choice(test_by_class[j], n_te, replace=False))
+        splits.append(
+            ClientSplit(
+                train=_readonly(np.concatenate(tr_parts).astype(np.int64)),
+                test=_readonly(np.concatenate(te_parts).astype(np.int64)),
+            )
+        )
+    return splits
+
+
+def _labels_dataset(y: np.ndarray, seed: int):
+    """(HF Dataset with a ``label`` column, the permutation it was built with).
+
+    Row r of the dataset is sample ``perm[r]`` of ``y``: the rows are in a
+    seeded random order because IidPartitioner shards contiguously and does not
+    shuffle by itself (FederatedDataset would shuffle first; a bare partitioner
+    does not), and PathologicalPartitioner splits each class into contiguous
+    chunks.
+    """
+    import datasets  # lazy: ~2 s import
+
+    perm = np.random.default_rng(seed).permutation(len(y)).astype(np.int64)
+    return datasets.Dataset.from_dict({"label": y[perm], "idx": perm}), perm
+
+
+def _partition_indices(partitioner, perm: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Each partition's rows, as indices into the original (unpermuted) labels.
+
+    Public route: ``load_partition(i)["idx"]``. For PathologicalPartitioner that
+    costs ~0.1 s per partition (``Dataset.select`` dill-hashes the Python list
+    of np.int64 row ids to fingerprint the new dataset: ~7 s for 40 clients x 2
+    splits on CIFAR-10), paid in every Ray actor. So when the partitioner
+    exposes the assignment it computed for all partitions (its
+    ``_partition_id_to_indices`` dict, filled by the public ``num_partitions``
+    property), read the rows from there; otherwise use the public route.
+    tests/test_data.py checks that both routes agree.
+    """
+    _ = partitioner.num_partitions  # public; PathologicalPartitioner assigns all partitions here
+    table = getattr(partitioner, "_partition_id_to_indices", None)
+    if isinstance(table, dict) and sorted(table) == list(range(num_clients)):
+        return [perm[np.asarray(table[i], dtype=np.int64)] for i in range(num_clients)]
+    return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(num_clients)]
+
+
+def _cap(idx: np.ndarray, y: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``cap`` of ``idx``: a uniform random subsample, except that one
+    sample of every class present is kept first (so capping never drops a class)."""
+    if len(idx) <= cap:
+        return np.sort(idx)
+    shuffled = idx[rng.permutation(len(idx))]
+    _, first = np.unique(y[shuffled], return_index=True)
+    if len(first) > cap:
+        raise ValueError(f"partition: cannot keep {len(first)} classes within {cap} samples per client")
+    keep = np.zeros(len(shuffled), dtype=bool)
+    keep[first] = True
+    keep[np.flatnonzero(~keep)[: cap - len(first)]] = True
+    return np.sort(shuffled[keep])
+
+
+def _capped_splits(trains, tests, y_train, y_test, n_tr, n_te, seed) -> list[ClientSplit]:
+    out = []
+    for i, (tr, te) in enumerate(zip(trains, tests)):
+        out.append(
+            ClientSplit(
+                train=_readonly(_cap(tr, y_train, n_tr, np.random.default_rng([seed, i, 0]))),
+                test=_readonly(_cap(te, y_test, n_te, np.random.default_rng([seed, i, 1]))),
+            )
+        )
+    return out
+
+
+def _pathological(y_train, y_test, num_clients, k, n_tr, n_te, seed) -> list[ClientSplit]:
+    """k classes per client via flwr-datasets' PathologicalPartitioner.
+
+    ``class_assignment_mode="random"`` with the seed: the partitioner draws each
+    partition's classes from ``default_rng(seed)`` over the SORTED unique labels
+    before touching the samples (the sample shuffle comes after), so two
+    partitioners with the same seed give the same class sets on the train and the
+    test labels whenever both splits contain the same classes; checked below.
+    ("deterministic" would also match, but gives clients i and i + C the same
+    classes and ignores the seed.) Within a class, its samples are split evenly
+    and disjointly among the clients holding it, so a client may get fewer than
+    n_tr / n_te samples when a class is popular.
+    """
+    from flwr_datasets.partitioner import PathologicalPartitioner
+
+    if not 1 <= k:
+        raise ValueError(f"classes-per-client must be >= 1, got {k}")
+    if n_te < k or n_tr < k:
+        raise ValueError(f"partition: pathological needs >= {k} train and test samples per client")
+    per_split = []
+    for y, salt in ((y_train, 0), (y_test, 1)):
+        p = PathologicalPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            num_classes_per_partition=k,
+            class_assignment_mode="random",
+            shuffle=True,
+            seed=seed,
+        )
+        p.dataset, perm = _labels_dataset(y, seed + salt)
+        per_split.append(_partition_indices(p, perm, num_clients))
+    out = _capped_splits(per_split[0], per_split[1], y_train, y_test, n_tr, n_te, seed)
+    for i, s in enumerate(out):
+        c_tr, c_te = set(np.unique(y_train[s.train]).tolist()), set(np.unique(y_test[s.test]).tolist())
+        if c_tr != c_te or len(c_tr) > k:
+            raise ValueError(
+                f"partition: pathological client {i} got train classes {sorted(c_tr)} but test classes "
+                f"{sorted(c_te)} (do both splits contain every class?)"
+            )
+    return out
+
+
+def _iid(y_train, y_test, num_clients, n_tr, n_te, seed) -> list[ClientSplit]:
+    """flwr-datasets' IidPartitioner (contiguous equal shards of a seeded shuffle), capped."""
+    from flwr_datasets.partitioner import IidPartitioner
+
+    per_split = []
+    for y, salt in ((y_train, 0), (y_test, 1)):
+        if num_clients > len(y):
+            raise ValueError(f"partition: iid needs at least {num_clients} samples per split, got {len(y)}")
+        p = IidPartitioner(num_partitions=num_clients)
+        p.dataset, perm = _labels_dataset(y, seed + salt)
+        per_split.append(_partition_indices(p, perm, num_clients))
+    return _capped_splits(per_split[0], per_split[1], y_train, y_test, n_tr, n_te, seed)
+
+
+def partition_dataset(name: str, data_dir: str | Path, cfg: PartitionConfig) -> tuple[ClientSplit, ...]:
+    """All client splits of dataset ``name`` under ``cfg``; cached per process."""
+    if name not in DATASETS:
+        raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _partition_cached(name, _path_key(name, data_dir), cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _partition_cached(name: str, path: str, cfg: PartitionConfig) -> tuple[ClientSplit, ...]:
+    ds = _load_cached(name, path)
+    return tuple(
+        partition(
+            ds.y_train, ds.y_test, cfg.num_clients, cfg.scheme,
+            alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
+            train_per_client=cfg.train_per_client, test_per_client=cfg.test_per_client, seed=cfg.seed,
+        )
+    )
+
+
+def client_split(name: str, data_dir: str | Path, partition_id: int, cfg: PartitionConfig) -> ClientSplit:
+    """Client ``partition_id``'s split of dataset ``name`` under ``cfg`` (cached)."""
+    if not 0 <= int(partition_id) < cfg.num_clients:
+        raise ValueError(f"partition-id must be in [0, {cfg.num_clients}), got {partition_id}")
+    return partition_dataset(name, data_dir, cfg)[int(partition_id)]
+
+
+# --------------------------------------------------------------------------- #
+# 3. Tensors for training
+# --------------------------------------------------------------------------- #
+
+
+def client_tensors(ds: ImageDataset, indices: np.ndarray, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``indices`` of the train (``train=True``) or test split as
+    (float32 N x C x H x W normalised with ``ds.mean``/``ds.std``, int64 labels)."""
+    x_all, y_all = (ds.x_train, ds.y_train) if train else (ds.x_test, ds.y_test)
+    idx = np.asarray(indices, dtype=np.int64)
+    x = torch.from_numpy(x_all[idx]).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = x.sub_(mean).div_(std).contiguous()
+    y = torch.from_numpy(y_all[idx].astype(np.int64))
+    return x, y
+
+
+def make_augment(
+    mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD
+) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """The CIFAR-100 train augmentation (RandomCrop(32, padding 4),
+    RandomHorizontalFlip, RandomRotation(15)) for a NORMALISED batch.
+
+    Each sample gets its own random parameters (a v2 transform applied to a
+    whole batch tensor would use one set for all). Padding/rotation fill is the
+    normalised value of a black pixel, as in the reference (PIL, fill 0, before
+    Normalize). Randomness comes from ``generator`` when given (the global torch
+    RNG is left untouched), so an epoch is reproducible from the generator.
+    """
+    from torchvision.transforms import v2  # lazy: ~3 s import
+
+    fill = [float(-m / s) for m, s in zip(mean, std)]
+    tf = v2.Compose(
+        [
+            v2.RandomCrop(32, padding=4, fill=fill),
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(15, fill=fill),
+        ]
+    )
+
+    def apply(xb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None:
+            return torch.stack([tf(img) for img in xb])
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([tf(img) for img in xb])
+
+    return apply
+
+
+@functools.lru_cache(maxsize=1)
+def _default_augment():
+    return make_augment(CIFAR100_MEAN, CIFAR100_STD)
+
+
+def batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    augment: bool | Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (xb, yb) mini-batches covering every sample once (last partial batch
+    kept, like ``DataLoader(drop_last=False)``); order from ``torch.randperm``
+    with ``generator`` when ``shuffle``. ``augment=True`` applies the CIFAR-100
+    train augmentation (:func:`make_augment`) per batch; a callable
+    ``augment(xb, generator)`` is used as given (e.g. ``make_augment(ds.mean, ds.std)``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(y)
+    if len(x) != n:
+        raise ValueError(f"x has {len(x)} samples but y has {n}")
+    aug = _default_augment() if augment is True else (augment or None)
+    order = None
+    if shuffle:
+        device = generator.device if generator is not None else torch.device("cpu")
+        order = torch.randperm(n, generator=generator, device=device).to(x.device)
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size]
+            xb, yb = x[idx], y[idx.to(y.device)]
+        if aug is not None:
+            xb = aug(xb, generator)
+        yield xb, yb

@@ -1,0 +1,113 @@
+"""Parameter partition (shared / personal / frozen) and the local schedule of a method.
+
+Every state-dict entry of a client model (parameters *and* buffers, e.g. BatchNorm running
+statistics) belongs to exactly one group:
+
+- ``shared``: sent to the server and aggregated (FedLoRA: σ, every key without ``lora_``);
+- ``personal``: kept by the client in its personal-state store (FedLoRA: τ = the LoRA factors);
+- ``frozen``: never trained and never sent (e.g. a pretrained backbone).
+
+A method declares its partition with two rules (personal, frozen); everything else is shared.
+A rule sees the state-dict key and the module that owns it, so it can select by name (FedPer's
+``fc.``), by LoRA role (``lora_``) or by module type (FedBN's BatchNorm layers).
+
+A schedule is an ordered list of :class:`Phase`: "train these groups for N epochs with a fresh
+optimizer". FedLoRA = [personal for E_lora, shared for E − E_lora] (paper §3.4, Alg. 1);
+FedAvg = [shared for E]; Local = [personal for E].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Group = Literal["shared", "personal", "frozen"]
+GROUPS: tuple[Group, ...] = ("shared", "personal", "frozen")
+
+KeyRule = Callable[[str, nn.Module], bool]
+"""Decides membership from a state-dict key and the module that directly owns the tensor."""
+
+
+def nothing(_key: str, _module: nn.Module) -> bool:
+    return False
+
+
+def everything(_key: str, _module: nn.Module) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ParameterPartition:
+    """Assigns every state-dict key of a model to one group: personal, else frozen, else shared."""
+
+    personal: KeyRule = nothing
+    frozen: KeyRule = nothing
+
+    def groups(self, model: nn.Module) -> dict[str, Group]:
+        """Map every state-dict key of ``model`` to its group, in state-dict order."""
+        owner: dict[str, nn.Module] = {}
+        for module_name, module in model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            for name, _ in module.named_parameters(recurse=False):
+                owner[prefix + name] = module
+            for name, _ in module.named_buffers(recurse=False):
+                owner[prefix + name] = module
+        groups: dict[str, Group] = {}
+        for key in model.state_dict():
+            module = owner[key]
+            if self.personal(key, module):
+                groups[key] = "personal"
+            elif self.frozen(key, module):
+                groups[key] = "frozen"
+            else:
+                groups[key] = "shared"
+        return groups
+
+    def keys(self, model: nn.Module, group: Group) -> list[str]:
+        return [key for key, owner in self.groups(model).items() if owner == group]
+
+    def state(self, model: nn.Module, group: Group) -> dict[str, torch.Tensor]:
+        """The tensors of one group (detached views of the live model state)."""
+        state = model.state_dict()
+        return {key: state[key] for key in self.keys(model, group)}
+
+    def parameters(self, model: nn.Module, groups: Iterable[Group]) -> list[nn.Parameter]:
+        """The trainable ``nn.Parameter`` objects that belong to ``groups``."""
+        wanted = set(groups)
+        membership = self.groups(model)
+        return [param for key, param in model.named_parameters() if membership[key] in wanted]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Train the parameters of ``groups`` for ``epochs`` epochs with a fresh SGD optimizer.
+
+    All other parameters get ``requires_grad=False`` and are not in the optimizer. The model is
+    in train mode, so BatchNorm running statistics move in every phase (as in FedDecomp).
+    """
+
+    groups: tuple[Group, ...]
+    epochs: int
+
+
+def load_group(model: nn.Module, tensors: Mapping[str, torch.Tensor], expected: Iterable[str], what: str) -> None:
+    """Copy ``tensors`` into ``model``; their keys must be exactly ``expected`` (shapes checked too)."""
+    expected = list(expected)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: keys do not match the model ({len(missing)} missing, e.g. {missing[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]})"
+        )
+    state = model.state_dict()
+    for key in expected:
+        if tuple(tensors[key].shape) != tuple(state[key].shape):
+            raise ValueError(f"{what}: {key} has shape {tuple(tensors[key].shape)}, model expects {tuple(state[key].shape)}")
+    with torch.no_grad():
+        for key in expected:
+            state[key].copy_(tensors[key])

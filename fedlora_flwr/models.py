@@ -1,0 +1,140 @@
+"""Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (METHODS.md A.3), and a small CNN.
+
+All models take NCHW float input of shape (N, 3, 32, 32); the ResNets and the CNN also accept
+64×64 (Tiny ImageNet, fed unresized). Decompose them with :func:`fedlora_flwr.lora.decompose`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model", "resnet8", "resnet10",
+           "small_cnn"]
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Conv: Kaiming-normal(fan_out, relu); BN: weight 1, bias 0; Linear: PyTorch default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """conv3×3(s)→BN→ReLU→conv3×3→BN, + shortcut (identity or conv1×1(s)→BN), then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """ImageNet-style stem (7×7/2 conv, BN, ReLU, 3×3/2 max-pool) + one BasicBlock per stage.
+
+    Module names (METHODS A.3): ``conv1``, ``bn1``, ``layers.{s}.0.{conv1,bn1,conv2,bn2}``,
+    ``layers.{s}.0.downsample.{0,1}``, ``fc``.
+    """
+
+    def __init__(self, widths: Sequence[int], strides: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        if len(widths) != len(strides) or not widths:
+            raise ValueError("widths and strides must be non-empty and of equal length")
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        stages, in_planes = [], 64
+        for width, stride in zip(widths, strides):
+            stages.append(nn.Sequential(BasicBlock(in_planes, width, stride)))
+            in_planes = width
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet8(num_classes: int) -> ResNet:
+    """ResNet-8: widths 64/128/256, strides 1/2/2 (FedLoRA's CIFAR-10 model)."""
+    return ResNet((64, 128, 256), (1, 2, 2), num_classes)
+
+
+def resnet10(num_classes: int) -> ResNet:
+    """ResNet-10: widths 64/128/256/512, strides 1/2/2/2 (FedLoRA's CIFAR-100 / Tiny model)."""
+    return ResNet((64, 128, 256, 512), (1, 2, 2, 2), num_classes)
+
+
+class SmallCNN(nn.Module):
+    """A small fast CNN for tests and CPU experiments (ours, not from the FedLoRA paper).
+
+    conv3×3(3→32)→BN→ReLU→pool2 → conv3×3(32→64)→BN→ReLU→pool2 → (adaptive-avg to 8×8, the
+    identity at 32×32) → flatten 4096 → ``fc1`` 128 → ReLU → ``fc`` (128 → C).
+    ≈6.1 M MACs and ≈0.55 M parameters per 32×32 sample; runs in channels_last internally.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.conv2 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.avgpool = nn.AdaptiveAvgPool2d(8)
+        self.fc1 = nn.Linear(64 * 8 * 8, 128)
+        self.fc = nn.Linear(128, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last: ~2x faster on CPU (max-pool NCHW is slow); the math is unchanged.
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.pool(self.relu(self.bn2(self.conv2(x))))
+        if x.shape[-2:] != (8, 8):  # 32×32 input is already 8×8 here
+            x = self.avgpool(x)
+        return self.fc(self.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def small_cnn(num_classes: int) -> SmallCNN:
+    return SmallCNN(num_classes)
+
+
+MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet8": resnet8,
+    "resnet10": resnet10,
+    "cnn": small_cnn,
+}
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """Build a registered model (``MODELS``) for ``num_classes`` classes."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return MODELS[name](num_classes)

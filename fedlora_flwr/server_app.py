@@ -1,0 +1,56 @@
+"""The ServerApp shared by every method (Flower Message API).
+
+Validates the run config before anything else (a bad value stops the run with one line naming
+the key), creates the run folder, builds the method's initial shared tensors from a seeded model
+(the clients build the same one, so σ⁰ and the initial τ agree everywhere), and runs the
+method's strategy for ``num-server-rounds`` rounds.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from logging import ERROR, INFO
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora_flwr.config import ConfigError, load_config
+from fedlora_flwr.data import DatasetError, load_dataset
+from fedlora_flwr.methods import METHODS
+from fedlora_flwr.results import RunRecorder, create_run_dir
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        config = load_config(context.run_config)
+        num_classes = load_dataset(config.dataset, config.data_dir).num_classes
+        run_dir = create_run_dir(config)
+    except (ConfigError, DatasetError) as err:
+        log(ERROR, "[fedlora-flwr] %s", err)
+        sys.exit(2)
+    log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
+
+    random.seed(config.seed)  # Flower's node sampling draws from the global `random`
+    method = METHODS[config.method]
+    torch.manual_seed(config.seed)
+    model = method.client(config).build_model(num_classes)
+    initial = ArrayRecord(method.client.partition.state(model, "shared"))
+
+    recorder = RunRecorder(run_dir, config)
+    strategy = method.strategy(config, recorder)
+    instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        train_config=instructions,
+        evaluate_config=ConfigRecord(dict(instructions)),
+    )
+    recorder.finish()

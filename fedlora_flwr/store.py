@@ -1,0 +1,98 @@
+"""Personal-state store: what a client keeps between rounds, on disk (DESIGN.md §1).
+
+Flower re-creates the ClientApp for every message and ``context.state`` lives in memory only, so
+each client's personal tensors (FedLoRA's τ_i, a Local client's whole model, ...) live in one
+safetensors file per partition id: ``<root>/<partition-id>/personal.safetensors``. Only the
+client being served is ever loaded, so memory does not grow with the number of clients.
+
+Writes are atomic: a temporary file in the same folder is written, fsynced and renamed over the
+old one, then the folder is fsynced, so a crash leaves either the old or the new state, never a
+torn file. Loads check the method tag, the key set, shapes and dtypes against the model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_safetensors
+
+FILENAME = "personal.safetensors"
+
+
+class StateError(RuntimeError):
+    """A personal-state file is unreadable or does not match the model it is loaded into."""
+
+
+class PersonalStateStore:
+    """Per-client personal tensors of one run, keyed by partition id."""
+
+    def __init__(self, root: str | Path, method: str) -> None:
+        self.root = Path(root)
+        self.method = method
+
+    def path(self, partition_id: int) -> Path:
+        return self.root / str(int(partition_id)) / FILENAME
+
+    def exists(self, partition_id: int) -> bool:
+        return self.path(partition_id).is_file()
+
+    def save(self, partition_id: int, tensors: Mapping[str, torch.Tensor]) -> Path:
+        """Atomically replace the client's state with ``tensors`` (copied to CPU)."""
+        path = self.path(partition_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = save_safetensors(
+            {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()},
+            metadata={"method": self.method, "partition-id": str(int(partition_id))},
+        )
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp_name, path)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
+    def load(self, partition_id: int, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The stored tensors, or None if this client has none yet.
+
+        ``expected`` (e.g. the freshly built model's personal tensors) fixes the key set, shapes
+        and dtypes the file must have; any difference raises :class:`StateError`.
+        """
+        path = self.path(partition_id)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise StateError(f"personal state {path} is corrupt: {err}") from None
+        if metadata.get("method") != self.method:
+            raise StateError(f"personal state {path} belongs to method {metadata.get('method')!r}, not {self.method!r}")
+        if set(tensors) != set(expected):
+            missing = sorted(set(expected) - set(tensors))
+            extra = sorted(set(tensors) - set(expected))
+            raise StateError(f"personal state {path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, reference in expected.items():
+            stored = tensors[key]
+            if stored.shape != reference.shape or stored.dtype != reference.dtype:
+                raise StateError(
+                    f"personal state {path}: {key} is {stored.dtype}{tuple(stored.shape)}, "
+                    f"the model expects {reference.dtype}{tuple(reference.shape)}"
+                )
+        return tensors
+

@@ -1,0 +1,95 @@
+"""The one local training loop: run a method's schedule of phases over a client's data.
+
+Each phase trains only the parameters of its groups (``requires_grad`` *and* optimizer
+membership, METHODS.md A.9) with a fresh SGD optimizer, so momentum restarts every phase and
+every round as in FedDecomp (METHODS.md A.4). Methods change *what* is trained and in which
+order by declaring phases; they do not write loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlora_flwr.data import batches
+from fedlora_flwr.groups import ParameterPartition, Phase
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float  # mean loss over every batch of every phase
+    samples: int  # samples processed, all epochs and phases together
+    steps: int
+
+
+@dataclass(frozen=True)
+class EvalStats:
+    loss: float
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+def train_schedule(
+    model: nn.Module,
+    partition: ParameterPartition,
+    schedule: Sequence[Phase],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    lr: float,
+    momentum: float,
+    generator: torch.Generator,
+    augment: bool = False,
+    loss_fn: LossFn = F.cross_entropy,
+) -> TrainStats:
+    """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device."""
+    model.train()
+    membership = partition.groups(model)
+    loss_total, samples, steps = 0.0, 0, 0
+    for phase in schedule:
+        params = []
+        for key, param in model.named_parameters():
+            trainable = membership[key] in phase.groups
+            param.requires_grad_(trainable)
+            if trainable:
+                params.append(param)
+        if phase.epochs == 0 or not params:
+            continue
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+        for _ in range(phase.epochs):
+            for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                optimizer.step()
+                loss_total += loss.item()
+                samples += len(yb)
+                steps += 1
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return TrainStats(loss=loss_total / steps if steps else float("nan"), samples=samples, steps=steps)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalStats:
+    """Accuracy and mean loss of ``model`` in eval mode (BN uses its running statistics)."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    total = len(y)
+    return EvalStats(loss=loss_sum / total if total else float("nan"), correct=correct, total=total)

@@ -1,0 +1,1 @@
+"""Server side of every method: one Flower strategy per file (what is aggregated, how, to whom)."""

@@ -1,0 +1,155 @@
+"""Base strategy: aggregate only what clients share, evaluate every client, record the run.
+
+Clients send exactly their method's *shared* tensors (the server never sees personal ones), so
+the server averages whatever keys arrive. Built on Flower's message-based ``FedAvg`` (sampling,
+message construction, reply validation) with three changes:
+
+- aggregation is the unweighted mean of FedLoRA's eq. 8 or the sample-weighted mean, computed in
+  float64 over the replies sorted by partition id (bit-for-bit reproducible whatever the arrival
+  order) and cast back to each tensor's dtype (integer BN counters are rounded);
+- with ``partial-average = "all-clients"`` the mean is taken over all N clients, absent ones
+  holding the previous σ̄, as FedDecomp's code does (METHODS.md A.5);
+- every round, after aggregation, every client evaluates (fraction_evaluate = 1, METHODS.md A.6)
+  and the round is written to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedlora_flwr.config import RunConfig
+from fedlora_flwr.results import RunRecorder
+
+ARRAYS = "arrays"
+METRICS = "metrics"
+
+
+def average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
+    """Weighted mean of ArrayRecords with identical keys, in float64, cast back to each dtype."""
+    total = float(sum(weights))
+    averaged: dict[str, np.ndarray] = {}
+    for key in records[0]:
+        reference = records[0][key].numpy()
+        acc = np.zeros(reference.shape, dtype=np.float64)
+        for record, weight in zip(records, weights, strict=True):
+            acc += record[key].numpy().astype(np.float64) * (weight / total)
+        if np.issubdtype(reference.dtype, np.integer):
+            acc = np.rint(acc)
+        averaged[key] = np.asarray(acc, dtype=reference.dtype)
+    return ArrayRecord({key: Array.from_numpy_ndarray(value) for key, value in averaged.items()})
+
+
+def mean_distance(records: list[ArrayRecord], center: ArrayRecord) -> float:
+    """Mean over clients of the L2 distance between a client's shared tensors and the aggregate.
+
+    Floating-point tensors only (the paper's Fig. 6 distance of σ_i to σ̄).
+    """
+    if not records or not len(center):
+        return 0.0
+    distances = []
+    for record in records:
+        squared = 0.0
+        for key in center:
+            reference = center[key].numpy()
+            if np.issubdtype(reference.dtype, np.floating):
+                squared += float(np.sum((record[key].numpy().astype(np.float64) - reference) ** 2))
+        distances.append(squared**0.5)
+    return float(np.mean(distances))
+
+
+class PersonalizedStrategy(FedAvg):
+    """Shared-keys aggregation + per-round evaluation of every client + run recording."""
+
+    default_aggregation: ClassVar[str] = "weighted"
+
+    def __init__(self, config: RunConfig, recorder: RunRecorder) -> None:
+        super().__init__(
+            fraction_train=config.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            arrayrecord_key=ARRAYS,
+        )
+        self.config = config
+        self.recorder = recorder
+        self.aggregation = self.default_aggregation if config.aggregation == "auto" else config.aggregation
+        self._round: dict = {}
+        self._previous: ArrayRecord | None = None
+        self._num_nodes = 0
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._previous = arrays
+        self._num_nodes = len(list(grid.get_node_ids()))
+        self._round = {
+            "round": server_round,
+            "num_sampled": len(messages),
+            "bytes_down_train": arrays.count_bytes() * len(messages),
+        }
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        valid.sort(key=lambda message: int(message.content[METRICS]["partition-id"]))
+        self._round.update(
+            num_participants=len(valid),
+            train_failures=self._round.get("num_sampled", 0) - len(valid),
+            bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
+        )
+        if not valid:
+            return None, None
+        records = [message.content[ARRAYS] for message in valid]
+        metrics = [message.content[METRICS] for message in valid]
+        if self.aggregation == "mean":
+            weights = [1.0] * len(valid)
+        else:
+            weights = [float(m["num-examples"]) for m in metrics]
+        aggregated = average_arrays(records, weights)
+        if self.config.partial_average == "all-clients" and self._previous is not None:
+            absent = max(self._num_nodes - len(valid), 0)
+            aggregated = average_arrays([aggregated, self._previous], [len(valid), absent]) if absent else aggregated
+        train_loss = float(np.mean([float(m["train-loss"]) for m in metrics]))
+        self._round.update(train_loss=train_loss, shared_distance=mean_distance(records, aggregated))
+        return aggregated, MetricRecord({"train-loss": train_loss})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._round["num_evaluated"] = len(messages)
+        self._round["bytes_down_evaluate"] = arrays.count_bytes() * len(messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        per_client = {
+            int(message.content[METRICS]["partition-id"]): (
+                float(message.content[METRICS]["accuracy"]),
+                int(message.content[METRICS]["num-examples"]),
+            )
+            for message in valid
+        }
+        accuracies = np.array([acc for acc, _ in per_client.values()], dtype=np.float64)
+        sizes = np.array([n for _, n in per_client.values()], dtype=np.float64)
+        record = dict(self._round)
+        record.setdefault("round", server_round)
+        eval_failures = record.pop("num_evaluated", len(replies)) - len(valid)
+        record.update(
+            acc_mean=float(accuracies.mean()) if len(accuracies) else float("nan"),
+            acc_weighted=float((accuracies * sizes).sum() / sizes.sum()) if sizes.sum() else float("nan"),
+            acc_std=float(accuracies.std()) if len(accuracies) else float("nan"),
+            acc_per_client={str(pid): per_client[pid][0] for pid in sorted(per_client)},
+            num_failures=record.pop("train_failures", 0) + eval_failures,
+            bytes_up=record.get("bytes_up", 0),
+            bytes_down=record.get("bytes_down_train", 0) + record.get("bytes_down_evaluate", 0),
+        )
+        record.pop("num_sampled", None)
+        self.recorder.record_round(record)
+        return MetricRecord({"acc-mean": record["acc_mean"]}) if len(accuracies) else None
