@@ -18,10 +18,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedlora_flwr.data import DATASETS
 from fedlora_flwr.models import MODELS
+
+
+_PATH_KEYS = ("data-dir", "output-dir")
 
 
 class ConfigError(ValueError):
@@ -35,7 +38,8 @@ def _kebab(name: str) -> str:
 class RunConfig(BaseModel):
     """One run of one method. Field docs give the paper symbol where there is one."""
 
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True)
+    # strict: Flower passes typed TOML values; a bool or a string is not silently a number.
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, strict=True)
 
     method: str = Field("fedlora", description="registered method, see fedlora_flwr.methods")
     dataset: str = "cifar10"
@@ -58,7 +62,7 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(1.0, gt=0, le=1)
     aggregation: Literal["auto", "mean", "weighted"] = "auto"
     partial_average: Literal["participants", "all-clients"] = "participants"
-    seed: int = 1
+    seed: int = Field(1, ge=0, lt=2**32, description="numpy RandomState range")
     output_dir: str = "outputs"
     run_name: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -94,28 +98,24 @@ class RunConfig(BaseModel):
             raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RunConfig:
-        if self.lora_epochs > self.local_epochs:
-            raise _KeyError("lora-epochs", f"{self.lora_epochs} exceeds local-epochs={self.local_epochs}")
-        if self.dataset == "npz" and not Path(self.data_dir).is_file():
-            raise _KeyError("data-dir", f"no npz file at {self.data_dir!r} (dataset='npz' needs the .npz file)")
-        return self
+    @field_validator("data_dir")
+    @classmethod
+    def _npz_file_exists(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("dataset") == "npz" and not Path(value).is_file():
+            raise ValueError(f"no npz file at {value!r} (dataset='npz' needs the .npz file)")
+        return value
+
+    @field_validator("lora_epochs")
+    @classmethod
+    def _within_local_epochs(cls, value: int, info: ValidationInfo) -> int:
+        local_epochs = info.data.get("local_epochs")
+        if local_epochs is not None and value > local_epochs:
+            raise ValueError(f"{value} exceeds local-epochs={local_epochs}")
+        return value
 
     def as_record(self) -> dict[str, Any]:
         """The config as Flower run-config keys (kebab-case), e.g. for ``config.json``."""
         return self.model_dump(by_alias=True)
-
-
-_PATH_KEYS = ("data-dir", "output-dir")
-
-
-class _KeyError(ValueError):
-    """Raised inside validators that check several fields, to name the offending key."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
 
 
 def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunConfig:
@@ -126,17 +126,14 @@ def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunC
     base = (base or Path.cwd()).resolve()
     values = dict(run_config)
     for key in _PATH_KEYS:
-        if isinstance(values.get(key), str) and values[key]:
+        values.setdefault(key, RunConfig.model_fields[key.replace("-", "_")].default)
+        if isinstance(values[key], str) and values[key]:
             values[key] = str((base / Path(values[key]).expanduser()).resolve())
     try:
         return RunConfig.model_validate(values)
     except ValidationError as err:
         problems = []
         for error in err.errors():
-            context_error = (error.get("ctx") or {}).get("error")
-            if isinstance(context_error, _KeyError):
-                problems.append(f"{context_error.key}: {context_error}")
-                continue
             key = ".".join(str(part) for part in error["loc"]) or "config"
             value = run_config.get(key, "<missing>")
             message = error["msg"].removeprefix("Value error, ")

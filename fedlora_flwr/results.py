@@ -1,8 +1,10 @@
 """Run outputs: the contract of DESIGN.md §4 (other tools read it; extend, don't break).
 
 ``<output-dir>/<run-name>/`` holds ``config.json`` (the validated config, every key),
-``metrics.jsonl`` (one object per round), ``summary.json`` (written at the end) and
-``clients/<partition-id>/`` (each client's personal state).
+``metrics.jsonl`` (one object per round), ``summary.json`` and ``shared.safetensors`` (the
+final aggregated shared tensors, e.g. FedLoRA's σ̄; written at the end) and
+``clients/<partition-id>/`` (each client's personal state). Client i's personalized model is
+``shared.safetensors`` + ``clients/<i>/personal.safetensors``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,19 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from logging import INFO
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from flwr.common.logger import log
 
 from fedlora_flwr.config import ConfigError, RunConfig
+from fedlora_flwr.store import write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
+SHARED_FILE = "shared.safetensors"
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -99,8 +106,10 @@ class RunRecorder:
             record["elapsed_s"],
         )
 
-    def finish(self) -> dict[str, Any]:
-        """Write ``summary.json``: best round (ties go to the later round, METHODS.md A.6) and totals."""
+    def finish(self, shared: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Write ``shared.safetensors`` (the final aggregate) and ``summary.json``: best round
+        (ties go to the later round, METHODS.md A.6) and totals."""
+        write_safetensors_atomic(self.run_dir / SHARED_FILE, shared, {"method": self.config.method})
         scored = [r for r in self.rounds if r.get("acc_mean") is not None]
         best = max(reversed(scored), key=lambda r: r["acc_mean"], default=None)
         config = self.config
@@ -111,7 +120,7 @@ class RunRecorder:
             "partition": config.partition,
             "alpha": config.alpha,
             "seed": config.seed,
-            "num_clients": len(self.client_ids),
+            "num_clients": max([len(self.client_ids)] + [r.get("num_nodes", 0) for r in self.rounds]),
             "rounds": len(self.rounds),
             "best_acc_mean": best["acc_mean"] if best else None,
             "best_round": best["round"] if best else None,

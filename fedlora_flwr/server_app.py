@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, config)
     strategy = method.strategy(config, recorder)
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
-    strategy.start(
+    result = strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=config.num_server_rounds,
@@ -53,4 +53,5 @@ def main(grid: Grid, context: Context) -> None:
         train_config=instructions,
         evaluate_config=ConfigRecord(dict(instructions)),
     )
-    recorder.finish()
+    final = result.arrays if len(result.arrays) else initial  # no round aggregated: σ̄ is still σ⁰
+    recorder.finish(shared=final.to_torch_state_dict())

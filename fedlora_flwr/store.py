@@ -44,26 +44,7 @@ class PersonalStateStore:
     def save(self, partition_id: int, tensors: Mapping[str, torch.Tensor]) -> Path:
         """Atomically replace the client's state with ``tensors`` (copied to CPU)."""
         path = self.path(partition_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = save_safetensors(
-            {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()},
-            metadata={"method": self.method, "partition-id": str(int(partition_id))},
-        )
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{FILENAME}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_safetensors_atomic(path, tensors, {"method": self.method, "partition-id": str(int(partition_id))})
         return path
 
     def load(self, partition_id: int, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
@@ -96,3 +77,27 @@ class PersonalStateStore:
                 )
         return tensors
 
+
+
+def write_safetensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``path``: temp file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = save_safetensors(
+        {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()},
+        metadata=metadata,
+    )
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -56,28 +56,31 @@ def train_schedule(
     """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device."""
     model.train()
     membership = partition.groups(model)
+    trainable_before = {key: param.requires_grad for key, param in model.named_parameters()}
     loss_total, samples, steps = 0.0, 0, 0
-    for phase in schedule:
-        params = []
+    try:
+        for phase in schedule:
+            params = []
+            for key, param in model.named_parameters():
+                trainable = membership[key] in phase.groups
+                param.requires_grad_(trainable)
+                if trainable:
+                    params.append(param)
+            if phase.epochs == 0 or not params:
+                continue
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
+            for _ in range(phase.epochs):
+                for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(xb), yb)
+                    loss.backward()
+                    optimizer.step()
+                    loss_total += loss.item()
+                    samples += len(yb)
+                    steps += 1
+    finally:
         for key, param in model.named_parameters():
-            trainable = membership[key] in phase.groups
-            param.requires_grad_(trainable)
-            if trainable:
-                params.append(param)
-        if phase.epochs == 0 or not params:
-            continue
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-        for _ in range(phase.epochs):
-            for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                loss.backward()
-                optimizer.step()
-                loss_total += loss.item()
-                samples += len(yb)
-                steps += 1
-    for param in model.parameters():
-        param.requires_grad_(True)
+            param.requires_grad_(trainable_before[key])
     return TrainStats(loss=loss_total / steps if steps else float("nan"), samples=samples, steps=steps)
 
 

@@ -83,14 +83,18 @@ class PersonalizedStrategy(FedAvg):
         self._round: dict = {}
         self._previous: ArrayRecord | None = None
         self._num_nodes = 0
+        self._sent_train: set[int] = set()
+        self._failed_train: set[int] = set()
+        self._sent_evaluate: set[int] = set()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._previous = arrays
         self._num_nodes = len(list(grid.get_node_ids()))
+        self._sent_train = {message.metadata.dst_node_id for message in messages}
         self._round = {
             "round": server_round,
-            "num_sampled": len(messages),
+            "num_nodes": self._num_nodes,
             "bytes_down_train": arrays.count_bytes() * len(messages),
         }
         return messages
@@ -99,9 +103,9 @@ class PersonalizedStrategy(FedAvg):
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True)
         valid.sort(key=lambda message: int(message.content[METRICS]["partition-id"]))
+        self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         self._round.update(
             num_participants=len(valid),
-            train_failures=self._round.get("num_sampled", 0) - len(valid),
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )
         if not valid:
@@ -122,7 +126,7 @@ class PersonalizedStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self._round["num_evaluated"] = len(messages)
+        self._sent_evaluate = {message.metadata.dst_node_id for message in messages}
         self._round["bytes_down_evaluate"] = arrays.count_bytes() * len(messages)
         return messages
 
@@ -140,16 +144,15 @@ class PersonalizedStrategy(FedAvg):
         sizes = np.array([n for _, n in per_client.values()], dtype=np.float64)
         record = dict(self._round)
         record.setdefault("round", server_round)
-        eval_failures = record.pop("num_evaluated", len(replies)) - len(valid)
+        failed_evaluate = self._sent_evaluate - {message.metadata.src_node_id for message in valid}
         record.update(
             acc_mean=float(accuracies.mean()) if len(accuracies) else float("nan"),
             acc_weighted=float((accuracies * sizes).sum() / sizes.sum()) if sizes.sum() else float("nan"),
             acc_std=float(accuracies.std()) if len(accuracies) else float("nan"),
             acc_per_client={str(pid): per_client[pid][0] for pid in sorted(per_client)},
-            num_failures=record.pop("train_failures", 0) + eval_failures,
+            num_failures=len(self._failed_train | failed_evaluate),
             bytes_up=record.get("bytes_up", 0),
             bytes_down=record.get("bytes_down_train", 0) + record.get("bytes_down_evaluate", 0),
         )
-        record.pop("num_sampled", None)
         self.recorder.record_round(record)
         return MetricRecord({"acc-mean": record["acc_mean"]}) if len(accuracies) else None

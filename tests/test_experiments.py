@@ -26,4 +26,4 @@ def test_experiment_validates(path: Path):
         pytest.skip(f"{REAL_NPZ} absent: {path.name} reads the real CIFAR-10 subset from ../shared/data")
     config = load_config({**app_defaults(), **overrides}, base=REPO)
     if config.dataset == "npz":
-        assert Path(config.data_dir) == REAL_NPZ
+        assert Path(config.data_dir) == REAL_NPZ.resolve()

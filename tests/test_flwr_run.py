@@ -73,7 +73,7 @@ def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
     run_dir = out / "e2e-cifar10"
     assert (run_dir / "summary.json").is_file(), log[-4000:]
     metrics = _check_contract(run_dir, num_clients=3, rounds=2)
-    assert json.loads((run_dir / "config.json").read_text())["data-dir"] == str(real_npz)
+    assert json.loads((run_dir / "config.json").read_text())["data-dir"] == str(real_npz.resolve())
     assert all(m["train_loss"] > 0 for m in metrics)
     _taus(run_dir, 3)
 
