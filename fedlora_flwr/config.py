@@ -23,7 +23,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from fedlora_flwr.data import DATASETS
 from fedlora_flwr.models import MODELS
 
-
 _PATH_KEYS = ("data-dir", "output-dir")
 
 
@@ -68,27 +67,14 @@ class RunConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
 
-    @field_validator("method")
+    @field_validator("method", "dataset", "model")
     @classmethod
-    def _known_method(cls, value: str) -> str:
-        from fedlora_flwr.methods import METHODS  # the registry imports strategies, clients
+    def _registered(cls, value: str, info: ValidationInfo) -> str:
+        from fedlora_flwr.methods import METHODS  # the registry imports strategies and clients
 
-        if value not in METHODS:
-            raise ValueError(f"unknown method {value!r}; choose one of {sorted(METHODS)}")
-        return value
-
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; choose one of {sorted(DATASETS)}")
-        return value
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"unknown model {value!r}; choose one of {sorted(MODELS)}")
+        choices = {"method": METHODS, "dataset": DATASETS, "model": MODELS}[info.field_name]
+        if value not in choices:
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {sorted(choices)}")
         return value
 
     @field_validator("run_name")

@@ -12,20 +12,18 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from logging import INFO
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from flwr.common.logger import log
 
 from fedlora_flwr.config import ConfigError, RunConfig
-from fedlora_flwr.store import write_safetensors_atomic
+from fedlora_flwr.store import write_atomic, write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
 SHARED_FILE = "shared.safetensors"
@@ -48,17 +46,7 @@ def create_run_dir(config: RunConfig) -> Path:
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def _finite(value: float) -> float | None:

@@ -80,12 +80,17 @@ class PersonalStateStore:
 
 
 def write_safetensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` to ``path``: temp file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``tensors`` (copied to CPU) as a safetensors file, atomically."""
     payload = save_safetensors(
         {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()},
         metadata=metadata,
     )
+    write_atomic(path, payload)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

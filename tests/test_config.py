@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import app_defaults
+
 from fedlora_flwr.config import ConfigError, RunConfig, load_config
 
 

@@ -6,8 +6,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import REAL_NPZ, REPO, app_defaults
+
 from fedlora_flwr.config import load_config
 
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.toml"))

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import app_defaults
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import FLOWER_LOGGER
+from inprocess import InProcessGrid
 from safetensors import safe_open
 
 from clients.fedlora import FedLoRAClient
-from conftest import app_defaults
 from fedlora_flwr import client_app, server_app
 from fedlora_flwr.config import load_config
 from fedlora_flwr.models import build_model
-from inprocess import InProcessGrid
 from strategies.base import ARRAYS, METRICS, average_arrays
 
 NUM_CLIENTS = 3

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 
 from fedlora_flwr.lora import is_lora_key
@@ -43,7 +44,8 @@ def _taus(run_dir: Path, num_clients: int) -> list[dict[str, torch.Tensor]]:
 
 def test_fedlora_simulation_synthetic(superlink, tmp_path):
     out = tmp_path / "outputs"
-    code, log = superlink.flwr_run(
+    code, log = superlink.run(
+        REPO,
         _overrides(
             dataset="synthetic", model="cnn", **{"num-server-rounds": 2, "local-epochs": 2, "lora-epochs": 1,
             "train-per-client": 100, "test-per-client": 40, "output-dir": str(out), "run-name": "e2e-synthetic"}
@@ -62,7 +64,8 @@ def test_fedlora_simulation_synthetic(superlink, tmp_path):
 
 def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
     out = tmp_path / "outputs"
-    code, log = superlink.flwr_run(
+    code, log = superlink.run(
+        REPO,
         _overrides(
             dataset="npz", model="cnn", **{"data-dir": str(real_npz), "num-server-rounds": 2, "local-epochs": 1,
             "lora-epochs": 1, "lora-schedule": "simultaneous", "train-per-client": 100, "test-per-client": 50,
@@ -80,7 +83,7 @@ def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
 
 def test_invalid_config_stops_before_training(superlink, tmp_path):
     out = tmp_path / "outputs"
-    _, log = superlink.flwr_run(_overrides(**{"rank-conv": 0.0, "output-dir": str(out)}), num_supernodes=2)
+    _, log = superlink.run(REPO, _overrides(**{"rank-conv": 0.0, "output-dir": str(out)}), num_supernodes=2)
     lines = [line for line in log.splitlines() if "invalid run config" in line]
     assert lines and "rank-conv" in lines[0], log[-3000:]
     assert "[ROUND 1" not in log

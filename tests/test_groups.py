@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import app_defaults
 
 from clients.fedavg import FedAvgClient
 from clients.fedlora import FedLoRAClient
 from clients.local import LocalClient
-from conftest import app_defaults
 from fedlora_flwr.config import load_config
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import is_lora_key

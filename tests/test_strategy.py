@@ -7,12 +7,12 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-
 from conftest import app_defaults
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from inprocess import InProcessGrid
+
 from fedlora_flwr.config import load_config
 from fedlora_flwr.results import RunRecorder
-from inprocess import InProcessGrid
 from strategies.base import ARRAYS, METRICS, average_arrays
 from strategies.fedavg import FedAvgStrategy
 from strategies.fedlora import FedLoRAStrategy

@@ -1,0 +1,164 @@
+"""A private Flower SuperLink in simulation mode, for tools that run many ``flwr run`` jobs.
+
+Flower's managed local SuperLink listens on fixed ports (39091/39093) and is shared by every
+``flwr run`` of the user. Tests, the grid runner and benchmarks instead start their own
+``flower-superlink --simulation`` on free loopback ports with their own ``FLWR_HOME``, with
+runtime dependency installation disabled (the environment already holds every dependency), and
+stop it and every process below it (SuperExec, the simulation, Ray) by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+BIN_DIR = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalSuperLink:
+    """Start with ``with LocalSuperLink() as link:``; ``link.run(...)`` submits one run and streams it."""
+
+    CONNECTION = "private"
+
+    def __init__(self, flwr_home: Path | None = None, startup_timeout: float = 60) -> None:
+        self._tmp = None if flwr_home else tempfile.TemporaryDirectory(prefix="fedlora-flwr-home-")
+        self.flwr_home = Path(flwr_home or self._tmp.name)
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self.tree: dict[int, psutil.Process] = {}
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """This interpreter's bin folder first on PATH: the SuperLink spawns `flower-superexec` by name."""
+        path = f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
+        return {**os.environ, "FLWR_HOME": str(self.flwr_home), "PATH": path}
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        http_port, control_port, fleet_port = _free_port(), _free_port(), _free_port()
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.CONNECTION}"\n\n'
+            f'[superlink.{self.CONNECTION}]\naddress = "127.0.0.1:{http_port}"\ninsecure = true\n'
+        )
+        self.log_path = self.flwr_home / "superlink.log"
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(BIN_DIR / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+                    "--disable-runtime-dependency-installation",
+                    "--host", "127.0.0.1", "--port", str(http_port),
+                    "--control-api-address", f"127.0.0.1:{control_port}",
+                    "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+                ],
+                cwd=self.flwr_home,
+                env=self.environment,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        ready = f"Uvicorn running on http://127.0.0.1:{http_port}"
+        while ready not in self.log_path.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log_tail = self.log_path.read_text()[-3000:]
+                self.stop()
+                raise RuntimeError(f"flower-superlink did not start:\n{log_tail}")
+            time.sleep(0.2)
+
+    def record_tree(self) -> None:
+        """Remember every process below the SuperLink (so a re-parented one is still stopped)."""
+        if self.process is None:
+            return
+        try:
+            root = psutil.Process(self.process.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                self.tree.setdefault(proc.pid, proc)
+        except psutil.NoSuchProcess:
+            pass
+
+    def run(
+        self,
+        app_dir: Path,
+        run_config: str,
+        num_supernodes: int,
+        client_cpus: int = 1,
+        client_gpus: float = 0.0,
+        timeout: float | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> tuple[int, str]:
+        """``flwr run <app_dir> --stream``; returns (exit code, whole output).
+
+        ``run_config`` is what ``--run-config`` takes: ``'k=v k2="s"'`` or a TOML file path.
+        ``on_line`` sees each output line as it arrives (progress reporting).
+        """
+        federation = (
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+            f"client-resources-num-gpus={client_gpus}"
+        )
+        command = [
+            str(BIN_DIR / "flwr"), "run", str(app_dir), self.CONNECTION, "--stream",
+            "--run-config", run_config, "--federation-config", federation,
+        ]
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout if timeout else None
+        with subprocess.Popen(
+            command, env=self.environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as flwr_run:
+
+            def read() -> None:
+                for line in flwr_run.stdout:
+                    lines.append(line)
+                    if on_line:
+                        on_line(line.rstrip("\n"))
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            while flwr_run.poll() is None:
+                self.record_tree()
+                if deadline and time.monotonic() > deadline:
+                    flwr_run.kill()
+                    raise TimeoutError(f"flwr run exceeded {timeout}s")
+                time.sleep(0.5)
+            reader.join()
+            return flwr_run.returncode, "".join(lines)
+
+    def stop(self) -> None:
+        """Terminate the SuperLink and every process seen below it, by PID."""
+        self.record_tree()
+        for proc in self.tree.values():
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(list(self.tree.values()), timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.tree.clear()
+        self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
