@@ -15,6 +15,7 @@ many simulated clients.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +31,8 @@ from fedlora_flwr.groups import load_group
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
+from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from fedlora_flwr.training import train_schedule
 from strategies.base import ARRAYS, METRICS
 
 app = ClientApp()
@@ -45,7 +46,8 @@ def pick_device(choice: str) -> torch.device:
 
 @dataclass
 class ClientSession:
-    """Everything one message needs: config, method, data split, model, personal store."""
+    """One client's work for one message, independent of Flower: config, method, data split,
+    model (shared tensors from the server + personal ones from the store), personal store."""
 
     config: RunConfig
     method: MethodClient
@@ -58,23 +60,21 @@ class ClientSession:
     server_round: int
 
     @classmethod
-    def open(cls, message: Message, context: Context) -> ClientSession:
-        instructions = message.content["config"]
-        # The server resolved the paths; a SuperNode may point at its own copy of the data.
-        overrides = {"data-dir": context.node_config.get("data-dir", instructions["data-dir"])}
-        config = load_config({**context.run_config, **overrides})
+    def create(
+        cls, config: RunConfig, partition_id: int, num_partitions: int, store_root: Path, server_round: int
+    ) -> ClientSession:
+        """Build the seeded model and find the client's data; call :meth:`load` next."""
         method = METHODS[config.method].client(config)
         dataset = load_dataset(config.dataset, config.data_dir)
         device = pick_device(config.device)
         torch.manual_seed(config.seed)
         model = method.build_model(dataset.num_classes).to(device)
-        partition_id = int(context.node_config["partition-id"])
         split = client_split(
             config.dataset,
             config.data_dir,
             partition_id,
             PartitionConfig(
-                num_clients=int(context.node_config["num-partitions"]),
+                num_clients=num_partitions,
                 scheme=config.partition,
                 alpha=config.alpha,
                 classes_per_client=config.classes_per_client,
@@ -83,12 +83,7 @@ class ClientSession:
                 seed=config.seed,
             ),
         )
-        run_dir = Path(str(instructions["run-dir"]))
-        # Simulation: <run-dir>/clients/<pid>/. A SuperNode may keep its state elsewhere,
-        # keyed by run name: <state-dir>/<run-name>/<pid>/.
-        state_dir = context.node_config.get("state-dir")
-        store_root = Path(str(state_dir)) / run_dir.name if state_dir else run_dir / CLIENTS_DIR
-        session = cls(
+        return cls(
             config=config,
             method=method,
             partition_id=partition_id,
@@ -97,14 +92,34 @@ class ClientSession:
             model=model,
             store=PersonalStateStore(store_root, config.method),
             device=device,
+            server_round=server_round,
+        )
+
+    @classmethod
+    def open(cls, message: Message, context: Context) -> ClientSession:
+        """The session a Flower message asks for, with the message's shared tensors loaded."""
+        instructions = message.content["config"]
+        # The server resolved the paths; a SuperNode may point at its own copy of the data.
+        overrides = {"data-dir": context.node_config.get("data-dir", instructions["data-dir"])}
+        config = load_config({**context.run_config, **overrides})
+        run_dir = Path(str(instructions["run-dir"]))
+        # Simulation: <run-dir>/clients/<pid>/. A SuperNode may keep its state elsewhere,
+        # keyed by run name: <state-dir>/<run-name>/<pid>/.
+        state_dir = context.node_config.get("state-dir")
+        session = cls.create(
+            config,
+            partition_id=int(context.node_config["partition-id"]),
+            num_partitions=int(context.node_config["num-partitions"]),
+            store_root=Path(str(state_dir)) / run_dir.name if state_dir else run_dir / CLIENTS_DIR,
             server_round=int(instructions["server-round"]),
         )
-        session._load_state(message.content[ARRAYS])
+        session.load(message.content[ARRAYS].to_torch_state_dict())
         return session
 
-    def _load_state(self, shared: ArrayRecord) -> None:
+    def load(self, shared: Mapping[str, torch.Tensor]) -> None:
+        """Load the server's shared tensors, then this client's personal tensors if it has any yet."""
         partition = self.method.partition
-        load_group(self.model, shared.to_torch_state_dict(), partition.keys(self.model, "shared"), "shared arrays from the server")
+        load_group(self.model, shared, partition.keys(self.model, "shared"), "shared arrays from the server")
         personal = self.store.load(self.partition_id, expected=partition.state(self.model, "personal"))
         if personal is not None:
             load_group(self.model, personal, personal.keys(), f"personal state of client {self.partition_id}")
@@ -112,6 +127,33 @@ class ClientSession:
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = client_tensors(self.dataset, self.split.train if train else self.split.test, train=train)
         return x.to(self.device), y.to(self.device)
+
+    def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:
+        """Run the method's schedule, save the personal tensors; return the stats and shared tensors."""
+        x, y = self.tensors(train=True)
+        config = self.config
+        seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id
+        stats = train_schedule(
+            self.model,
+            self.method.partition,
+            self.method.schedule(),
+            x,
+            y,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            momentum=config.momentum,
+            generator=torch.Generator().manual_seed(seed),
+            augment=self.dataset.train_augment,
+        )
+        partition = self.method.partition
+        personal = partition.state(self.model, "personal")
+        if personal:
+            self.store.save(self.partition_id, personal)
+        return stats, partition.state(self.model, "shared")
+
+    def evaluate(self) -> EvalStats:
+        x, y = self.tensors(train=False)
+        return evaluate_model(self.model, x, y, batch_size=self.config.batch_size)
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})
@@ -123,32 +165,13 @@ class ClientSession:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
-    x, y = session.tensors(train=True)
-    config = session.config
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + session.server_round * 1_009 + session.partition_id)
-    stats = train_schedule(
-        session.model,
-        session.method.partition,
-        session.method.schedule(),
-        x,
-        y,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-        generator=generator,
-        augment=session.dataset.train_augment,
-    )
-    partition = session.method.partition
-    personal = partition.state(session.model, "personal")
-    if personal:
-        session.store.save(session.partition_id, personal)
-    shared = ArrayRecord(partition.state(session.model, "shared"))
-    return session.reply(message, {"num-examples": len(y), "train-loss": stats.loss, "train-samples": stats.samples}, shared)
+    stats, shared = session.train()
+    metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}
+    return session.reply(message, metrics, ArrayRecord(shared))
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
-    x, y = session.tensors(train=False)
-    stats = evaluate_model(session.model, x, y, batch_size=session.config.batch_size)
+    stats = session.evaluate()
     return session.reply(message, {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss})

@@ -1,0 +1,267 @@
+"""Benchmarks: framework overhead, throughput, memory and communication (``fedlora-flwr bench``).
+
+Each benchmark runs real ``flwr run`` simulations through a private SuperLink
+(:class:`fedlora_flwr.superlink.LocalSuperLink`), prints a table and writes a JSON file that a
+script can compare between versions. Figures depend on the machine: every JSON records the CPU
+count, torch/flwr versions and the exact settings.
+
+- ``overhead``: wall time of a FedLoRA ``flwr run`` against the same federation (same clients,
+  data, schedule, seeds, personal-state store) run as a plain loop in one PyTorch process.
+- ``throughput``: training samples per second per round, for 1, 2, … parallel client workers
+  (Ray actors; ``client-resources-num-cpus`` = CPUs / workers), and fractional GPUs when present.
+- ``memory``: peak memory of the whole simulation process tree for 40, 200 and 1,000 clients
+  (personal state lives on disk, so it should stay nearly flat).
+- ``comm``: bytes up and down per round for each method and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from flwr.app import ArrayRecord
+
+from fedlora_flwr.client_app import ClientSession
+from fedlora_flwr.config import RunConfig, load_config
+from fedlora_flwr.data import load_dataset
+from fedlora_flwr.methods import METHODS
+from fedlora_flwr.store import write_atomic
+from fedlora_flwr.superlink import LocalSuperLink
+from strategies.base import average_arrays
+
+APP_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_NPZ = APP_DIR.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+
+
+def _app_defaults() -> dict[str, Any]:
+    import tomllib
+
+    with (APP_DIR / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def _environment() -> dict[str, Any]:
+    import flwr
+
+    return {
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "flwr": flwr.__version__ if hasattr(flwr, "__version__") else "unknown",
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _toml_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _simulate(
+    link: LocalSuperLink, overrides: dict[str, Any], num_clients: int, client_cpus: int, client_gpus: float = 0.0,
+    sample_memory: bool = False,
+) -> dict[str, Any]:
+    """One ``flwr run``; returns wall time, per-round metrics and (optionally) the peak memory."""
+    out = Path(overrides["output-dir"]) / overrides["run-name"]
+    run_config = " ".join(f"{key}={_toml_value(value)}" for key, value in overrides.items())
+    peak = {"rss": 0, "pss": 0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            link.record_tree()
+            rss = pss = 0
+            for proc in list(link.tree.values()):
+                try:
+                    info = proc.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss += info.rss
+                pss += getattr(info, "pss", info.rss)
+            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if sample_memory:
+        sampler.start()
+    started = time.monotonic()
+    code, log = link.run(APP_DIR, run_config, num_supernodes=num_clients, client_cpus=client_cpus, client_gpus=client_gpus)
+    wall = time.monotonic() - started
+    done.set()
+    if sample_memory:
+        sampler.join()
+    if code != 0 or not (out / "summary.json").is_file():
+        raise RuntimeError(f"benchmark run {out.name} failed (exit {code}):\n{log[-3000:]}")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [m["elapsed_s"] for m in metrics]
+    round_seconds = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+    result = {"wall_s": round(wall, 2), "round_s": [round(s, 2) for s in round_seconds], "metrics": metrics}
+    if sample_memory:
+        result["peak_rss_mib"] = round(peak["rss"] / 2**20, 1)
+        result["peak_pss_mib"] = round(peak["pss"] / 2**20, 1)
+    return result
+
+
+def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> tuple[float, dict[str, torch.Tensor]]:
+    """The same federation without Flower: one process, clients one after another.
+
+    Same sessions as the ClientApp (seeded model, data split, schedule, on-disk personal store),
+    the strategy's own averaging, and every client evaluated each round. Returns the seconds
+    taken and the final shared tensors (equal to the Flower run's ``shared.safetensors``).
+    """
+    started = time.monotonic()
+    method = METHODS[config.method]
+    num_classes = load_dataset(config.dataset, config.data_dir).num_classes
+    torch.manual_seed(config.seed)
+    shared = method.client.partition.state(method.client(config).build_model(num_classes), "shared")
+    weighted = (config.aggregation if config.aggregation != "auto" else method.strategy.default_aggregation) == "weighted"
+    for server_round in range(1, config.num_server_rounds + 1):
+        uploads, weights = [], []
+        for pid in range(num_clients):
+            session = ClientSession.create(config, pid, num_clients, store_root, server_round)
+            session.load(shared)
+            _, update = session.train()
+            uploads.append(update)
+            weights.append(float(len(session.split.train)) if weighted else 1.0)
+        shared = average_arrays([ArrayRecord(update) for update in uploads], weights).to_torch_state_dict()
+        for pid in range(num_clients):
+            session = ClientSession.create(config, pid, num_clients, store_root, server_round)
+            session.load(shared)
+            session.evaluate()
+    return time.monotonic() - started, shared
+
+
+def _base(args: argparse.Namespace, work: Path, **overrides: Any) -> dict[str, Any]:
+    data = {"dataset": "npz", "data-dir": str(args.data_dir)} if args.dataset == "npz" else {"dataset": "synthetic"}
+    return {**data, "model": "cnn", "output-dir": str(work), **overrides}
+
+
+def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    overrides = _base(args, work, **{"method": "fedlora", "num-server-rounds": args.rounds,
+                                      "train-per-client": args.train_per_client, "run-name": "overhead"})
+    with LocalSuperLink() as link:
+        simulated = _simulate(link, overrides, args.clients, client_cpus=1)
+    config = load_config({**_app_defaults(), **overrides, "run-name": "overhead-plain"})
+    threads = torch.get_num_threads()
+    plain_s, _ = plain_federation(config, args.clients, work / "overhead-plain" / "clients")
+    rows = [{
+        "clients": args.clients, "rounds": args.rounds, "flwr_wall_s": simulated["wall_s"],
+        "flwr_rounds_s": round(sum(simulated["round_s"]), 2), "plain_s": round(plain_s, 2),
+        "plain_threads": threads, "ratio_wall": round(simulated["wall_s"] / plain_s, 2),
+        "ratio_rounds": round(sum(simulated["round_s"]) / plain_s, 2),
+    }]
+    return {"rows": rows, "settings": overrides}
+
+
+def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    cpus = os.cpu_count() or 1
+    setups = [(workers, cpus // workers, 0.0) for workers in range(1, cpus + 1) if cpus % workers == 0]
+    if torch.cuda.is_available():
+        setups += [(workers, max(cpus // workers, 1), round(1 / workers, 3)) for workers in (1, 2, 4)]
+    rows = []
+    for workers, client_cpus, client_gpus in setups:
+        name = f"throughput-w{workers}-c{client_cpus}-g{client_gpus}"
+        overrides = _base(args, work, **{"method": "fedlora", "num-server-rounds": args.rounds,
+                                          "train-per-client": args.train_per_client, "run-name": name})
+        if client_gpus:
+            overrides["device"] = "cuda"
+        with LocalSuperLink() as link:
+            result = _simulate(link, overrides, args.clients, client_cpus=client_cpus, client_gpus=client_gpus)
+        samples = args.clients * args.train_per_client * 5  # local-epochs default E = 5
+        steady = result["round_s"][1:] or result["round_s"]
+        rows.append({
+            "workers": workers, "client_cpus": client_cpus, "client_gpus": client_gpus,
+            "median_round_s": round(statistics.median(steady), 2),
+            "train_samples_per_s": round(samples / statistics.median(steady), 1),
+            "first_round_s": result["round_s"][0],
+        })
+    return {"rows": rows, "settings": {"clients": args.clients, "rounds": args.rounds, **_base(args, work)}}
+
+
+def bench_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Synthetic data whatever ``--dataset`` says: 1,000 clients need more samples than the subset."""
+    args = argparse.Namespace(**{**vars(args), "dataset": "synthetic"})
+    rows = []
+    for clients in args.client_counts:
+        overrides = _base(args, work, **{
+            "method": "fedlora", "num-server-rounds": 1, "local-epochs": 1, "lora-epochs": 1,
+            "train-per-client": 20, "test-per-client": 10, "batch-size": 20, "run-name": f"memory-{clients}",
+        })
+        with LocalSuperLink() as link:
+            result = _simulate(link, overrides, clients, client_cpus=1, sample_memory=True)
+        rows.append({"clients": clients, "peak_rss_mib": result["peak_rss_mib"], "peak_pss_mib": result["peak_pss_mib"],
+                     "wall_s": result["wall_s"]})
+    return {"rows": rows, "settings": {"sampling": "sum over the SuperLink's process tree every 0.5 s"}}
+
+
+def bench_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Bytes depend on the model and the method only; synthetic data keeps the runs short."""
+    args = argparse.Namespace(**{**vars(args), "dataset": "synthetic"})
+    rows = []
+    with LocalSuperLink() as link:
+        for model in ("cnn", "resnet8"):
+            for method in sorted(METHODS):
+                overrides = _base(args, work, **{
+                    "method": method, "model": model, "num-server-rounds": 1, "local-epochs": 1, "lora-epochs": 1,
+                    "train-per-client": 20, "test-per-client": 10, "run-name": f"comm-{method}-{model}",
+                })
+                first = _simulate(link, overrides, args.clients, client_cpus=1)["metrics"][0]
+                rows.append({
+                    "method": method, "model": model, "clients": args.clients,
+                    "bytes_up_per_round": first["bytes_up"], "bytes_down_per_round": first["bytes_down"],
+                    "bytes_up_per_client": first["bytes_up"] // max(first["num_participants"], 1),
+                })
+    return {"rows": rows, "settings": {"note": "bytes_down counts the train and the evaluate broadcasts"}}
+
+
+BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm}
+
+
+def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
+    columns = list(rows[0])
+    print(f"\n## {name}\n")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(str(row[column]) for column in columns) + " |")
+
+
+def run_benchmarks(args: argparse.Namespace) -> int:
+    if args.dataset == "npz" and not args.data_dir.is_file():
+        print(f"bench: --data-dir {args.data_dir}: no npz file there (use --dataset synthetic to run without it)")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    names = list(BENCHMARKS) if args.which == "all" else [args.which]
+    for name in names:
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as work:
+            result = BENCHMARKS[name](args, Path(work))
+        result = {"benchmark": name, "environment": _environment(), **result}
+        _print_table(name, result["rows"])
+        path = args.out / f"{name}.json"
+        write_atomic(path, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"\nwritten: {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("bench", help="framework overhead, throughput, memory and communication benchmarks")
+    parser.add_argument("which", choices=[*BENCHMARKS, "all"])
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for <benchmark>.json")
+    parser.add_argument("--dataset", choices=["npz", "synthetic"], default="npz",
+                        help="data for overhead/throughput (memory and comm always use synthetic)")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_NPZ, help="the npz file (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=40, help="clients for overhead/throughput/comm")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--train-per-client", type=int, default=100)
+    parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 200, 1000], help="memory benchmark sizes")
+    parser.set_defaults(func=run_benchmarks)
