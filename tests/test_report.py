@@ -1,0 +1,216 @@
+"""The report (fedlora_flwr.report) on small fake run folders: arithmetic, rows, paper column,
+CSV, skipped folders, plots, the ordering line and the command line's errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import app_defaults
+from fedlora_flwr.report import PAPER_TABLE1, group_runs, load_runs, make_report, register
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("curves.png", "per_client.png", "partition.png", "distance.png", "bytes.png")
+
+
+def fake_run(
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    best: float,
+    *,
+    finished: bool = True,
+    num_clients: int = 4,
+    **overrides,
+) -> Path:
+    """A run folder as RunRecorder writes it: 3 rounds whose best acc_mean is ``best`` (round 2)."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    config = {
+        **app_defaults(),
+        "method": method,
+        "dataset": "synthetic",
+        "model": "cnn",
+        "seed": seed,
+        "num-server-rounds": 3,
+        "train-per-client": 100,
+        "test-per-client": 40,
+        "run-name": name,
+        "output-dir": str(root),
+        "run-dir": str(run_dir),
+        **overrides,
+    }
+    (run_dir / "config.json").write_text(json.dumps(config))
+    up = {"local": 0, "fedavg": 2_000_000}.get(method, 1_000_000)
+    rounds = []
+    for rnd, acc in ((1, best - 0.2), (2, best), (3, best - 0.01)):
+        spread = (-0.05, 0.05, -0.1, 0.1)[:num_clients]
+        rounds.append(
+            {
+                "round": rnd, "acc_mean": acc, "acc_weighted": acc, "acc_std": 0.05,
+                "acc_per_client": {str(i): acc + d for i, d in enumerate(spread)},
+                "num_participants": num_clients, "num_failures": 0,
+                "bytes_up": up, "bytes_down": 2 * up, "train_loss": 1.0 / rnd,
+                "shared_distance": 0.0 if method == "local" else 10.0 / rnd, "elapsed_s": float(rnd),
+            }
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    if finished:
+        summary = {
+            "method": method, "dataset": config["dataset"], "model": "cnn", "partition": "dirichlet",
+            "alpha": config["alpha"], "seed": seed, "num_clients": num_clients, "rounds": 3,
+            "best_acc_mean": best, "best_round": 2, "final_acc_mean": best - 0.01,
+            "bytes_up_total": 3 * up, "bytes_down_total": 6 * up, "wall_seconds": 3.0, "run_dir": str(run_dir),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def two_methods(tmp_path: Path) -> Path:
+    """fedlora 0.80/0.82/0.84 and fedavg 0.60/0.61/0.62 over seeds 1-3, plus one unfinished run."""
+    root = tmp_path / "runs"
+    for seed, (lora, avg) in enumerate(((0.80, 0.60), (0.82, 0.61), (0.84, 0.62)), start=1):
+        fake_run(root, f"fedlora-s{seed}", "fedlora", seed, lora)
+        fake_run(root / "nested", f"fedavg-s{seed}", "fedavg", seed, avg)
+    fake_run(root, "fedlora-s4-unfinished", "fedlora", 4, 0.10, finished=False)
+    return root
+
+
+def write_spec(path: Path) -> Path:
+    path.write_text(
+        "[grid]\nmethods = ['fedlora', 'fedavg']\n\n"
+        "[[paper]]\nmethod = 'fedlora'\ndataset = 'synthetic'\nalpha = 0.1\nacc = 85.47\nstd = 2.06\n\n"
+        "[[paper]]\nmethod = 'fedavg'\ndataset = 'synthetic'\nacc = 60.39\nstd = 1.46\n\n"
+        "[[paper]]\nmethod = 'fedavg'\ndataset = 'synthetic'\nalpha = 0.5\nacc = 1.0\nstd = 1.0\n"
+    )
+    return path
+
+
+def test_table_arithmetic_paper_column_csv_and_plots(two_methods, tmp_path, capsys):
+    out = tmp_path / "report"
+    report = make_report(two_methods, out=out, spec=write_spec(tmp_path / "spec.toml"))
+    printed = capsys.readouterr().out
+
+    assert [g.method for g in report.groups] == ["fedavg", "fedlora"]  # the paper's row order
+    fedavg, fedlora = report.groups
+    assert fedlora.mean == pytest.approx(82.0, abs=1e-9)
+    assert fedlora.std == pytest.approx(math.sqrt(8 / 3), abs=1e-9)  # ddof=0: 1.633
+    assert fedavg.mean == pytest.approx(61.0, abs=1e-9)
+    assert fedavg.std == pytest.approx(math.sqrt(2 / 3), abs=1e-9)  # 0.816
+    assert fedlora.diff == pytest.approx(82.0 - 85.47, abs=1e-9)
+    assert fedavg.paper["acc"] == 60.39  # entry without alpha matches; the alpha=0.5 one does not
+
+    md = (out / "table.md").read_text()
+    assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 | 85.47 ± 2.06 | -3.47 |" in md
+    assert "| fedavg | synthetic | 0.1 | 3 | 61.00 ± 0.82 | 60.39 ± 1.46 | +0.61 |" in md
+    assert "ddof=0" in md and "[[paper]] entries of spec spec.toml" in md
+    assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 |" in printed  # the table is printed too
+
+    with (out / "table.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert rows["fedlora"]["mean"] == "82.0000" and rows["fedlora"]["std"] == "1.6330"
+    assert rows["fedlora"]["n"] == "3" and rows["fedlora"]["seeds"] == "1 2 3"
+    assert rows["fedlora"]["values"] == "80.0000 82.0000 84.0000"
+    assert rows["fedlora"]["paper"] == "85.47" and rows["fedlora"]["paper_std"] == "2.06"
+    assert rows["fedlora"]["diff"] == "-3.4700"
+    assert rows["fedavg"]["mean"] == "61.0000" and rows["fedavg"]["std"] == "0.8165"
+    assert rows["fedavg"]["diff"] == "0.6100"
+    assert "seed" not in rows["fedlora"]
+
+    # The unfinished run is skipped and said so; it does not enter the fedlora row.
+    assert "skipped 1 run folder(s)" in printed and "fedlora-s4-unfinished: unfinished (no summary.json)" in printed
+    assert [path.name for path, _ in report.skipped_runs] == ["fedlora-s4-unfinished"]
+
+    line = "ordering [dataset=synthetic alpha=0.1]: fedlora > fedavg (paper: fedlora > fedavg) -> holds"
+    assert report.ordering == [line] and line in printed and line in md
+
+    for name in PLOTS:  # synthetic data needs no file, so the partition is recomputed too
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+
+
+def test_rows_group_seeds_and_label_varying_keys(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (1, 2):
+        fake_run(root, f"lora-r06-s{seed}", "fedlora", seed, 0.7 + seed / 100, **{"rank-conv": 0.6})
+        fake_run(root, f"lora-r02-s{seed}", "fedlora", seed, 0.6, **{"rank-conv": 0.2})
+        fake_run(root, f"avg-s{seed}", "fedavg", seed, 0.5, **{"data-dir": f"/elsewhere/{seed}", "device": "cpu"})
+    groups, label_keys = group_runs(load_runs(root, echo=lambda _: None))
+    assert label_keys == ["method", "dataset", "alpha", "rank-conv"]
+    assert [(g.method, g.config["rank-conv"], g.seeds) for g in groups] == [
+        ("fedlora", 0.2, [1, 2]), ("fedavg", 0.6, [1, 2]), ("fedlora", 0.6, [1, 2])
+    ]
+    report = make_report(root, out=tmp_path / "out", echo=lambda _: None, plots=False)
+    assert "| fedlora | synthetic | 0.1 | 0.2 | 2 | 60.00 ± 0.00 | — | — |" in report.markdown
+    assert "| fedlora | synthetic | 0.1 | 0.6 | 2 | 71.50 ± 0.50 | — | — |" in report.markdown
+    # Only rows that differ by method alone are ranked; no paper numbers for synthetic data.
+    assert report.ordering == ["ordering [dataset=synthetic alpha=0.1 rank-conv=0.6]: fedlora > fedavg (paper: n/a)"]
+
+
+def test_builtin_table1_numbers_and_missing_data_file(tmp_path, capsys):
+    """dataset=npz with a cifar10.npz file is CIFAR-10 for the built-in Table 1 numbers; the
+    partition plot is skipped with a reason when that file cannot be read."""
+    root = tmp_path / "runs"
+    npz = {"dataset": "npz", "data-dir": str(tmp_path / "absent" / "cifar10.npz"), "alpha": 0.1}
+    for method, best in (("fedavg", 0.7), ("local", 0.75), ("fedlora", 0.8)):
+        fake_run(root, f"{method}-s1", method, 1, best, **npz)
+    out = tmp_path / "report"
+    report = make_report(root, out=out)
+    printed = capsys.readouterr().out
+    acc, std = PAPER_TABLE1[("fedlora", "cifar10", 0.1)]
+    assert (acc, std) == (85.47, 2.06)
+    assert f"| fedlora | npz (cifar10) | 0.1 | 1 | 80.00 ± 0.00 | {acc:.2f} ± {std:.2f} | -5.47 |" in report.markdown
+    assert "| local | npz (cifar10) | 0.1 | 1 | 75.00 ± 0.00 | 81.91 ± 3.09 | -6.91 |" in report.markdown
+    assert "| fedavg | npz (cifar10) | 0.1 | 1 | 70.00 ± 0.00 | 60.39 ± 1.46 | +9.61 |" in report.markdown
+    assert report.ordering == [
+        "ordering [dataset=npz (cifar10) alpha=0.1]: fedlora > local > fedavg (paper: fedlora > local > fedavg) -> holds"
+    ]
+    assert "partition.png: cannot recompute the partition" in printed and "cifar10.npz" in printed
+    assert not (out / "partition.png").exists()
+    for name in set(PLOTS) - {"partition.png"}:
+        assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+
+
+def test_ordering_that_differs_from_the_paper(tmp_path):
+    root = tmp_path / "runs"
+    for method, best in (("fedavg", 0.9), ("local", 0.75), ("fedlora", 0.8)):
+        fake_run(root, f"{method}-s1", method, 1, best, dataset="cifar10", **{"data-dir": "nowhere"})
+    report = make_report(root, out=tmp_path / "out", echo=lambda _: None, plots=False)
+    assert report.ordering == [
+        "ordering [dataset=cifar10 alpha=0.1]: fedavg > fedlora > local (paper: fedlora > local > fedavg) -> differs"
+    ]
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedlora-flwr")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_cli_report_and_its_errors(two_methods, tmp_path, capsys):
+    args = _cli(["report", str(tmp_path / "missing")])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fedlora-flwr report: error: {tmp_path / 'missing'} does not exist"]
+
+    fake_run(tmp_path / "empty", "only-unfinished", "fedlora", 1, 0.5, finished=False)
+    args = _cli(["report", str(tmp_path / "empty")])
+    assert args.func(args) == 2
+    assert capsys.readouterr().err.startswith(f"fedlora-flwr report: error: no finished runs under {tmp_path / 'empty'}")
+
+    bad_spec = tmp_path / "bad.toml"
+    bad_spec.write_text("[[paper]]\nmethod = 'fedlora'\nstd = 1.0\n")  # no acc
+    args = _cli(["report", str(two_methods), "--spec", str(bad_spec)])
+    assert args.func(args) == 2
+    assert "[[paper]] entry 1 needs a number 'acc'" in capsys.readouterr().err
+
+    args = _cli(["report", str(two_methods), "--spec", str(tmp_path / "nope.toml")])
+    assert args.func(args) == 2
+    assert "--spec: cannot read" in capsys.readouterr().err
