@@ -107,16 +107,21 @@ class LocalSuperLink:
         client_gpus: float = 0.0,
         timeout: float | None = None,
         on_line: Callable[[str], None] | None = None,
+        ray_cpus: int | None = None,
     ) -> tuple[int, str]:
         """``flwr run <app_dir> --stream``; returns (exit code, whole output).
 
         ``run_config`` is what ``--run-config`` takes: ``'k=v k2="s"'`` or a TOML file path.
         ``on_line`` sees each output line as it arrives (progress reporting).
+        ``ray_cpus`` caps the CPUs of the run's Ray instance (``init-args-num-cpus``; default: all
+        of the machine's), e.g. to run several simulations side by side.
         """
         federation = (
             f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
             f"client-resources-num-gpus={client_gpus}"
         )
+        if ray_cpus is not None:
+            federation += f" init-args-num-cpus={int(ray_cpus)}"
         command = [
             str(BIN_DIR / "flwr"), "run", str(app_dir), self.CONNECTION, "--stream",
             "--run-config", run_config, "--federation-config", federation,

@@ -16,10 +16,12 @@ message construction, reply validation) with three changes:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from logging import INFO
 from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -86,6 +88,10 @@ class PersonalizedStrategy(FedAvg):
         self._sent_train: set[int] = set()
         self._failed_train: set[int] = set()
         self._sent_evaluate: set[int] = set()
+
+    def summary(self) -> None:
+        super().summary()  # its "Weighted by" line is Flower's metric-averaging key
+        log(INFO, "\t└──> Shared tensors: %s mean over %s", self.aggregation, self.config.partial_average)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))

@@ -1,0 +1,549 @@
+"""The experiment grid runner (fedlora_flwr.grid) and the ``fedlora-flwr`` command.
+
+Everything but the last test uses a fake executor (no training): spec validation, expansion,
+skip/resume, rename-aside of interrupted runs, failures, Ctrl-C, grid.json, progress, --dry-run, the
+shipped specs. The e2e test runs a tiny grid for real through private SuperLinks.
+"""
+
+from __future__ import annotations
+
+import _thread
+import io
+import json
+import re
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import tomli_w
+from conftest import REAL_NPZ, REPO
+
+from fedlora_flwr import grid
+from fedlora_flwr.cli import main
+from fedlora_flwr.grid import SpecError, expand, load_spec, parse_spec, run_grid
+
+SPECS = sorted((REPO / "experiments" / "grids").glob("*.toml"))
+
+TINY = """\
+[experiment]
+name = "tiny"
+description = "a test grid"
+seeds = [1, 2]
+num-clients = 2
+
+[base]
+dataset = "synthetic"
+model = "cnn"
+num-server-rounds = 2
+local-epochs = 1
+lora-epochs = 1
+train-per-client = 50
+test-per-client = 20
+data-dir = "data/here"
+
+[grid]
+method = ["fedavg", "local"]
+alpha = [0.1, 0.5]
+
+[[paper]]
+method = "local"
+dataset = "cifar10"
+alpha = 0.5
+acc = 60.15
+std = 0.86
+"""
+
+TINY_NAMES = [
+    f"tiny__method_{method}__alpha_{alpha}__seed_{seed}"
+    for method in ("fedavg", "local") for alpha in ("0.1", "0.5") for seed in (1, 2)
+]
+
+
+def _spec_file(tmp_path: Path, text: str = TINY, name: str = "spec.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+class FakeExecutor:
+    """Stands in for SuperLinkExecutor: writes a run folder like the ServerApp does, streams
+    round lines; ``fail`` maps run names to (exit code, write summary?), ``interrupt_at`` raises
+    KeyboardInterrupt on that call (after creating a partial run folder)."""
+
+    def __init__(self, fail: dict[str, tuple[int, bool]] | None = None, interrupt_at: int | None = None, delay: float = 0.0):
+        self.fail = fail or {}
+        self.interrupt_at = interrupt_at
+        self.delay = delay
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+
+    def __call__(self, run: grid.PlannedRun, on_line) -> tuple[int, str]:
+        with self.lock:
+            self.calls.append(run.run_name)
+            number = len(self.calls)
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        try:
+            assert not run.run_dir.exists(), "the runner must move an existing folder aside first"
+            run.run_dir.mkdir(parents=True)
+            (run.run_dir / "config.json").write_text(json.dumps(run.config))
+            if number == self.interrupt_at:
+                raise KeyboardInterrupt
+            rounds = run.config["num-server-rounds"]
+            for current in range(1, rounds + 1):
+                time.sleep(self.delay)
+                on_line(f"INFO :      [fedlora-flwr] round {current}/{rounds}  acc_mean 0.5000")
+            code, summary = self.fail.get(run.run_name, (0, True))
+            if summary:
+                (run.run_dir / "summary.json").write_text(json.dumps({"best_acc_mean": 0.5, "seed": run.seed}))
+            output = "".join(f"line {i}\n" for i in range(1000)) + f"boom in {run.run_name}\n"
+            return code, output
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _grid_json(experiment_dir: Path) -> dict:
+    return json.loads((experiment_dir / "grid.json").read_text())
+
+
+def _statuses(experiment_dir: Path) -> dict[str, str]:
+    return {run["run_name"]: run["status"] for run in _grid_json(experiment_dir)["runs"]}
+
+
+def _run(spec_path: Path, tmp_path: Path, execute, **kwargs) -> grid.GridResult:
+    spec = load_spec(spec_path, cwd=tmp_path)
+    stream = kwargs.pop("stream", io.StringIO())
+    return run_grid(spec, out_dir="out", execute=execute, cwd=tmp_path, stream=stream, **kwargs)
+
+
+# --------------------------------------------------------------------------- spec validation
+
+GOOD_EXPERIMENT = '[experiment]\nname = "t"\nseeds = [1]\nnum-clients = 2\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        (GOOD_EXPERIMENT + "[base]\nfoo = 1\n", "[base] foo"),
+        (GOOD_EXPERIMENT + "[grid]\nalpha = [0.1, -1.0]\n", "[grid] alpha=-1.0"),
+        (GOOD_EXPERIMENT + '[base]\nmodel = "vgg"\n', "[base] model='vgg'"),
+        (GOOD_EXPERIMENT + "[grid]\nalpha = 0.1\n", "[grid] alpha: must be a list"),
+        (GOOD_EXPERIMENT + "[grid]\nalpha = []\n", "[grid] alpha"),
+        (GOOD_EXPERIMENT + "[grid]\nalpha = [[0.1]]\n", "[grid] alpha"),
+        (GOOD_EXPERIMENT + "[grid]\nseed = [1, 2]\n", "[grid] seed"),
+        (GOOD_EXPERIMENT + '[base]\noutput-dir = "x"\n', "[base] output-dir"),
+        (GOOD_EXPERIMENT + '[base]\nrun-name = "x"\n', "[base] run-name"),
+        (GOOD_EXPERIMENT + "[base]\nalpha = 0.5\n[grid]\nalpha = [0.1]\n", "[grid] alpha"),
+        (GOOD_EXPERIMENT + "[base]\nlocal-epochs = 1\n[grid]\nlora-epochs = [0, 2]\n", "[grid] lora-epochs=2"),
+        (GOOD_EXPERIMENT + '[base]\ndataset = "npz"\ndata-dir = "missing.npz"\n', "[base] data-dir="),
+        (GOOD_EXPERIMENT + "[bogus]\nx = 1\n", "[bogus]"),
+        (GOOD_EXPERIMENT + "clients = 3\n", "[experiment] clients"),
+        ('[experiment]\nname = "t"\nseeds = [1]\nnum-clients = 0\n', "[experiment] num-clients"),
+        ('[experiment]\nseeds = [1]\nnum-clients = 2\n', "[experiment] name"),
+        ('[experiment]\nname = "a b"\nseeds = [1]\nnum-clients = 2\n', "[experiment] name"),
+        ('[experiment]\nname = "t"\nseeds = []\nnum-clients = 2\n', "[experiment] seeds"),
+        ('[experiment]\nname = "t"\nseeds = [1, 1]\nnum-clients = 2\n', "[experiment] seeds"),
+        ('[experiment]\nname = "t"\nseeds = ["1"]\nnum-clients = 2\n', "[experiment] seeds[0]"),
+        (GOOD_EXPERIMENT + "client-gpus = -1.0\n", "[experiment] client-gpus"),
+        (GOOD_EXPERIMENT + '[grid]\nmethod = ["fedavg"]\n[[paper]]\nmethod = "fedavg"\n', "[[paper]] row 1: acc"),
+        (GOOD_EXPERIMENT + '[grid]\nmethod = ["fedavg"]\n[[paper]]\nmethod = "fedavg"\nacc = "high"\n', "[[paper]] row 1: acc"),
+        (GOOD_EXPERIMENT + '[grid]\nmethod = ["fedavg"]\n[[paper]]\nmethod = "fedavg"\nacc = 1\nfoo = 2\n',
+         "[[paper]] row 1 foo"),
+        (GOOD_EXPERIMENT + '[grid]\nmethod = ["fedavg"]\n[[paper]]\nmethod = "local"\nacc = 1\n',
+         "[[paper]] row 1: matches no run"),
+        (GOOD_EXPERIMENT + '[grid]\nmethod = ["fedavg"]\n[[paper]]\nmethod = "fedavg"\nacc = 1\n'
+         '[[paper]]\nmethod = "fedavg"\nacc = 2\n', "[[paper]] rows 1 and 2"),
+        (GOOD_EXPERIMENT + "[grid]\nalpha = [1, 1.0]\n", "same run name"),
+        (GOOD_EXPERIMENT + "[grid\n", "not valid TOML"),
+    ],
+)
+def test_invalid_spec_names_the_key(tmp_path, text, names):
+    path = _spec_file(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path, cwd=tmp_path)
+    message = str(info.value)
+    assert "\n" not in message, f"one line: {message!r}"
+    assert message.startswith(f"{path}: ")
+    assert names in message
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(tmp_path / "nope.toml")
+
+
+def test_parse_spec_defaults():
+    spec = parse_spec(GOOD_EXPERIMENT)
+    assert spec.experiment.client_cpus == 1 and spec.experiment.client_gpus == 0.0
+    assert spec.base == {} and spec.grid == {} and spec.paper == []
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_expand_names_configs_and_order(tmp_path):
+    spec = load_spec(_spec_file(tmp_path), cwd=tmp_path)
+    runs = expand(spec, out_dir="out", cwd=tmp_path)
+    assert [run.run_name for run in runs] == TINY_NAMES  # 2 methods × 2 α × 2 seeds, seeds innermost
+    assert expand(spec, out_dir="out", cwd=tmp_path) == runs  # deterministic
+    defaults = grid.app_defaults(REPO)
+    for run in runs:
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run.run_name)  # RunConfig's run-name rule
+        assert run.run_dir == (tmp_path / "out" / "tiny" / run.run_name)
+        assert set(run.config) == set(defaults)  # every [tool.flwr.app.config] key, nothing else
+        assert run.config["run-name"] == run.run_name
+        assert run.config["output-dir"] == str(tmp_path / "out" / "tiny")
+        assert run.config["data-dir"] == str(tmp_path / "data" / "here")  # relative to cwd, made absolute
+        assert run.config["seed"] == run.seed and run.config["method"] == run.params["method"]
+        assert run.config["alpha"] == run.params["alpha"] and run.config["model"] == "cnn"
+        assert run.config["round-timeout"] == defaults["round-timeout"]
+        assert tomllib.loads(tomli_w.dumps(run.config)) == run.config  # what the executor writes
+    papers = {run.run_name: run.paper for run in runs}
+    assert papers["tiny__method_local__alpha_0.5__seed_2"]["acc"] == 60.15
+    assert sum(paper is not None for paper in papers.values()) == 2
+
+
+def test_expand_without_grid_and_value_names(tmp_path):
+    text = GOOD_EXPERIMENT.replace("seeds = [1]", "seeds = [3, 1]") + "[grid]\ndata-dir = [\"a/b c\"]\nalpha = [1]\n"
+    spec = load_spec(_spec_file(tmp_path, text), cwd=tmp_path)
+    runs = expand(spec, cwd=tmp_path)
+    assert [run.run_name for run in runs] == ["t__data-dir_a-b-c__alpha_1.0__seed_3", "t__data-dir_a-b-c__alpha_1.0__seed_1"]
+    assert runs[0].params == {"data-dir": "a/b c", "alpha": 1.0}
+    assert runs[0].config["data-dir"] == str(tmp_path / "a" / "b c")
+    only_seeds = load_spec(_spec_file(tmp_path, GOOD_EXPERIMENT, "s.toml"), cwd=tmp_path)
+    assert [run.run_name for run in expand(only_seeds, cwd=tmp_path)] == ["t__seed_1"]
+
+
+# --------------------------------------------------------------------------- running (fake executor)
+
+
+def test_grid_runs_all_then_skips_finished(tmp_path):
+    path = _spec_file(tmp_path)
+    fake = FakeExecutor()
+    stream = io.StringIO()
+    result = _run(path, tmp_path, fake, stream=stream)
+    experiment_dir = tmp_path / "out" / "tiny"
+    assert fake.calls == TINY_NAMES and result.exit_code == 0
+    assert set(_statuses(experiment_dir).values()) == {"done"}
+    document = _grid_json(experiment_dir)
+    assert document["name"] == "tiny" and document["counts"]["done"] == 8
+    entry = document["runs"][0]
+    assert entry["params"] == {"method": "fedavg", "alpha": 0.1} and entry["seed"] == 1
+    assert entry["config"]["run-name"] == entry["run_name"] and entry["exit_code"] == 0
+    assert entry["wall_seconds"] >= 0
+    log = stream.getvalue()
+    assert "round 2/2" in log and "8/8 runs" in log and "ETA" in log
+
+    again = FakeExecutor()
+    result = _run(path, tmp_path, again)
+    assert again.calls == [] and result.exit_code == 0
+    assert set(_statuses(experiment_dir).values()) == {"skipped"}
+
+
+def test_interrupted_run_folder_is_moved_aside_and_redone(tmp_path):
+    path = _spec_file(tmp_path)
+    experiment_dir = tmp_path / "out" / "tiny"
+    finished, partial = experiment_dir / TINY_NAMES[0], experiment_dir / TINY_NAMES[1]
+    finished.mkdir(parents=True)
+    (finished / "summary.json").write_text("{}")
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text('{"round": 1}\n')
+    fake = FakeExecutor()
+    result = _run(path, tmp_path, fake)
+    assert fake.calls == TINY_NAMES[1:]
+    statuses = _statuses(experiment_dir)
+    assert statuses[TINY_NAMES[0]] == "skipped" and result.count("done") == 7
+    aside = sorted(experiment_dir.glob(f"{TINY_NAMES[1]}.incomplete-*"))
+    assert len(aside) == 1 and re.fullmatch(rf"{re.escape(TINY_NAMES[1])}\.incomplete-\d{{8}}T\d{{6}}Z", aside[0].name)
+    assert (aside[0] / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing lost
+    assert (partial / "summary.json").is_file()  # the redone run
+    assert _grid_json(experiment_dir)["runs"][1]["moved_aside"] == str(aside[0])
+
+
+def test_failed_runs_are_logged_and_the_grid_goes_on(tmp_path):
+    path = _spec_file(tmp_path)
+    crashed, silent = TINY_NAMES[2], TINY_NAMES[5]
+    fake = FakeExecutor(fail={crashed: (1, False), silent: (0, False)})
+    stream = io.StringIO()
+    result = _run(path, tmp_path, fake, stream=stream)
+    experiment_dir = tmp_path / "out" / "tiny"
+    assert fake.calls == TINY_NAMES and result.exit_code == 1
+    statuses = _statuses(experiment_dir)
+    assert [name for name, status in statuses.items() if status == "failed"] == [crashed, silent]
+    assert result.count("done") == 6
+    log = (experiment_dir / f"{crashed}.log").read_text()
+    assert "exit code 1" in log.splitlines()[0] and f"boom in {crashed}" in log
+    assert len(log.splitlines()) <= grid.LOG_TAIL_LINES + 1  # the tail, not everything
+    assert "no summary.json" in (experiment_dir / f"{silent}.log").read_text().splitlines()[0]
+    entries = {run["run_name"]: run for run in _grid_json(experiment_dir)["runs"]}
+    assert entries[crashed]["exit_code"] == 1 and entries[crashed]["log"] == str(experiment_dir / f"{crashed}.log")
+    assert "FAILED" in stream.getvalue() and "1 failed" in stream.getvalue()
+
+    fixed = FakeExecutor()
+    result = _run(path, tmp_path, fixed)
+    assert fixed.calls == [crashed, silent] and result.exit_code == 0
+    assert not (experiment_dir / f"{crashed}.log").exists()  # moved aside with its folder
+    assert len(list(experiment_dir.glob(f"{crashed}.incomplete-*.log"))) == 1
+
+
+def test_executor_exception_is_a_failed_run(tmp_path):
+    def broken(run, on_line):
+        on_line("starting")
+        raise RuntimeError("flower-superlink did not start")
+
+    result = _run(_spec_file(tmp_path), tmp_path, broken)
+    assert result.exit_code == 1 and result.count("failed") == 8
+    log = (tmp_path / "out" / "tiny" / f"{TINY_NAMES[0]}.log").read_text()
+    assert "RuntimeError: flower-superlink did not start" in log and "starting" in log
+
+
+def test_keyboard_interrupt_then_resume_runs_only_the_rest(tmp_path):
+    path = _spec_file(tmp_path)
+    experiment_dir = tmp_path / "out" / "tiny"
+    first = FakeExecutor(interrupt_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(path, tmp_path, first)
+    assert first.calls == TINY_NAMES[:3]
+    statuses = _statuses(experiment_dir)
+    assert [statuses[name] for name in TINY_NAMES] == ["done", "done", "interrupted", *["planned"] * 5]
+
+    second = FakeExecutor()
+    result = _run(path, tmp_path, second)
+    assert second.calls == TINY_NAMES[2:] and result.exit_code == 0
+    assert [run["status"] for run in _grid_json(experiment_dir)["runs"]] == ["skipped"] * 2 + ["done"] * 6
+    assert len(list(experiment_dir.glob(f"{TINY_NAMES[2]}.incomplete-*"))) == 1
+
+
+def test_ctrl_c_while_waiting_cancels_running_runs(tmp_path):
+    """Ctrl-C in the main thread: the executor's cancel() stops the running runs, which end as
+    'interrupted' (not 'failed', no log), and the KeyboardInterrupt propagates."""
+
+    class Blocking:
+        def __init__(self):
+            self.cancelled = threading.Event()
+            self.calls = []
+            self.lock = threading.Lock()
+
+        def __call__(self, run, on_line):
+            run.run_dir.mkdir(parents=True)
+            with self.lock:
+                self.calls.append(run.run_name)
+                if len(self.calls) == 2:
+                    _thread.interrupt_main()
+            assert self.cancelled.wait(10), "cancel() was not called"
+            return -15, "killed"
+
+        def cancel(self):
+            self.cancelled.set()
+
+    fake = Blocking()
+    with pytest.raises(KeyboardInterrupt):
+        _run(_spec_file(tmp_path), tmp_path, fake, parallel=2)
+    experiment_dir = tmp_path / "out" / "tiny"
+    statuses = _statuses(experiment_dir)
+    assert sorted(fake.calls) == sorted(TINY_NAMES[:2])
+    assert [statuses[name] for name in TINY_NAMES] == ["interrupted"] * 2 + ["planned"] * 6
+    assert not list(experiment_dir.glob("*.log"))
+
+
+def test_a_second_invocation_of_the_same_grid_is_refused(tmp_path):
+    path = _spec_file(tmp_path)
+    experiment_dir = tmp_path / "out" / "tiny"
+    experiment_dir.mkdir(parents=True)
+    held = grid._lock(experiment_dir)  # as a running `fedlora-flwr grid` holds it
+    try:
+        fake = FakeExecutor()
+        with pytest.raises(SpecError, match="another `fedlora-flwr grid`"):
+            _run(path, tmp_path, fake)
+        assert fake.calls == []
+    finally:
+        held.close()
+    assert _run(path, tmp_path, FakeExecutor()).count("done") == 8
+
+
+def test_parallel_runs_at_once(tmp_path):
+    fake = FakeExecutor(delay=0.05)
+    result = _run(_spec_file(tmp_path), tmp_path, fake, parallel=3)
+    assert sorted(fake.calls) == sorted(TINY_NAMES) and result.count("done") == 8
+    assert fake.max_running == 3
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    path = _spec_file(tmp_path)
+    experiment_dir = tmp_path / "out" / "tiny"
+    (experiment_dir / TINY_NAMES[0]).mkdir(parents=True)
+    (experiment_dir / TINY_NAMES[0] / "summary.json").write_text("{}")
+    (experiment_dir / TINY_NAMES[1]).mkdir()
+    before = sorted(p.name for p in experiment_dir.iterdir())
+    plan = io.StringIO()
+
+    def never(run, on_line):
+        raise AssertionError("a dry run must not execute")
+
+    result = run_grid(load_spec(path, cwd=tmp_path), out_dir="out", dry_run=True, execute=never, cwd=tmp_path, plan_stream=plan)
+    text = plan.getvalue()
+    assert f"grid tiny: 8 runs (4 configurations × 2 seeds) -> {experiment_dir}" in text
+    assert re.search(rf"skip\s+{TINY_NAMES[0]}", text) and re.search(rf"redo\s+{TINY_NAMES[1]}", text)
+    assert all(re.search(rf"run\s+{name}", text) for name in TINY_NAMES[2:])
+    assert "paper 60.15±0.86" in text
+    assert "would run 7 (1 incomplete to redo), skip 1" in text
+    assert sorted(p.name for p in experiment_dir.iterdir()) == before  # nothing written or moved
+    assert result.count("skipped") == 1 and result.count("planned") == 7
+
+
+def test_progress_eta_from_finished_runs():
+    progress = grid.Progress(total=4, skipped=1, parallel=1, stream=io.StringIO())
+    assert progress.eta() is None
+    progress.walls = [100.0, 200.0]
+    progress.done = 2
+    assert progress.eta() == pytest.approx(150.0)  # one run left at the mean of 150 s
+    assert "3/4 runs (1 skipped)" in progress.status()
+
+
+def test_ray_cpus_per_parallel_run():
+    assert grid.ray_cpus_for(1, 2) is None
+    assert grid.ray_cpus_for(2, 2) == 1
+    assert grid.ray_cpus_for(3, 2) == 1
+    assert grid.ray_cpus_for(2, 16) == 8
+
+
+def test_resources_are_checked_before_running(tmp_path):
+    path = _spec_file(tmp_path, TINY.replace("num-clients = 2", "num-clients = 2\nclient-cpus = 4096"))
+    with pytest.raises(SpecError, match=r"client-cpus=4096"):
+        run_grid(load_spec(path, cwd=tmp_path), out_dir="out", cwd=tmp_path, stream=io.StringIO())
+    assert not (tmp_path / "out").exists()
+
+
+def test_superlink_executor_passes_one_toml_file(tmp_path, monkeypatch):
+    """The real executor: a private SuperLink per run, the full config as ONE .toml file, the
+    simulation size/resources and the Ray CPU cap."""
+    seen = {}
+
+    class FakeLink:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            seen["stopped"] = True
+
+        def run(self, app_dir, run_config, **kwargs):
+            seen.update(app_dir=app_dir, run_config=run_config, config=tomllib.loads(Path(run_config).read_text()), **kwargs)
+            return 0, "ok"
+
+        def stop(self):
+            pass
+
+    import fedlora_flwr.superlink
+
+    monkeypatch.setattr(fedlora_flwr.superlink, "LocalSuperLink", FakeLink)
+    run = expand(load_spec(_spec_file(tmp_path), cwd=tmp_path), cwd=tmp_path)[0]
+    executor = grid.SuperLinkExecutor(REPO, num_supernodes=7, client_cpus=1, client_gpus=0.5, timeout=60, ray_cpus=1)
+    assert executor(run, print) == (0, "ok")
+    assert seen["run_config"].endswith(".toml") and seen["config"] == run.config
+    assert (seen["num_supernodes"], seen["client_cpus"], seen["client_gpus"]) == (7, 1, 0.5)
+    assert seen["ray_cpus"] == 1 and seen["timeout"] == 60 and seen["stopped"]
+    assert not Path(seen["run_config"]).exists()  # the temporary file is gone
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_dry_run(tmp_path, capsys):
+    path = _spec_file(tmp_path)
+    assert main(["grid", str(path), "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "grid tiny: 8 runs" in out and TINY_NAMES[-1] in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_invalid_spec_exits_2_with_one_line(tmp_path, capsys):
+    path = _spec_file(tmp_path, GOOD_EXPERIMENT + "[grid]\nalpha = [0.0]\n")
+    assert main(["grid", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fedlora-flwr grid: ") and "[grid] alpha=0.0" in err
+
+
+def test_cli_usage(capsys):
+    assert main(["grid", "--help"]) == 0
+    assert "--dry-run" in capsys.readouterr().out
+    assert main([]) == 2  # a subcommand is required
+
+
+# --------------------------------------------------------------------------- shipped specs
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda path: path.name)
+def test_shipped_spec_validates(path):
+    text = path.read_text()
+    spec = parse_spec(text, str(path))
+    assert spec.experiment.name == path.stem
+    if spec.base.get("dataset") == "npz" and not REAL_NPZ.is_file():
+        pytest.skip(f"{REAL_NPZ} absent: {path.name} reads the real CIFAR-10 subset from ../shared/data")
+    spec = load_spec(path, cwd=REPO)  # relative paths resolve against the repository root
+    runs = expand(spec, cwd=REPO)
+    assert runs and len(runs) % len(spec.experiment.seeds) == 0
+    if spec.paper:
+        assert all(run.paper is not None for run in runs), "every run of a spec with paper numbers has one"
+
+
+def test_shipped_specs_cover_the_paper():
+    names = {path.stem for path in SPECS}
+    assert {"table1-cpu", "table1-cifar10", "table1-cifar100", "table2-ranks", "fig4-lora-epochs",
+            "table3-alternating", "table5-participation"} <= names
+
+
+def test_cpu_table1_spec(real_npz):
+    spec = load_spec(REPO / "experiments" / "grids" / "table1-cpu.toml", cwd=REPO)
+    runs = expand(spec, cwd=REPO)
+    assert len(runs) == 9 and {run.params["method"] for run in runs} == {"fedavg", "local", "fedlora"}
+    assert all(run.config["data-dir"] == str(real_npz.resolve()) and run.config["model"] == "cnn" for run in runs)
+    assert {run.params["method"]: run.paper["acc"] for run in runs} == {"fedavg": 60.39, "local": 81.91, "fedlora": 85.47}
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.e2e
+def test_real_grid_runs_then_skips(tmp_path):
+    """Two tiny real runs side by side (parallel 2: a private SuperLink each, Ray capped at
+    cpus // 2), then the same grid again: both skipped."""
+    text = """\
+[experiment]
+name = "e2e"
+seeds = [1]
+num-clients = 2
+client-cpus = 1
+
+[base]
+dataset = "synthetic"
+model = "cnn"
+num-server-rounds = 1
+local-epochs = 1
+lora-epochs = 1
+train-per-client = 50
+test-per-client = 20
+device = "cpu"
+
+[grid]
+method = ["fedavg", "local"]
+"""
+    spec = load_spec(_spec_file(tmp_path, text), cwd=tmp_path)
+    stream = io.StringIO()
+    started = time.monotonic()
+    result = run_grid(spec, out_dir="out", parallel=2, timeout=300, cwd=tmp_path, stream=stream)
+    print(f"e2e grid of 2 runs, parallel 2: {time.monotonic() - started:.1f}s")
+    experiment_dir = tmp_path / "out" / "e2e"
+    assert result.exit_code == 0, stream.getvalue() + "".join(p.read_text() for p in experiment_dir.glob("*.log"))
+    for method in ("fedavg", "local"):
+        summary = json.loads((experiment_dir / f"e2e__method_{method}__seed_1" / "summary.json").read_text())
+        assert summary["method"] == method and summary["rounds"] == 1 and summary["num_clients"] == 2
+    assert "round 1/1" in stream.getvalue()
+
+    again = run_grid(spec, out_dir="out", parallel=2, cwd=tmp_path, stream=io.StringIO())
+    assert again.count("skipped") == 2 and again.exit_code == 0
+    assert set(_statuses(experiment_dir).values()) == {"skipped"}
