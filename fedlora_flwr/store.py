@@ -94,6 +94,7 @@ def write_atomic(path: Path, payload: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp creates 0600; outputs are for other tools too
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
