@@ -34,20 +34,14 @@ from flwr.app import ArrayRecord
 from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import load_dataset
+from fedlora_flwr.grid import app_defaults, default_app_dir
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.store import write_atomic
 from fedlora_flwr.superlink import LocalSuperLink
 from strategies.base import average_arrays
 
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = default_app_dir()
 DEFAULT_NPZ = APP_DIR.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
-
-
-def _app_defaults() -> dict[str, Any]:
-    import tomllib
-
-    with (APP_DIR / "pyproject.toml").open("rb") as handle:
-        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 
 
 def _environment() -> dict[str, Any]:
@@ -151,7 +145,7 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                       "train-per-client": args.train_per_client, "run-name": "overhead"})
     with LocalSuperLink() as link:
         simulated = _simulate(link, overrides, args.clients, client_cpus=1)
-    config = load_config({**_app_defaults(), **overrides, "run-name": "overhead-plain"})
+    config = load_config({**app_defaults(APP_DIR), **overrides, "run-name": "overhead-plain"})
     threads = torch.get_num_threads()
     plain_s, _ = plain_federation(config, args.clients, work / "overhead-plain" / "clients")
     rows = [{

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fedlora_flwr import grid
 from fedlora_flwr.superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,8 +16,7 @@ REAL_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
 
 def app_defaults() -> dict:
     """``[tool.flwr.app.config]`` of pyproject.toml: what Flower hands the apps with no overrides."""
-    with (REPO / "pyproject.toml").open("rb") as handle:
-        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+    return grid.app_defaults(REPO)
 
 
 @pytest.fixture

@@ -96,7 +96,7 @@ def test_frozen_rule_applies_after_personal():
     partition = ParameterPartition(personal=lambda key, _m: key.startswith("fc."),
                                    frozen=lambda key, _m: key.startswith(("fc.", "conv1.")))
     groups = partition.groups(model)
-    assert groups["fc.weight"] == "personal" and groups["conv1.weight"] == "frozen" and groups["fc1.weight"] == "shared"
+    assert groups["fc.weight"] == "personal" and groups["conv1.weight"] == "frozen" and groups["conv2.weight"] == "shared"
 
 
 # --------------------------------------------------------------------------- schedules
