@@ -57,17 +57,12 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
 def _simulate(
     link: LocalSuperLink, overrides: dict[str, Any], num_clients: int, client_cpus: int, client_gpus: float = 0.0,
     sample_memory: bool = False,
 ) -> dict[str, Any]:
     """One ``flwr run``; returns wall time, per-round metrics and (optionally) the peak memory."""
     out = Path(overrides["output-dir"]) / overrides["run-name"]
-    run_config = " ".join(f"{key}={_toml_value(value)}" for key, value in overrides.items())
     peak = {"rss": 0, "pss": 0}
     done = threading.Event()
 
@@ -89,7 +84,7 @@ def _simulate(
     if sample_memory:
         sampler.start()
     started = time.monotonic()
-    code, log = link.run(APP_DIR, run_config, num_supernodes=num_clients, client_cpus=client_cpus, client_gpus=client_gpus)
+    code, log = link.run(APP_DIR, overrides, num_supernodes=num_clients, client_cpus=client_cpus, client_gpus=client_gpus)
     wall = time.monotonic() - started
     done.set()
     if sample_memory:

@@ -56,7 +56,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -400,7 +399,7 @@ output line (``[fedlora-flwr] round R/T`` lines drive the progress display)."""
 class SuperLinkExecutor:
     """The real executor: each run gets its own private :class:`~fedlora_flwr.superlink.LocalSuperLink`
     (stopped, with every process below it, when the run ends) and ``flwr run <app> --run-config <file>``
-    with the run's full config written to a temporary TOML file."""
+    with the run's full config."""
 
     def __init__(
         self,
@@ -422,25 +421,24 @@ class SuperLinkExecutor:
         self._cancelled = False
 
     def __call__(self, run: PlannedRun, on_line: Callable[[str], None]) -> tuple[int, str]:
-        from fedlora_flwr.superlink import LocalSuperLink  # psutil and subprocess machinery: only here
+        from fedlora_flwr.superlink import (
+            LocalSuperLink,  # psutil and subprocess machinery: only here
+        )
 
-        with tempfile.TemporaryDirectory(prefix="fedlora-grid-") as tmp:
-            config_file = Path(tmp) / "run-config.toml"  # Flower takes one TOML file (*.toml) or k=v pairs
-            config_file.write_text(tomli_w.dumps(run.config), encoding="utf-8")
-            with LocalSuperLink() as link:
+        with LocalSuperLink() as link:
+            with self._lock:
+                if self._cancelled:  # interrupted while this SuperLink was starting
+                    return 130, "cancelled before the run started\n"
+                self._links.add(link)
+            try:
+                return link.run(
+                    self.app_dir, run.config, num_supernodes=self.num_supernodes,
+                    client_cpus=self.client_cpus, client_gpus=self.client_gpus,
+                    timeout=self.timeout, on_line=on_line, ray_cpus=self.ray_cpus,
+                )
+            finally:
                 with self._lock:
-                    if self._cancelled:  # interrupted while this SuperLink was starting
-                        return 130, "cancelled before the run started\n"
-                    self._links.add(link)
-                try:
-                    return link.run(
-                        self.app_dir, str(config_file), num_supernodes=self.num_supernodes,
-                        client_cpus=self.client_cpus, client_gpus=self.client_gpus,
-                        timeout=self.timeout, on_line=on_line, ray_cpus=self.ray_cpus,
-                    )
-                finally:
-                    with self._lock:
-                        self._links.discard(link)
+                    self._links.discard(link)
 
     def cancel(self) -> None:
         """Stop every SuperLink (and its simulation) now: the grid was interrupted."""

@@ -17,10 +17,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
+import tomli_w
 
 BIN_DIR = Path(sys.executable).parent
 
@@ -101,7 +103,7 @@ class LocalSuperLink:
     def run(
         self,
         app_dir: Path,
-        run_config: str,
+        run_config: Mapping[str, Any],
         num_supernodes: int,
         client_cpus: int = 1,
         client_gpus: float = 0.0,
@@ -111,7 +113,8 @@ class LocalSuperLink:
     ) -> tuple[int, str]:
         """``flwr run <app_dir> --stream``; returns (exit code, whole output).
 
-        ``run_config`` is what ``--run-config`` takes: ``'k=v k2="s"'`` or a TOML file path.
+        ``run_config`` (run-config keys → values) is written to a TOML file for ``--run-config``
+        (Flower takes one TOML file or ``k=v`` pairs; the file quotes every value correctly).
         ``on_line`` sees each output line as it arrives (progress reporting).
         ``ray_cpus`` caps the CPUs of the run's Ray instance (``init-args-num-cpus``; default: all
         of the machine's), e.g. to run several simulations side by side.
@@ -122,9 +125,12 @@ class LocalSuperLink:
         )
         if ray_cpus is not None:
             federation += f" init-args-num-cpus={int(ray_cpus)}"
+        fd, config_file = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=self.flwr_home)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(tomli_w.dumps(dict(run_config)))
         command = [
             str(BIN_DIR / "flwr"), "run", str(app_dir), self.CONNECTION, "--stream",
-            "--run-config", run_config, "--federation-config", federation,
+            "--run-config", config_file, "--federation-config", federation,
         ]
         lines: list[str] = []
         deadline = time.monotonic() + timeout if timeout else None

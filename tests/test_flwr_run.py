@@ -15,10 +15,6 @@ from fedlora_flwr.lora import is_lora_key
 pytestmark = pytest.mark.e2e
 
 
-def _overrides(**values) -> str:
-    return " ".join(f"{key}={json.dumps(value)}" for key, value in values.items())
-
-
 def _check_contract(run_dir: Path, num_clients: int, rounds: int) -> list[dict]:
     config = json.loads((run_dir / "config.json").read_text())
     assert config["method"] == "fedlora" and config["num-server-rounds"] == rounds
@@ -46,7 +42,7 @@ def test_fedlora_simulation_synthetic(superlink, tmp_path):
     out = tmp_path / "outputs"
     code, log = superlink.run(
         REPO,
-        _overrides(
+        dict(
             dataset="synthetic", model="cnn", **{"num-server-rounds": 2, "local-epochs": 2, "lora-epochs": 1,
             "train-per-client": 100, "test-per-client": 40, "output-dir": str(out), "run-name": "e2e-synthetic"}
         ),
@@ -66,7 +62,7 @@ def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
     out = tmp_path / "outputs"
     code, log = superlink.run(
         REPO,
-        _overrides(
+        dict(
             dataset="npz", model="cnn", **{"data-dir": str(real_npz), "num-server-rounds": 2, "local-epochs": 1,
             "lora-epochs": 1, "lora-schedule": "simultaneous", "train-per-client": 100, "test-per-client": 50,
             "output-dir": str(out), "run-name": "e2e-cifar10"}
@@ -83,7 +79,7 @@ def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
 
 def test_invalid_config_stops_before_training(superlink, tmp_path):
     out = tmp_path / "outputs"
-    _, log = superlink.run(REPO, _overrides(**{"rank-conv": 0.0, "output-dir": str(out)}), num_supernodes=2)
+    _, log = superlink.run(REPO, {"rank-conv": 0.0, "output-dir": str(out)}, num_supernodes=2)
     lines = [line for line in log.splitlines() if "invalid run config" in line]
     assert lines and "rank-conv" in lines[0], log[-3000:]
     assert "[ROUND 1" not in log

@@ -419,9 +419,9 @@ def test_resources_are_checked_before_running(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_superlink_executor_passes_one_toml_file(tmp_path, monkeypatch):
-    """The real executor: a private SuperLink per run, the full config as ONE .toml file, the
-    simulation size/resources and the Ray CPU cap."""
+def test_superlink_executor_passes_the_full_config(tmp_path, monkeypatch):
+    """The real executor: a private SuperLink per run, the run's full config (LocalSuperLink.run
+    hands it to Flower as one TOML file), the simulation size/resources and the Ray CPU cap."""
     seen = {}
 
     class FakeLink:
@@ -432,7 +432,7 @@ def test_superlink_executor_passes_one_toml_file(tmp_path, monkeypatch):
             seen["stopped"] = True
 
         def run(self, app_dir, run_config, **kwargs):
-            seen.update(app_dir=app_dir, run_config=run_config, config=tomllib.loads(Path(run_config).read_text()), **kwargs)
+            seen.update(app_dir=app_dir, run_config=run_config, **kwargs)
             return 0, "ok"
 
         def stop(self):
@@ -444,10 +444,9 @@ def test_superlink_executor_passes_one_toml_file(tmp_path, monkeypatch):
     run = expand(load_spec(_spec_file(tmp_path), cwd=tmp_path), cwd=tmp_path)[0]
     executor = grid.SuperLinkExecutor(REPO, num_supernodes=7, client_cpus=1, client_gpus=0.5, timeout=60, ray_cpus=1)
     assert executor(run, print) == (0, "ok")
-    assert seen["run_config"].endswith(".toml") and seen["config"] == run.config
+    assert seen["run_config"] == run.config
     assert (seen["num_supernodes"], seen["client_cpus"], seen["client_gpus"]) == (7, 1, 0.5)
     assert seen["ray_cpus"] == 1 and seen["timeout"] == 60 and seen["stopped"]
-    assert not Path(seen["run_config"]).exists()  # the temporary file is gone
 
 
 # --------------------------------------------------------------------------- command line

@@ -10,9 +10,15 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import app_defaults
-from fedlora_flwr.report import PAPER_TABLE1, group_runs, load_runs, make_report, register
+
+from fedlora_flwr.report import (
+    PAPER_TABLE1,
+    group_runs,
+    load_runs,
+    make_report,
+    register,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("curves.png", "per_client.png", "partition.png", "distance.png", "bytes.png")
