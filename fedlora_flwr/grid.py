@@ -843,6 +843,9 @@ def _execute_all(pending, parallel, execute, entries, progress, on_line_for, fin
         for future, run in list(active.items()):
             finish(run, future.result(), interrupted=True)  # work() never raises
         active.clear()
+        for entry in entries.values():  # started, but Ctrl-C came between submit() and `active`
+            if entry["status"] == "running":
+                entry.update(status="interrupted", error="interrupted")
         save()
         raise
     finally:
