@@ -1,7 +1,16 @@
-"""FedAvg client (McMahan et al., 2017; METHODS.md E.1): every tensor shared, E epochs on all."""
+"""FedAvg clients (McMahan et al., 2017; METHODS.md E.1): every tensor shared, E epochs on all.
+
+``FedAvgLoRAClient`` is the FedLoRA paper's Table 4 control "FedAvg w/ LoRA": the model is
+decomposed as in FedLoRA (σ + B·A), σ and τ are trained together and both are averaged. The
+official code has no such switch; this follows METHODS.md A.9's recommendation.
+"""
 
 from clients.base import MethodClient
 
 
 class FedAvgClient(MethodClient):
     """The base declaration already is FedAvg's: nothing personal, one phase over everything."""
+
+
+class FedAvgLoRAClient(FedAvgClient):
+    decomposed = True

@@ -11,7 +11,7 @@ from torch import nn
 
 from clients.base import MethodClient
 from fedlora_flwr.groups import ParameterPartition, Phase
-from fedlora_flwr.lora import decompose, is_lora_key
+from fedlora_flwr.lora import is_lora_key
 
 
 def is_tau(key: str, _module: nn.Module) -> bool:
@@ -20,10 +20,7 @@ def is_tau(key: str, _module: nn.Module) -> bool:
 
 class FedLoRAClient(MethodClient):
     partition = ParameterPartition(personal=is_tau)
-
-    def build_model(self, num_classes: int) -> nn.Module:
-        model = super().build_model(num_classes)
-        return decompose(model, rank_conv=self.config.rank_conv, rank_linear=self.config.rank_linear)
+    decomposed = True
 
     def schedule(self) -> list[Phase]:
         config = self.config

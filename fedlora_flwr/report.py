@@ -115,7 +115,7 @@ IGNORED_KEYS = frozenset({"seed", "run-name", "run-dir", "output-dir", "data-dir
 LABEL_KEYS = ("method", "dataset", "alpha")
 
 #: The paper's column order of methods; others follow alphabetically.
-METHOD_ORDER = ("fedavg", "local", "fedlora")
+METHOD_ORDER = ("fedavg", "fedavg-lora", "local", "local-lora", "fedlora")
 
 REQUIRED_FILES = ("config.json", "metrics.jsonl", "summary.json")
 

@@ -337,6 +337,33 @@ def test_fedavg_keeps_no_personal_state_and_weights_by_samples(tmp_path):
         assert all(_identical(expected, arrays) for arrays in grid.sent[(server_round, evaluate)].values())
 
 
+def test_fedavg_lora_averages_sigma_and_tau(tmp_path):
+    """Table 4's "FedAvg w/ LoRA": σ and the LoRA factors are uploaded and sample-weighted averaged."""
+    run_dir, grid, config = _run(tmp_path, "fedavg-lora", method="fedavg-lora")
+    decomposed = list(FedLoRAClient(load_config(config)).build_model(10).state_dict())
+    train, evaluate = _train_type(grid), _eval_type(grid)
+    for server_round in range(1, ROUNDS + 1):
+        uploads = grid.replies[(server_round, train)]
+        assert all(list(reply.content[ARRAYS]) == decomposed for reply in uploads.values())
+        weights = [float(uploads[pid].content[METRICS]["num-examples"]) for pid in sorted(uploads)]
+        expected = _arrays(average_arrays([uploads[pid].content[ARRAYS] for pid in sorted(uploads)], weights))
+        assert any(np.any(value) for key, value in expected.items() if key.endswith("lora_B")), "τ was trained"
+        assert all(_identical(expected, arrays) for arrays in grid.sent[(server_round, evaluate)].values())
+    assert not any((run_dir / "clients").rglob("*.safetensors")), "FedAvg w/ LoRA has no personal state"
+
+
+def test_local_lora_keeps_the_decomposed_model(tmp_path):
+    """Table 4's "Local w/ LoRA": nothing sent; each client keeps σ and τ of its decomposed model."""
+    run_dir, _, config = _run(tmp_path, "local-lora", method="local-lora")
+    assert all(m["bytes_up"] == 0 for m in _metrics(run_dir))
+    decomposed = set(FedLoRAClient(load_config(config)).build_model(10).state_dict())
+    states = [_state(run_dir / "clients" / str(pid) / "personal.safetensors") for pid in range(NUM_CLIENTS)]
+    for tensors, metadata in states:
+        assert set(tensors) == decomposed and metadata.get("method") == "local-lora"
+        assert any(np.any(value) for key, value in tensors.items() if key.endswith("lora_B")), "τ was trained"
+    assert not np.array_equal(states[0][0]["fc.lora_B"], states[1][0]["fc.lora_B"])
+
+
 # --------------------------------------------------------------------------- failures
 
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from conftest import app_defaults
 
-from clients.fedavg import FedAvgClient
+from clients.fedavg import FedAvgClient, FedAvgLoRAClient
 from clients.fedlora import FedLoRAClient
-from clients.local import LocalClient
+from clients.local import LocalClient, LocalLoRAClient
 from fedlora_flwr.config import load_config
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import is_lora_key
@@ -89,6 +89,20 @@ def test_local_is_all_personal_and_fedavg_all_shared(tmp_path, model_name):
         assert not any(is_lora_key(key) for key in model.state_dict()), "baselines use the plain model"
         assert set(client.partition.groups(model).values()) == {group}
         assert client.partition.keys(model, group) == list(model.state_dict())
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "resnet8"])
+def test_table4_controls_decompose_like_fedlora_but_share_or_keep_everything(tmp_path, model_name):
+    """FedLoRA paper Table 4 (METHODS.md A.9): "FedAvg w/ LoRA" and "Local w/ LoRA" use FedLoRA's
+    decomposed model, trained jointly for E epochs; FedAvg shares both σ and τ, Local keeps both."""
+    config = _config(tmp_path, model=model_name, **{"local-epochs": 3})
+    fedlora_keys = list(FedLoRAClient(config).build_model(NUM_CLASSES).state_dict())
+    assert any(is_lora_key(key) for key in fedlora_keys)
+    for client, group in ((LocalLoRAClient, "personal"), (FedAvgLoRAClient, "shared")):
+        model = client(config).build_model(NUM_CLASSES)
+        assert list(model.state_dict()) == fedlora_keys
+        assert client.partition.keys(model, group) == fedlora_keys
+        assert client(config).schedule() == [Phase(("shared", "personal"), 3)]
 
 
 def test_frozen_rule_applies_after_personal():
