@@ -66,6 +66,7 @@ class RunConfig(BaseModel):
     run_name: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
+    tensorboard: bool = Field(False, description="also write per-round metrics to <run-dir>/tensorboard/")
 
     @field_validator("method", "dataset", "model")
     @classmethod

@@ -108,8 +108,11 @@ PAPER_TABLE1: dict[tuple[str, str, float], tuple[float, float]] = {
 PAPER_META_KEYS = frozenset({"acc", "std", "source", "note", "table"})
 
 #: config.json keys that do not define an experiment: runs that differ only here are seeds of
-#: one row (device and round-timeout change where/how long a run may take, not what it computes).
-IGNORED_KEYS = frozenset({"seed", "run-name", "run-dir", "output-dir", "data-dir", "device", "round-timeout"})
+#: one row (device, round-timeout and tensorboard change where/how long a run may take or what it
+#: logs, not what it computes).
+IGNORED_KEYS = frozenset(
+    {"seed", "run-name", "run-dir", "output-dir", "data-dir", "device", "round-timeout", "tensorboard"}
+)
 
 #: Always part of a row's label, in this order.
 LABEL_KEYS = ("method", "dataset", "alpha")

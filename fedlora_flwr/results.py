@@ -4,7 +4,9 @@
 ``metrics.jsonl`` (one object per round), ``summary.json`` and ``shared.safetensors`` (the
 final aggregated shared tensors, e.g. FedLoRA's σ̄; written at the end) and
 ``clients/<partition-id>/`` (each client's personal state). Client i's personalized model is
-``shared.safetensors`` + ``clients/<i>/personal.safetensors``.
+``shared.safetensors`` + ``clients/<i>/personal.safetensors``. With ``tensorboard = true`` the
+same per-round numbers also go to TensorBoard event files in ``tensorboard/`` (append-only logs
+for viewing, written as rounds finish; ``metrics.jsonl`` stays the record other tools read).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fedlora_flwr.store import write_atomic, write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
 SHARED_FILE = "shared.safetensors"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -65,6 +68,11 @@ class RunRecorder:
         write_json_atomic(run_dir / "config.json", {**config.as_record(), "run-dir": str(run_dir)})
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_path.touch()
+        self.tensorboard = None
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked
+
+            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
 
     @property
     def clients_dir(self) -> Path:
@@ -80,6 +88,8 @@ class RunRecorder:
             handle.write(json.dumps(record, sort_keys=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if self.tensorboard is not None:
+            self._write_tensorboard(record)
         best = max((r["acc_mean"] for r in self.rounds if r.get("acc_mean") is not None), default=None)
         acc = record.get("acc_mean")
         log(
@@ -93,6 +103,18 @@ class RunRecorder:
             record.get("num_failures", 0),
             record["elapsed_s"],
         )
+
+    def _write_tensorboard(self, record: Mapping[str, Any]) -> None:
+        """Every numeric per-round metric as a scalar (tag = its metrics.jsonl key, step = round)
+        and the per-client accuracies as a histogram."""
+        step = int(record["round"])
+        for key, value in record.items():
+            if key != "round" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.tensorboard.add_scalar(key, value, step)
+        per_client = list(record.get("acc_per_client", {}).values())
+        if per_client:
+            self.tensorboard.add_histogram("acc_per_client", torch.tensor(per_client, dtype=torch.float64), step)
+        self.tensorboard.flush()
 
     def finish(self, shared: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Write ``shared.safetensors`` (the final aggregate) and ``summary.json``: best round
@@ -119,6 +141,8 @@ class RunRecorder:
             "run_dir": str(self.run_dir),
         }
         write_json_atomic(self.run_dir / "summary.json", summary)
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         log(INFO, "[fedlora-flwr] finished: best acc_mean %s at round %s; outputs in %s",
             summary["best_acc_mean"], summary["best_round"], self.run_dir)
         return summary

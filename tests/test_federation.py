@@ -364,6 +364,20 @@ def test_local_lora_keeps_the_decomposed_model(tmp_path):
     assert not np.array_equal(states[0][0]["fc.lora_B"], states[1][0]["fc.lora_B"])
 
 
+def test_tensorboard_option_logs_every_round_metric(tmp_path, fedlora_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert not (fedlora_run[0] / "tensorboard").exists(), "off by default"
+    run_dir, _, _ = _run(tmp_path, "tb", method="local", tensorboard=True)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    metrics = _metrics(run_dir)
+    for key in ("acc_mean", "acc_std", "train_loss", "bytes_down", "num_failures", "elapsed_s"):
+        logged = [(event.step, event.value) for event in events.Scalars(key)]
+        assert logged == [(m["round"], pytest.approx(m[key], rel=1e-6)) for m in metrics], key
+    assert [event.step for event in events.Histograms("acc_per_client")] == [m["round"] for m in metrics]
+    assert events.Histograms("acc_per_client")[-1].histogram_value.num == NUM_CLIENTS
+
+
 # --------------------------------------------------------------------------- failures
 
 
