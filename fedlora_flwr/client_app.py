@@ -143,7 +143,7 @@ class ClientSession:
             lr=config.lr,
             momentum=config.momentum,
             generator=torch.Generator().manual_seed(seed),
-            augment=self.dataset.train_augment,
+            augment=self.dataset.augmentation(),
         )
         partition = self.method.partition
         personal = partition.state(self.model, "personal")

@@ -51,7 +51,7 @@ __all__ = [
     "partition_dataset",
 ]
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "npz", "synthetic")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "npz", "synthetic")
 SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
 
 HALF_MEAN = (0.5, 0.5, 0.5)
@@ -60,6 +60,14 @@ CIFAR100_MEAN = (0.507, 0.487, 0.441)
 CIFAR100_STD = (0.267, 0.256, 0.276)
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+TINY_FOLDER = "tiny-imagenet-200"
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+#: The paper's training augmentations (METHODS.md A.7), by the name an :class:`ImageDataset` gives:
+#: CIFAR-100 RandomCrop(32, pad 4) + HFlip + RandomRotation(15); Tiny ImageNet HFlip + RandomRotation(15).
+AUGMENTATIONS: tuple[str, ...] = ("crop-flip-rotate", "flip-rotate")
 
 
 class DatasetError(ValueError):
@@ -77,8 +85,11 @@ class ImageDataset:
 
     Images are uint8 ``N x H x W x C``, labels int64; both read-only.
     ``mean``/``std`` are the per-channel normalisation on the [0, 1] scale;
-    ``train_augment`` says whether the paper's protocol augments the training
-    images (CIFAR-100 only: RandomCrop(32, pad 4), HFlip, RandomRotation(15)).
+    ``train_augment`` names the paper's training augmentation (one of
+    :data:`AUGMENTATIONS`; ``""`` for none: CIFAR-10, npz, synthetic).
+    ``test_with_replacement``: the Dirichlet protocol draws each client's test
+    samples with replacement (Tiny ImageNet: its val split, 50 per class, is the
+    test split; METHODS.md A.7).
     """
 
     x_train: np.ndarray
@@ -88,7 +99,14 @@ class ImageDataset:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    train_augment: bool
+    train_augment: str = ""
+    test_with_replacement: bool = False
+
+    def augmentation(self) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
+        """The training augmentation as a batch function for :func:`batches` (None for none)."""
+        if not self.train_augment:
+            return None
+        return make_augment(self.train_augment, self.mean, self.std, size=int(self.x_train.shape[1]))
 
 
 def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset:
@@ -96,8 +114,9 @@ def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset:
 
     ``data_dir`` is the torchvision root for ``cifar10``/``cifar100`` (the
     extracted ``cifar-*-python`` folder or its ``.tar.gz`` must already be
-    there when offline), the ``.npz`` file for ``npz``, and ignored for
-    ``synthetic``. The cache is keyed on (name, resolved path).
+    there when offline), the folder holding ``tiny-imagenet-200/`` (or that
+    folder itself) for ``tiny-imagenet``, the ``.npz`` file for ``npz``, and
+    ignored for ``synthetic``. The cache is keyed on (name, resolved path).
     """
     if name not in DATASETS:
         raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -115,9 +134,11 @@ def _path_key(name: str, data_dir: str | Path) -> str:
 @functools.lru_cache(maxsize=4)
 def _load_cached(name: str, path: str) -> ImageDataset:
     if name == "cifar10":
-        return _load_torchvision("CIFAR10", Path(path), HALF_MEAN, HALF_STD, augment=False)
+        return _load_torchvision("CIFAR10", Path(path), HALF_MEAN, HALF_STD, augment="")
     if name == "cifar100":
-        return _load_torchvision("CIFAR100", Path(path), CIFAR100_MEAN, CIFAR100_STD, augment=True)
+        return _load_torchvision("CIFAR100", Path(path), CIFAR100_MEAN, CIFAR100_STD, augment="crop-flip-rotate")
+    if name == "tiny-imagenet":
+        return _load_tiny_imagenet(Path(path))
     if name == "npz":
         return _load_npz(Path(path))
     if name == "synthetic":
@@ -131,7 +152,7 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _build(x_tr, y_tr, x_te, y_te, mean, std, augment, num_classes=None) -> ImageDataset:
+def _build(x_tr, y_tr, x_te, y_te, mean, std, augment, num_classes=None, test_with_replacement=False) -> ImageDataset:
     y_tr = np.asarray(y_tr).astype(np.int64)
     y_te = np.asarray(y_te).astype(np.int64)
     if num_classes is None:
@@ -145,10 +166,11 @@ def _build(x_tr, y_tr, x_te, y_te, mean, std, augment, num_classes=None) -> Imag
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         train_augment=augment,
+        test_with_replacement=test_with_replacement,
     )
 
 
-def _load_torchvision(cls_name: str, root: Path, mean, std, *, augment: bool) -> ImageDataset:
+def _load_torchvision(cls_name: str, root: Path, mean, std, *, augment: str) -> ImageDataset:
     import torchvision.datasets as tvd  # lazy: ~3 s import, only needed here
 
     cls = getattr(tvd, cls_name)
@@ -212,7 +234,72 @@ def _load_npz(path: Path) -> ImageDataset:
             f"{arrays['x_test'].shape[1:]} differ in size"
         )
     return _build(
-        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], HALF_MEAN, HALF_STD, False
+        arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], HALF_MEAN, HALF_STD, ""
+    )
+
+
+def _load_tiny_imagenet(root: Path) -> ImageDataset:
+    """Tiny ImageNet (Le & Yang, 2015) from its official zip's layout, as FedDecomp uses it
+    (METHODS.md A.7): the 100,000 train images, and the 10,000 labelled val images as the test
+    split (the official test images have no labels). 64x64 RGB (the few grayscale JPEGs are
+    converted), labels = the index of the wnid in sorted order (torchvision ``ImageFolder``'s
+    rule), CIFAR-100 normalisation, train augmentation HFlip + RandomRotation(15).
+
+    ``root`` holds ``tiny-imagenet-200/`` (downloaded and extracted there when missing and
+    online) or is that folder. Decoding takes about as long as reading 110,000 small JPEGs;
+    the arrays (about 1.3 GB) are cached per process like every dataset.
+    """
+    from PIL import Image
+
+    folder = root if (root / "wnids.txt").is_file() else root / TINY_FOLDER
+    if not folder.is_dir():
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(TINY_URL, download_root=str(root), md5=TINY_MD5)
+        except Exception as exc:  # URLError offline, a corrupt archive, ...
+            raise DatasetError(
+                f"data-dir: no {TINY_FOLDER}/ under {root} and the download failed "
+                f"({type(exc).__name__}: {exc}); extract {TINY_FOLDER}.zip there"
+            ) from exc
+
+    def read(paths: list[Path]) -> np.ndarray:
+        images = np.empty((len(paths), 64, 64, 3), dtype=np.uint8)
+        for i, path in enumerate(paths):
+            with Image.open(path) as image:
+                if image.size != (64, 64):
+                    raise DatasetError(f"data-dir: {path} is {image.size[0]}x{image.size[1]}, expected 64x64")
+                images[i] = np.asarray(image.convert("RGB"))
+        return images
+
+    try:
+        wnids = sorted((folder / "wnids.txt").read_text().split())
+        label = {wnid: i for i, wnid in enumerate(wnids)}
+        train_paths, train_labels = [], []
+        for wnid in wnids:
+            paths = sorted((folder / "train" / wnid / "images").glob("*.JPEG"))
+            if not paths:
+                raise DatasetError(f"data-dir: {folder / 'train' / wnid / 'images'} holds no .JPEG images")
+            train_paths += paths
+            train_labels += [label[wnid]] * len(paths)
+        test_paths, test_labels = [], []
+        for number, line in enumerate((folder / "val" / "val_annotations.txt").read_text().splitlines(), 1):
+            fields = line.split("\t")
+            if len(fields) < 2 or fields[1] not in label:
+                raise DatasetError(
+                    f"data-dir: {folder / 'val' / 'val_annotations.txt'} line {number}: expected "
+                    f"'<file>\\t<wnid from wnids.txt>\\t...', got {line[:80]!r}"
+                )
+            test_paths.append(folder / "val" / "images" / fields[0])
+            test_labels.append(label[fields[1]])
+        x_train, x_test = read(train_paths), read(test_paths)
+    except DatasetError:
+        raise
+    except Exception as exc:  # a missing file or folder, an undecodable image
+        raise DatasetError(f"data-dir: cannot read Tiny ImageNet from {folder} ({type(exc).__name__}: {exc})") from exc
+    return _build(
+        x_train, train_labels, x_test, test_labels, CIFAR100_MEAN, CIFAR100_STD, "flip-rotate",
+        num_classes=len(wnids), test_with_replacement=True,
     )
 
 
@@ -297,13 +384,14 @@ def partition(
     train_per_client: int = 500,
     test_per_client: int = 100,
     seed: int = 1,
+    test_with_replacement: bool = False,
 ) -> list[ClientSplit]:
     """Split a dataset's labels into ``num_clients`` client train/test index sets.
 
     ``scheme``:
 
     - ``"dirichlet"`` (the paper's, METHODS A.7): see :func:`dirichlet_noniid`.
-      Uses ``alpha``; clients may share images.
+      Uses ``alpha`` and ``test_with_replacement``; clients may share images.
     - ``"pathological"``: ``classes_per_client`` classes per client, the same
       classes in its train and test split (flwr-datasets
       ``PathologicalPartitioner``); disjoint across clients.
@@ -325,6 +413,7 @@ def partition(
         return dirichlet_noniid(
             y_train, y_test, num_clients, alpha,
             train_per_client=train_per_client, test_per_client=test_per_client, seed=seed,
+            test_with_replacement=test_with_replacement,
         )
     if scheme == "pathological":
         return _pathological(y_train, y_test, num_clients, classes_per_client, train_per_client, test_per_client, seed)
@@ -351,6 +440,7 @@ def dirichlet_noniid(
     train_per_client: int = 500,
     test_per_client: int = 100,
     seed: int = 1,
+    test_with_replacement: bool = False,
 ) -> list[ClientSplit]:
     """FedDecomp's ``dirichlet_noniid`` (METHODS A.7), reproduced bit for bit.
 
@@ -372,6 +462,9 @@ def dirichlet_noniid(
     protocol instead gives every client a FIXED budget drawn from the whole
     pool with overlap allowed, and uses the SAME q for its test split, so its
     numbers can only be reproduced with this loop.
+
+    ``test_with_replacement`` draws the test indices with replacement, as
+    FedDecomp does for Tiny ImageNet (50 val images per class).
 
     C = max label + 1 over both splits. If a class holds fewer samples than a
     client asks for, a ValueError says which (no silent replacement).
@@ -397,15 +490,18 @@ def dirichlet_noniid(
             n_te = n_te if left_te - n_te >= 0 else left_te
             left_tr -= n_tr
             left_te -= n_te
-            for n, pool, split in ((n_tr, train_by_class[j], "train"), (n_te, test_by_class[j], "test")):
-                if n > len(pool):
+            for n, pool, split, replace in (
+                (n_tr, train_by_class[j], "train", False),
+                (n_te, test_by_class[j], "test", test_with_replacement),
+            ):
+                if (n > 0 and len(pool) == 0) if replace else n > len(pool):
                     raise ValueError(
                         f"partition: dirichlet client {i} needs {n} {split} samples of class {j} "
-                        f"but the {split} split has only {len(pool)} (drawn without replacement); "
-                        f"lower the samples per client or use a larger dataset"
+                        f"but the {split} split has only {len(pool)} (drawn {'with' if replace else 'without'} "
+                        f"replacement); lower the samples per client or use a larger dataset"
                     )
             tr_parts.append(rs.choice(train_by_class[j], n_tr, replace=False))
-            te_parts.append(rs.choice(test_by_class[j], n_te, replace=False))
+            te_parts.append(rs.choice(test_by_class[j], n_te, replace=test_with_replacement))
         splits.append(
             ClientSplit(
                 train=_readonly(np.concatenate(tr_parts).astype(np.int64)),
@@ -547,6 +643,7 @@ def _partition_cached(name: str, path: str, cfg: PartitionConfig) -> tuple[Clien
             ds.y_train, ds.y_test, cfg.num_clients, cfg.scheme,
             alpha=cfg.alpha, classes_per_client=cfg.classes_per_client,
             train_per_client=cfg.train_per_client, test_per_client=cfg.test_per_client, seed=cfg.seed,
+            test_with_replacement=ds.test_with_replacement,
         )
     )
 
@@ -576,11 +673,14 @@ def client_tensors(ds: ImageDataset, indices: np.ndarray, train: bool) -> tuple[
     return x, y
 
 
+@functools.lru_cache(maxsize=4)
 def make_augment(
-    mean: Sequence[float] = CIFAR100_MEAN, std: Sequence[float] = CIFAR100_STD
+    name: str, mean: Sequence[float], std: Sequence[float], size: int = 32
 ) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
-    """The CIFAR-100 train augmentation (RandomCrop(32, padding 4),
-    RandomHorizontalFlip, RandomRotation(15)) for a NORMALISED batch.
+    """The training augmentation ``name`` (one of :data:`AUGMENTATIONS`) for a NORMALISED batch
+    of ``size`` x ``size`` images: ``crop-flip-rotate`` = RandomCrop(size, padding 4),
+    RandomHorizontalFlip, RandomRotation(15) (CIFAR-100); ``flip-rotate`` = the last two
+    (Tiny ImageNet). METHODS.md A.7.
 
     Each sample gets its own random parameters (a v2 transform applied to a
     whole batch tensor would use one set for all). Padding/rotation fill is the
@@ -590,14 +690,11 @@ def make_augment(
     """
     from torchvision.transforms import v2  # lazy: ~3 s import
 
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
     fill = [float(-m / s) for m, s in zip(mean, std)]
-    tf = v2.Compose(
-        [
-            v2.RandomCrop(32, padding=4, fill=fill),
-            v2.RandomHorizontalFlip(),
-            v2.RandomRotation(15, fill=fill),
-        ]
-    )
+    steps = [v2.RandomCrop(size, padding=4, fill=fill)] if name == "crop-flip-rotate" else []
+    tf = v2.Compose([*steps, v2.RandomHorizontalFlip(), v2.RandomRotation(15, fill=fill)])
 
     def apply(xb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is None:
@@ -610,31 +707,24 @@ def make_augment(
     return apply
 
 
-@functools.lru_cache(maxsize=1)
-def _default_augment():
-    return make_augment(CIFAR100_MEAN, CIFAR100_STD)
-
-
 def batches(
     x: torch.Tensor,
     y: torch.Tensor,
     batch_size: int,
     shuffle: bool = False,
     generator: torch.Generator | None = None,
-    augment: bool | Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] = False,
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (xb, yb) mini-batches covering every sample once (last partial batch
     kept, like ``DataLoader(drop_last=False)``); order from ``torch.randperm``
-    with ``generator`` when ``shuffle``. ``augment=True`` applies the CIFAR-100
-    train augmentation (:func:`make_augment`) per batch; a callable
-    ``augment(xb, generator)`` is used as given (e.g. ``make_augment(ds.mean, ds.std)``).
+    with ``generator`` when ``shuffle``. ``augment(xb, generator)`` transforms
+    each batch (e.g. ``ds.augmentation()``, see :func:`make_augment`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(y)
     if len(x) != n:
         raise ValueError(f"x has {len(x)} samples but y has {n}")
-    aug = _default_augment() if augment is True else (augment or None)
     order = None
     if shuffle:
         device = generator.device if generator is not None else torch.device("cpu")
@@ -645,6 +735,6 @@ def batches(
         else:
             idx = order[start : start + batch_size]
             xb, yb = x[idx], y[idx.to(y.device)]
-        if aug is not None:
-            xb = aug(xb, generator)
+        if augment is not None:
+            xb = augment(xb, generator)
         yield xb, yb

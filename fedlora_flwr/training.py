@@ -50,7 +50,7 @@ def train_schedule(
     lr: float,
     momentum: float,
     generator: torch.Generator,
-    augment: bool = False,
+    augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
     loss_fn: LossFn = F.cross_entropy,
 ) -> TrainStats:
     """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device."""

@@ -34,9 +34,11 @@ def _same(a: list[ClientSplit], b: list[ClientSplit]) -> bool:
 # --------------------------------------------------------------------------- dirichlet
 
 
-def _feddecomp_dirichlet_noniid(train_targets, test_targets, num_users, alpha, seed, train_num, test_num):
+def _feddecomp_dirichlet_noniid(train_targets, test_targets, num_users, alpha, seed, train_num, test_num,
+                                test_replace=False):
     """The reference loop (FedDecomp utils/sampling.py ``dirichlet_noniid``), transcribed
-    with Python lists and per-sample loops exactly as there."""
+    with Python lists and per-sample loops exactly as there (``test_replace``: its Tiny ImageNet
+    variant, METHODS.md A.7)."""
     num_class = len(np.unique(train_targets))
     train_idxs_classes = [[] for _ in range(num_class)]
     test_idxs_classes = [[] for _ in range(num_class)]
@@ -58,7 +60,7 @@ def _feddecomp_dirichlet_noniid(train_targets, test_targets, num_users, alpha, s
             temp_train_sample -= num_train
             temp_test_sample -= num_test
             train_dict_users[i] += random_state.choice(train_idxs_classes[j], num_train, replace=False).tolist()
-            test_dict_users[i] += random_state.choice(test_idxs_classes[j], num_test, replace=False).tolist()
+            test_dict_users[i] += random_state.choice(test_idxs_classes[j], num_test, replace=test_replace).tolist()
     return train_dict_users, test_dict_users
 
 
@@ -72,6 +74,19 @@ def test_dirichlet_is_bit_exact_with_feddecomp(alpha, seed):
         assert split.train.dtype == np.int64 and split.test.dtype == np.int64
         assert split.train.tolist() == ref_tr[i]
         assert split.test.tolist() == ref_te[i]
+
+
+def test_dirichlet_test_with_replacement_is_bit_exact_with_feddecomp():
+    """Tiny ImageNet's variant: 5 test images per class, 100 drawn per client, with replacement."""
+    y_tr, y_te = _labels(500, 5)
+    ref_train, ref_test = _feddecomp_dirichlet_noniid(y_tr, y_te, 6, 0.1, 2, 500, 100, test_replace=True)
+    ours = D.dirichlet_noniid(y_tr, y_te, 6, 0.1, train_per_client=500, test_per_client=100, seed=2,
+                              test_with_replacement=True)
+    for i, split in enumerate(ours):
+        assert split.train.tolist() == ref_train[i] and split.test.tolist() == ref_test[i]
+    assert max(len(split.test) for split in ours) > 5
+    with pytest.raises(ValueError, match="without replacement"):
+        D.dirichlet_noniid(y_tr, y_te, 6, 0.1, train_per_client=500, test_per_client=100, seed=2)
 
 
 def test_dirichlet_seed_determinism():
@@ -302,6 +317,80 @@ def test_cifar10_offline_raises_dataset_error(tmp_path, monkeypatch):
     assert calls
 
 
+# --------------------------------------------------------------------------- tiny imagenet
+
+
+TINY_WNIDS = ["n0300", "n0100", "n0200"]  # wnids.txt order; labels follow the sorted order
+
+
+def _tiny_folder(root: Path, per_class: int = 3, val_per_class: int = 2) -> Path:
+    """A miniature of the official tiny-imagenet-200 layout: one flat grey level per class
+    (class k of the sorted wnids is 40 + 80 k), one grayscale JPEG, val via val_annotations.txt."""
+    from PIL import Image
+
+    folder = root / D.TINY_FOLDER
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(TINY_WNIDS) + "\n")
+    level = {wnid: 40 + 80 * k for k, wnid in enumerate(sorted(TINY_WNIDS))}
+    for wnid in TINY_WNIDS:
+        images = folder / "train" / wnid / "images"
+        images.mkdir(parents=True)
+        for k in range(per_class):
+            mode = "L" if (wnid, k) == ("n0200", 0) else "RGB"
+            Image.new(mode, (64, 64), level[wnid] if mode == "L" else (level[wnid],) * 3).save(images / f"{wnid}_{k}.JPEG")
+    lines = []
+    for k in range(val_per_class * len(TINY_WNIDS)):
+        wnid = TINY_WNIDS[k % len(TINY_WNIDS)]
+        Image.new("RGB", (64, 64), (level[wnid],) * 3).save(folder / "val" / "images" / f"val_{k}.JPEG")
+        lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_tiny_imagenet_reads_the_official_layout(tmp_path):
+    folder = _tiny_folder(tmp_path)
+    ds = D.load_dataset("tiny-imagenet", tmp_path)
+    assert D.load_dataset("tiny-imagenet", folder).num_classes == 3  # the folder itself works too
+    assert ds.x_train.shape == (9, 64, 64, 3) and ds.x_test.shape == (6, 64, 64, 3) and ds.num_classes == 3
+    assert ds.y_train.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # sorted wnids, files in order
+    assert ds.y_test.tolist() == [2, 0, 1, 2, 0, 1]  # from val_annotations.txt
+    for x, y in ((ds.x_train, ds.y_train), (ds.x_test, ds.y_test)):
+        assert np.abs(x.astype(int) - (40 + 80 * y)[:, None, None, None]).max() <= 2  # JPEG rounding only
+    assert (ds.mean, ds.std) == (D.CIFAR100_MEAN, D.CIFAR100_STD)
+    assert ds.train_augment == "flip-rotate" and ds.test_with_replacement
+    xb, _ = D.client_tensors(ds, np.arange(9), train=True)
+    assert ds.augmentation()(xb, torch.Generator().manual_seed(0)).shape == (9, 3, 64, 64)
+    # the partition draws test samples with replacement: 2 val images per class, 10 per client asked
+    cfg = D.PartitionConfig(num_clients=4, alpha=0.1, train_per_client=3, test_per_client=10, seed=1)
+    splits = D.partition_dataset("tiny-imagenet", tmp_path, cfg)
+    assert max(len(split.test) for split in splits) > 2
+
+
+def test_tiny_imagenet_errors_are_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("offline (test)")
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", no_network)  # never the network
+    with pytest.raises(DatasetError, match="tiny-imagenet-200") as err:
+        D.load_dataset("tiny-imagenet", tmp_path / "empty")
+    assert "\n" not in str(err.value)
+
+    bad = _tiny_folder(tmp_path / "bad")
+    (bad / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn9999\n")
+    with pytest.raises(DatasetError, match="line 1") as err:
+        D.load_dataset("tiny-imagenet", tmp_path / "bad")
+    assert "\n" not in str(err.value)
+
+    from PIL import Image
+
+    small = _tiny_folder(tmp_path / "small")
+    Image.new("RGB", (32, 32)).save(small / "train" / "n0100" / "images" / "n0100_0.JPEG")
+    with pytest.raises(DatasetError, match="32x32, expected 64x64"):
+        D.load_dataset("tiny-imagenet", tmp_path / "small")
+
+
 # --------------------------------------------------------------------------- synthetic
 
 
@@ -368,14 +457,16 @@ def test_batches_cover_every_index_once():
     assert again.tolist() == seen_orders[0]
 
 
-def test_batches_augment_per_sample_and_reproducible():
+@pytest.mark.parametrize("name", D.AUGMENTATIONS)
+def test_batches_augment_per_sample_and_reproducible(name):
+    augment = D.make_augment(name, D.CIFAR100_MEAN, D.CIFAR100_STD, size=32)
     torch.manual_seed(0)
     x = torch.rand(16, 3, 32, 32) * 2 - 1
     y = torch.arange(16)
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return list(D.batches(x, y, 8, shuffle=False, generator=g, augment=True))
+        return list(D.batches(x, y, 8, shuffle=False, generator=g, augment=augment))
 
     a, b = run(1), run(1)
     assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
@@ -385,5 +476,5 @@ def test_batches_augment_per_sample_and_reproducible():
     assert sum(changed) >= 12
     # per-sample parameters: the same image twice in a batch gets different transforms
     same = x[:1].repeat(8, 1, 1, 1)
-    out = next(D.batches(same, y[:8], 8, augment=True))[0]
+    out = next(D.batches(same, y[:8], 8, augment=augment))[0]
     assert len({tuple(o.flatten()[:200].tolist()) for o in out}) > 1

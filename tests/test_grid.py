@@ -492,8 +492,10 @@ def test_shipped_spec_validates(path):
 
 def test_shipped_specs_cover_the_paper():
     names = {path.stem for path in SPECS}
-    assert {"table1-cpu", "table1-cifar10", "table1-cifar100", "table2-ranks", "fig4-lora-epochs",
-            "table3-alternating", "table5-participation"} <= names
+    assert {"table1-cpu", "table1-cifar10", "table1-cifar100", "table1-tiny-imagenet", "table2-ranks",
+            "fig4-lora-epochs", "table3-alternating", "table3-alternating-cifar100",
+            "table3-alternating-tiny-imagenet", "table4-cpu", "table4-capacity-cifar10",
+            "table4-capacity-cifar100", "table5-participation"} <= names
 
 
 def test_cpu_table1_spec(real_npz):
