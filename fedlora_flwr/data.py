@@ -246,8 +246,9 @@ def _load_tiny_imagenet(root: Path) -> ImageDataset:
     rule), CIFAR-100 normalisation, train augmentation HFlip + RandomRotation(15).
 
     ``root`` holds ``tiny-imagenet-200/`` (downloaded and extracted there when missing and
-    online) or is that folder. Decoding takes about as long as reading 110,000 small JPEGs;
-    the arrays (about 1.3 GB) are cached per process like every dataset.
+    online) or is that folder. Decoding is done once per process and cached like every dataset:
+    about 3,300 images/s on one busy core here (3,500 generated 64x64 JPEGs), so ≈ 35 s and
+    1.3 GB of arrays for the whole set.
     """
     from PIL import Image
 
