@@ -1,26 +1,42 @@
-"""What a method declares for its clients; the mechanics live in ``fedlora_flwr.client_app``."""
+"""What a method declares for its clients; the mechanics live in ``fedlora_flwr.client_app``.
+
+A method is a :class:`MethodClient` subclass that sets class attributes and overrides the few
+hooks it needs. The defaults are FedAvg's: the plain model, every tensor shared, one phase over
+all parameters for ``local-epochs`` epochs, cross-entropy, predict with ``model(x)``.
+
+Per message, :class:`fedlora_flwr.client_app.ClientSession` calls, in order:
+
+- ``build_model(task, partition_id)``, seeded, so every client starts from the same init;
+- ``load(session, received, training)``: the server's arrays and the personal-state store;
+- ``train``: ``begin_training(session)``, the schedule (``schedule()``, ``loss``), then
+  ``save(session)`` (personal store) and ``upload(session)`` (the reply's arrays);
+- ``evaluate``: ``predict`` on the client's test split.
+
+What is exchanged may differ from what is stored (FedAMP uploads its personal w_i and starts
+from the received u_i; FedCAC uploads critical-parameter masks with its model).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import nn
 
-from fedlora_flwr.groups import ParameterPartition, Phase
+from fedlora_flwr.data import TaskSpec
+from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import decompose
 from fedlora_flwr.models import build_model
+from fedlora_flwr.training import cross_entropy, plain_predict
 
 if TYPE_CHECKING:
+    from fedlora_flwr.client_app import ClientSession
     from fedlora_flwr.config import RunConfig
 
 
 class MethodClient:
-    """A method's client: its model, its parameter partition and its local schedule.
-
-    Subclasses override the class attributes :attr:`partition` and :attr:`decomposed` and,
-    where needed, :meth:`schedule`. The default is FedAvg's: the plain model, every tensor
-    shared, one phase over all parameters for ``local-epochs`` epochs.
-    """
+    """A method's client: its model, its parameter partition, its local schedule and hooks."""
 
     partition: ClassVar[ParameterPartition] = ParameterPartition()
     #: Decompose every conv/linear weight into σ + B·A (FedLoRA eqs. 2–5) with the run's
@@ -30,12 +46,53 @@ class MethodClient:
     def __init__(self, config: RunConfig) -> None:
         self.config = config
 
-    def build_model(self, num_classes: int) -> nn.Module:
-        """The client model; callers seed torch first so every client builds the same init."""
-        model = build_model(self.config.model, num_classes)
+    # ------------------------------------------------------------------ model and schedule
+
+    def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
+        """The client model; callers seed torch first so every client builds the same init.
+
+        ``partition_id`` lets a method give clients different architectures (pFedLoRA)."""
+        model = build_model(self.config.model, task.num_classes)
         if self.decomposed:
             model = decompose(model, rank_conv=self.config.rank_conv, rank_linear=self.config.rank_linear)
         return model
 
     def schedule(self) -> list[Phase]:
         return [Phase(groups=("shared", "personal"), epochs=self.config.local_epochs)]
+
+    # ------------------------------------------------------------------ exchange and storage
+
+    def initial_download(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What the server sends before any client has replied (built from a seeded model)."""
+        return self.partition.state(model, "shared")
+
+    def load(self, session: ClientSession, received: Mapping[str, torch.Tensor], training: bool) -> None:
+        """Load the server's shared tensors, then this client's personal tensors if it has any yet."""
+        model = session.model
+        load_group(model, received, self.partition.keys(model, "shared"), "shared arrays from the server")
+        personal = session.store.load(session.partition_id, expected=self.partition.state(model, "personal"))
+        if personal is not None:
+            load_group(model, personal, personal.keys(), f"personal state of client {session.partition_id}")
+
+    def save(self, session: ClientSession) -> None:
+        """After training: keep the personal tensors on disk (atomically)."""
+        personal = self.partition.state(session.model, "personal")
+        if personal:
+            session.store.save(session.partition_id, personal)
+
+    def upload(self, session: ClientSession) -> dict[str, torch.Tensor]:
+        """After training: the tensors the reply carries to the server."""
+        return self.partition.state(session.model, "shared")
+
+    # ------------------------------------------------------------------ per-round and per-batch hooks
+
+    def begin_training(self, session: ClientSession) -> None:
+        """Called after :meth:`load`, before the schedule (class counts, a teacher, an anchor)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss of one training mini-batch."""
+        return cross_entropy(model, x, y)
+
+    def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The logits the client classifies with (training loss and evaluation)."""
+        return plain_predict(model, x)

@@ -110,22 +110,23 @@ def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> t
     """
     started = time.monotonic()
     method = METHODS[config.method]
-    num_classes = load_dataset(config.dataset, config.data_dir).num_classes
+    task = load_dataset(config.dataset, config.data_dir).spec
     torch.manual_seed(config.seed)
-    shared = method.client.partition.state(method.client(config).build_model(num_classes), "shared")
+    client = method.client(config)
+    shared = client.initial_download(client.build_model(task, partition_id=0))
     weighted = (config.aggregation if config.aggregation != "auto" else method.strategy.default_aggregation) == "weighted"
     for server_round in range(1, config.num_server_rounds + 1):
         uploads, weights = [], []
         for pid in range(num_clients):
             session = ClientSession.create(config, pid, num_clients, store_root, server_round)
-            session.load(shared)
+            session.load(shared, training=True)
             _, update = session.train()
             uploads.append(update)
             weights.append(float(len(session.split.train)) if weighted else 1.0)
         shared = average_arrays([ArrayRecord(update) for update in uploads], weights).to_torch_state_dict()
         for pid in range(num_clients):
             session = ClientSession.create(config, pid, num_clients, store_root, server_round)
-            session.load(shared)
+            session.load(shared, training=False)
             session.evaluate()
     return time.monotonic() - started, shared
 

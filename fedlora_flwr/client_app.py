@@ -4,9 +4,12 @@ Per message: validate the run config, build the method's model (seeded, so σ an
 ``lora_A`` start identical on every client, METHODS.md A.2), load the received shared tensors and
 this client's personal tensors from the on-disk store, then
 
-- ``train``: run the method's schedule, save the personal tensors, reply with the shared ones;
+- ``train``: run the method's schedule, save the personal tensors, reply with what the method
+  uploads (its shared tensors by default);
 - ``evaluate``: evaluate the model (received σ̄ + own τ_i for FedLoRA) on the client's own test
   split, after aggregation (METHODS.md A.6).
+
+The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent.
 
 Nothing is kept in module globals except per-process caches of immutable data (the dataset
 arrays and the partition indices, in ``fedlora_flwr.data``): Ray reuses one worker process for
@@ -27,7 +30,6 @@ from torch import nn
 from clients.base import MethodClient
 from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import ClientSplit, ImageDataset, PartitionConfig, client_split, client_tensors, load_dataset
-from fedlora_flwr.groups import load_group
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
@@ -52,6 +54,7 @@ class ClientSession:
     config: RunConfig
     method: MethodClient
     partition_id: int
+    num_partitions: int
     dataset: ImageDataset
     split: ClientSplit
     model: nn.Module
@@ -68,7 +71,7 @@ class ClientSession:
         dataset = load_dataset(config.dataset, config.data_dir)
         device = pick_device(config.device)
         torch.manual_seed(config.seed)
-        model = method.build_model(dataset.num_classes).to(device)
+        model = method.build_model(dataset.spec, partition_id).to(device)
         split = client_split(
             config.dataset,
             config.data_dir,
@@ -87,6 +90,7 @@ class ClientSession:
             config=config,
             method=method,
             partition_id=partition_id,
+            num_partitions=num_partitions,
             dataset=dataset,
             split=split,
             model=model,
@@ -113,30 +117,28 @@ class ClientSession:
             store_root=Path(str(state_dir)) / run_dir.name if state_dir else run_dir / CLIENTS_DIR,
             server_round=int(instructions["server-round"]),
         )
-        session.load(message.content[ARRAYS].to_torch_state_dict())
+        session.load(message.content[ARRAYS].to_torch_state_dict(), training=message.metadata.message_type.startswith("train"))
         return session
 
-    def load(self, shared: Mapping[str, torch.Tensor]) -> None:
-        """Load the server's shared tensors, then this client's personal tensors if it has any yet."""
-        partition = self.method.partition
-        load_group(self.model, shared, partition.keys(self.model, "shared"), "shared arrays from the server")
-        personal = self.store.load(self.partition_id, expected=partition.state(self.model, "personal"))
-        if personal is not None:
-            load_group(self.model, personal, personal.keys(), f"personal state of client {self.partition_id}")
+    def load(self, received: Mapping[str, torch.Tensor], training: bool) -> None:
+        """Load what the server sent and this client's personal state (the method's ``load`` hook)."""
+        self.method.load(self, received, training)
 
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = client_tensors(self.dataset, self.split.train if train else self.split.test, train=train)
         return x.to(self.device), y.to(self.device)
 
     def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:
-        """Run the method's schedule, save the personal tensors; return the stats and shared tensors."""
+        """Run the method's schedule, save its personal state; return the stats and the upload."""
         x, y = self.tensors(train=True)
         config = self.config
+        method = self.method
         seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id
+        method.begin_training(self)
         stats = train_schedule(
             self.model,
-            self.method.partition,
-            self.method.schedule(),
+            method.partition,
+            method.schedule(),
             x,
             y,
             batch_size=config.batch_size,
@@ -144,16 +146,14 @@ class ClientSession:
             momentum=config.momentum,
             generator=torch.Generator().manual_seed(seed),
             augment=self.dataset.augmentation(),
+            loss_fn=method.loss,
         )
-        partition = self.method.partition
-        personal = partition.state(self.model, "personal")
-        if personal:
-            self.store.save(self.partition_id, personal)
-        return stats, partition.state(self.model, "shared")
+        method.save(self)
+        return stats, method.upload(self)
 
     def evaluate(self) -> EvalStats:
         x, y = self.tensors(train=False)
-        return evaluate_model(self.model, x, y, batch_size=self.config.batch_size)
+        return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict)
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})

@@ -25,6 +25,14 @@ from fedlora_flwr.models import MODELS
 
 _PATH_KEYS = ("data-dir", "output-dir")
 
+#: Every registered method (``fedlora_flwr.methods.METHODS`` has exactly these keys, a test checks
+#: it). Named here so that the schema does not import the registry, which imports the strategies,
+#: which import this module.
+MethodName = Literal[
+    "fedlora", "fedavg", "local", "fedavg-lora", "local-lora",
+    "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
+]
+
 
 class ConfigError(ValueError):
     """A run-config value is invalid; the message is one line naming the key(s)."""
@@ -40,7 +48,7 @@ class RunConfig(BaseModel):
     # strict: Flower passes typed TOML values; a bool or a string is not silently a number.
     model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, strict=True)
 
-    method: str = Field("fedlora", description="registered method, see fedlora_flwr.methods")
+    method: MethodName = Field("fedlora", description="registered method, see fedlora_flwr.methods")
     dataset: str = "cifar10"
     data_dir: str = "data"
     partition: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
@@ -68,12 +76,30 @@ class RunConfig(BaseModel):
     round_timeout: float = Field(3600.0, gt=0)
     tensorboard: bool = Field(False, description="also write per-round metrics to <run-dir>/tensorboard/")
 
-    @field_validator("method", "dataset", "model")
+    # Per-method hyperparameters (METHODS.md §E); each method reads only its own.
+    fedrep_head_epochs: int = Field(4, ge=0, description="FedRep E_h: head epochs, body frozen (E.4)")
+    fedrep_body_epochs: int = Field(1, ge=0, description="FedRep E_b: body epochs, head frozen (E.4)")
+    fedamp_alpha_k: float = Field(1.0, gt=0, description="FedAMP α_K: attention weight / prox step (E.7)")
+    fedamp_lambda: float = Field(1.0, ge=0, description="FedAMP λ: proximal strength (E.7)")
+    fedamp_sigma: float = Field(1.0, gt=0, description="FedAMP σ: scale of the similarity e^{−d²/σ} (E.7)")
+    pfedsd_lambda: float = Field(0.5, ge=0, description="pFedSD λ: weight of the distillation term (E.8)")
+    pfedsd_temperature: float = Field(3.0, gt=0, description="pFedSD τ: distillation temperature (E.8)")
+    pfedgate_budget: float = Field(1.0, gt=0, le=1, description="pFedGate sparsity budget s (E.9; only 1)")
+    pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="pFedGate gradient-norm clip (E.9)")
+    fedcac_tau: float = Field(0.5, ge=0, le=1, description="FedCAC τ: fraction of critical parameters (E.10)")
+    fedcac_beta: int = Field(100, ge=1, description="FedCAC β: collaboration threshold growth (E.10)")
+
+    @field_validator("pfedgate_budget")
+    @classmethod
+    def _full_budget_only(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError("only budget 1 is implemented (pFedGate's minimal version, METHODS.md E.9)")
+        return value
+
+    @field_validator("dataset", "model")
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
-        from fedlora_flwr.methods import METHODS  # the registry imports strategies and clients
-
-        choices = {"method": METHODS, "dataset": DATASETS, "model": MODELS}[info.field_name]
+        choices = {"dataset": DATASETS, "model": MODELS}[info.field_name]
         if value not in choices:
             raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {sorted(choices)}")
         return value

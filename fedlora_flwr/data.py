@@ -41,6 +41,7 @@ __all__ = [
     "DatasetError",
     "ImageDataset",
     "PartitionConfig",
+    "TaskSpec",
     "batches",
     "client_split",
     "client_tensors",
@@ -79,6 +80,14 @@ class DatasetError(ValueError):
 # --------------------------------------------------------------------------- #
 
 
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a model builder needs to know of the data: class count and one image's (C, H, W)."""
+
+    num_classes: int
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+
+
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
     """A train/test image classification dataset held in memory.
@@ -101,6 +110,11 @@ class ImageDataset:
     std: tuple[float, ...]
     train_augment: str = ""
     test_with_replacement: bool = False
+
+    @property
+    def spec(self) -> TaskSpec:
+        height, width, channels = self.x_train.shape[1:]
+        return TaskSpec(num_classes=self.num_classes, image_shape=(int(channels), int(height), int(width)))
 
     def augmentation(self) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
         """The training augmentation as a batch function for :func:`batches` (None for none)."""

@@ -11,9 +11,9 @@ A method declares its partition with two rules (personal, frozen); everything el
 A rule sees the state-dict key and the module that owns it, so it can select by name (FedPer's
 ``fc.``), by LoRA role (``lora_``) or by module type (FedBN's BatchNorm layers).
 
-A schedule is an ordered list of :class:`Phase`: "train these groups for N epochs with a fresh
-optimizer". FedLoRA = [personal for E_lora, shared for E − E_lora] (paper §3.4, Alg. 1);
-FedAvg = [shared for E]; Local = [personal for E].
+A schedule is an ordered list of :class:`Phase`: "train these groups for N epochs (or N steps)
+with a fresh optimizer". FedLoRA = [personal for E_lora, shared for E − E_lora] (paper §3.4,
+Alg. 1); FedAvg = [shared for E]; Local = [personal for E]; FedRep = [head, then body].
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class ParameterPartition:
     def groups(self, model: nn.Module) -> dict[str, Group]:
         """Map every state-dict key of ``model`` to its group, in state-dict order."""
         owner: dict[str, nn.Module] = {}
-        for module_name, module in model.named_modules():
+        # remove_duplicate=False: a module reachable under two names (tied weights) owns both keys.
+        for module_name, module in model.named_modules(remove_duplicate=False):
             prefix = f"{module_name}." if module_name else ""
             for name, _ in module.named_parameters(recurse=False):
                 owner[prefix + name] = module
@@ -66,6 +67,19 @@ class ParameterPartition:
             else:
                 groups[key] = "shared"
         return groups
+
+    def modules_only_in(self, model: nn.Module, groups: Iterable[Group]) -> list[nn.Module]:
+        """The modules that own tensors directly, all of them in ``groups`` (e.g. frozen BatchNorm)."""
+        wanted = set(groups)
+        membership = self.groups(model)
+        found = []
+        for module_name, module in model.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            own = [prefix + name for name, _ in module.named_parameters(recurse=False)]
+            own += [prefix + name for name, _ in module.named_buffers(recurse=False) if prefix + name in membership]
+            if own and all(membership[key] in wanted for key in own):
+                found.append(module)
+        return found
 
     def keys(self, model: nn.Module, group: Group) -> list[str]:
         return [key for key, owner in self.groups(model).items() if owner == group]
@@ -83,15 +97,53 @@ class ParameterPartition:
 
 
 @dataclass(frozen=True)
+class OptimizerSpec:
+    """A phase's optimizer, built fresh for every phase of every round (FedDecomp, METHODS.md A.4).
+
+    ``lr``/``momentum`` left at None take the run's ``lr``/``momentum``.
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float = 0.0
+
+    def build(self, params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
+        lr = self.lr if self.lr is not None else lr
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
+        momentum = self.momentum if self.momentum is not None else momentum
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True)
 class Phase:
-    """Train the parameters of ``groups`` for ``epochs`` epochs with a fresh SGD optimizer.
+    """Train the parameters of ``groups`` for ``epochs`` epochs or ``steps`` mini-batches with a
+    fresh optimizer (``optimizer``; the run's SGD by default).
 
     All other parameters get ``requires_grad=False`` and are not in the optimizer. The model is
-    in train mode, so BatchNorm running statistics move in every phase (as in FedDecomp).
+    in train mode, so BatchNorm running statistics move in every phase (as in FedDecomp), except
+    in the modules whose tensors all belong to ``eval_groups``: those run in eval mode (a frozen
+    backbone's BatchNorm does not drift; pFedGate trains its gate with the base in eval mode).
+    ``max_grad_norm`` clips the gradient norm of the trained parameters before every step.
     """
 
     groups: tuple[Group, ...]
-    epochs: int
+    epochs: int | None = None
+    steps: int | None = None
+    optimizer: OptimizerSpec = OptimizerSpec()
+    max_grad_norm: float | None = None
+    eval_groups: tuple[Group, ...] = ("frozen",)
+
+    def __post_init__(self) -> None:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"a phase counts epochs or steps, exactly one of them (got epochs={self.epochs}, steps={self.steps})")
+        if (self.epochs or 0) < 0 or (self.steps or 0) < 0:
+            raise ValueError(f"a phase cannot run a negative number of epochs/steps ({self.epochs}, {self.steps})")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.epochs or self.steps)
 
 
 def load_group(model: nn.Module, tensors: Mapping[str, torch.Tensor], expected: Iterable[str], what: str) -> None:

@@ -1,15 +1,30 @@
-"""The registry of methods: a name, its client declaration and its server strategy."""
+"""The registry of methods: a name, its client declaration and its server strategy.
+
+Methods whose server is FedAvg's sample-weighted mean of what clients upload (FedPer, FedRep,
+FedBN, FedRoD, pFedSD, pFedGate: METHODS.md E.3–E.6, E.8, E.9) reuse :class:`FedAvgStrategy`;
+their clients decide what is uploaded. The names are ``fedlora_flwr.config.MethodName``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from clients.base import MethodClient
+from clients.fedamp import FedAMPClient
 from clients.fedavg import FedAvgClient, FedAvgLoRAClient
+from clients.fedbn import FedBNClient
+from clients.fedcac import FedCACClient
 from clients.fedlora import FedLoRAClient
+from clients.fedper import FedPerClient
+from clients.fedrep import FedRepClient
+from clients.fedrod import FedRoDClient
 from clients.local import LocalClient, LocalLoRAClient
+from clients.pfedgate import PFedGateClient
+from clients.pfedsd import PFedSDClient
 from strategies.base import PersonalizedStrategy
+from strategies.fedamp import FedAMPStrategy
 from strategies.fedavg import FedAvgStrategy
+from strategies.fedcac import FedCACStrategy
 from strategies.fedlora import FedLoRAStrategy
 from strategies.local import LocalStrategy
 
@@ -27,4 +42,13 @@ METHODS: dict[str, Method] = {
     # FedLoRA paper Table 4 controls: the decomposed model without FedLoRA's partition/schedule.
     "fedavg-lora": Method(FedAvgLoRAClient, FedAvgStrategy),
     "local-lora": Method(LocalLoRAClient, LocalStrategy),
+    # The PFL baselines of FedLoRA's Table 1 (METHODS.md §E).
+    "fedper": Method(FedPerClient, FedAvgStrategy),
+    "fedrep": Method(FedRepClient, FedAvgStrategy),
+    "fedbn": Method(FedBNClient, FedAvgStrategy),
+    "fedrod": Method(FedRoDClient, FedAvgStrategy),
+    "fedamp": Method(FedAMPClient, FedAMPStrategy),
+    "pfedsd": Method(PFedSDClient, FedAvgStrategy),
+    "pfedgate": Method(PFedGateClient, FedAvgStrategy),
+    "fedcac": Method(FedCACClient, FedCACStrategy),
 }

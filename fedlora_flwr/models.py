@@ -1,7 +1,8 @@
 """Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (METHODS.md A.3), and a small CNN.
 
 All models take NCHW float input of shape (N, 3, 32, 32); the ResNets and the CNN also accept
-64×64 (Tiny ImageNet, fed unresized). Decompose them with :func:`fedlora_flwr.lora.decompose`.
+64×64 (Tiny ImageNet, fed unresized). Each has a classifier ``fc`` (the "head" of FedPer, FedRep
+and FedRoD) on top of ``features(x)`` (the "body"). Decompose them with :func:`fedlora_flwr.lora.decompose`.
 """
 
 from __future__ import annotations
@@ -73,10 +74,14 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(in_planes, num_classes)
         _init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation ``fc`` classifies (the body's output, METHODS.md E.3–E.6)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 def resnet8(num_classes: int) -> ResNet:
@@ -114,13 +119,17 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(128, num_classes)
         _init_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation ``fc`` classifies (the body's output, METHODS.md E.3–E.6)."""
         # channels_last: ~2x faster on CPU (max-pool NCHW is slow); the math is unchanged.
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.pool(self.relu(self.bn1(self.conv1(x))))
         x = self.pool(self.relu(self.bn2(self.conv2(x))))
         x = self.relu(self.bn3(self.conv3(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 def small_cnn(num_classes: int) -> SmallCNN:

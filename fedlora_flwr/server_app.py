@@ -29,7 +29,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         config = load_config(context.run_config)
-        num_classes = load_dataset(config.dataset, config.data_dir).num_classes
+        task = load_dataset(config.dataset, config.data_dir).spec
         run_dir = create_run_dir(config)
     except (ConfigError, DatasetError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
@@ -39,8 +39,8 @@ def main(grid: Grid, context: Context) -> None:
     random.seed(config.seed)  # Flower's node sampling draws from the global `random`
     method = METHODS[config.method]
     torch.manual_seed(config.seed)
-    model = method.client(config).build_model(num_classes)
-    initial = ArrayRecord(method.client.partition.state(model, "shared"))
+    client = method.client(config)
+    initial = ArrayRecord(client.initial_download(client.build_model(task, partition_id=0)))
 
     recorder = RunRecorder(run_dir, config)
     strategy = method.strategy(config, recorder)
@@ -53,5 +53,5 @@ def main(grid: Grid, context: Context) -> None:
         train_config=instructions,
         evaluate_config=ConfigRecord(dict(instructions)),
     )
-    final = result.arrays if len(result.arrays) else initial  # no round aggregated: σ̄ is still σ⁰
+    final = result.arrays if strategy.aggregated_rounds else initial  # no round aggregated: σ̄ is still σ⁰
     recorder.finish(shared=final.to_torch_state_dict())

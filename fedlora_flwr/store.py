@@ -2,8 +2,11 @@
 
 Flower re-creates the ClientApp for every message and ``context.state`` lives in memory only, so
 each client's personal tensors (FedLoRA's τ_i, a Local client's whole model, ...) live in one
-safetensors file per partition id: ``<root>/<partition-id>/personal.safetensors``. Only the
-client being served is ever loaded, so memory does not grow with the number of clients.
+safetensors file per partition id and *slot*: ``<root>/<partition-id>/<slot>.safetensors``. The
+slot ``personal`` holds the personal group of the method's partition; a method may keep more in
+named slots (pFedSD's ``teacher``). The server keeps its per-client state (FedAMP's w_i, FedCAC's
+customized models) in the same kind of store under the run folder. Only the client being served
+is ever loaded, so memory does not grow with the number of clients.
 
 Writes are atomic: a temporary file in the same folder is written, fsynced and renamed over the
 old one, then the folder is fsynced, so a crash leaves either the old or the new state, never a
@@ -21,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-FILENAME = "personal.safetensors"
+PERSONAL = "personal"
 
 
 class StateError(RuntimeError):
@@ -35,35 +38,51 @@ class PersonalStateStore:
         self.root = Path(root)
         self.method = method
 
-    def path(self, partition_id: int) -> Path:
-        return self.root / str(int(partition_id)) / FILENAME
+    def path(self, partition_id: int, slot: str = PERSONAL) -> Path:
+        return self.root / str(int(partition_id)) / f"{slot}.safetensors"
 
-    def exists(self, partition_id: int) -> bool:
-        return self.path(partition_id).is_file()
+    def exists(self, partition_id: int, slot: str = PERSONAL) -> bool:
+        return self.path(partition_id, slot).is_file()
 
-    def save(self, partition_id: int, tensors: Mapping[str, torch.Tensor]) -> Path:
-        """Atomically replace the client's state with ``tensors`` (copied to CPU)."""
-        path = self.path(partition_id)
+    def stored_ids(self, slot: str = PERSONAL) -> list[int]:
+        """The partition ids that have a file in ``slot``, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(d.name) for d in self.root.iterdir() if d.name.isdigit() and (d / f"{slot}.safetensors").is_file())
+
+    def save(self, partition_id: int, tensors: Mapping[str, torch.Tensor], slot: str = PERSONAL) -> Path:
+        """Atomically replace the client's ``slot`` with ``tensors`` (copied to CPU)."""
+        path = self.path(partition_id, slot)
         write_safetensors_atomic(path, tensors, {"method": self.method, "partition-id": str(int(partition_id))})
         return path
 
-    def load(self, partition_id: int, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-        """The stored tensors, or None if this client has none yet.
+    def load(
+        self, partition_id: int, expected: Mapping[str, torch.Tensor], slot: str = PERSONAL, keys: list[str] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The stored tensors of ``slot``, or None if this client has none yet.
 
         ``expected`` (e.g. the freshly built model's personal tensors) fixes the key set, shapes
-        and dtypes the file must have; any difference raises :class:`StateError`.
+        and dtypes the file must have; any difference raises :class:`StateError`. ``keys`` reads
+        only those tensors (checked against ``expected`` all the same).
         """
-        path = self.path(partition_id)
+        path = self.path(partition_id, slot)
         if not path.is_file():
             return None
         try:
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+                stored_keys = set(handle.keys())
+                tensors = {key: handle.get_tensor(key) for key in (stored_keys if keys is None else keys) if key in stored_keys}
         except (SafetensorError, OSError, ValueError) as err:
             raise StateError(f"personal state {path} is corrupt: {err}") from None
         if metadata.get("method") != self.method:
             raise StateError(f"personal state {path} belongs to method {metadata.get('method')!r}, not {self.method!r}")
+        if stored_keys != set(expected):
+            missing = sorted(set(expected) - stored_keys)
+            extra = sorted(stored_keys - set(expected))
+            raise StateError(f"personal state {path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        if keys is not None:
+            expected = {key: expected[key] for key in keys}
         if set(tensors) != set(expected):
             missing = sorted(set(expected) - set(tensors))
             extra = sorted(set(tensors) - set(expected))

@@ -1,14 +1,17 @@
 """The one local training loop: run a method's schedule of phases over a client's data.
 
 Each phase trains only the parameters of its groups (``requires_grad`` *and* optimizer
-membership, METHODS.md A.9) with a fresh SGD optimizer, so momentum restarts every phase and
-every round as in FedDecomp (METHODS.md A.4). Methods change *what* is trained and in which
-order by declaring phases; they do not write loops.
+membership, METHODS.md A.9) with a fresh optimizer, so momentum restarts every phase and every
+round as in FedDecomp (METHODS.md A.4). Methods change *what* is trained and in which order by
+declaring phases, and *what is minimised or predicted* through two per-batch hooks (``loss``,
+``predict``: FedRoD's balanced softmax, pFedSD's distillation, FedAMP's proximal term); they
+do not write loops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +21,18 @@ from torch import nn
 from fedlora_flwr.data import batches
 from fedlora_flwr.groups import ParameterPartition, Phase
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``loss(model, x, y)``: the training loss of one mini-batch."""
+PredictHook = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""``predict(model, x)``: the logits a method classifies with."""
+
+
+def plain_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,14 @@ class EvalStats:
         return self.correct / self.total if self.total else 0.0
 
 
+def _phase_batches(phase: Phase, epoch_batches: Callable[[], Iterator]) -> Iterator:
+    """The phase's mini-batches: ``epochs`` full passes, or the first ``steps`` batches of
+    as many passes as that takes."""
+    if phase.epochs is not None:
+        return itertools.chain.from_iterable(epoch_batches() for _ in range(phase.epochs))
+    return itertools.islice(itertools.chain.from_iterable(epoch_batches() for _ in itertools.count()), phase.steps)
+
+
 def train_schedule(
     model: nn.Module,
     partition: ParameterPartition,
@@ -51,13 +73,16 @@ def train_schedule(
     momentum: float,
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
-    loss_fn: LossFn = F.cross_entropy,
+    loss_fn: LossHook = cross_entropy,
 ) -> TrainStats:
     """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device."""
-    model.train()
     membership = partition.groups(model)
     trainable_before = {key: param.requires_grad for key, param in model.named_parameters()}
     loss_total, samples, steps = 0.0, 0, 0
+
+    def epoch_batches() -> Iterator:
+        return batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment)
+
     try:
         for phase in schedule:
             params = []
@@ -66,32 +91,39 @@ def train_schedule(
                 param.requires_grad_(trainable)
                 if trainable:
                     params.append(param)
-            if phase.epochs == 0 or not params:
+            if phase.empty or not params:
                 continue
-            optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum)
-            for _ in range(phase.epochs):
-                for xb, yb in batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment):
-                    optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(xb), yb)
-                    loss.backward()
-                    optimizer.step()
-                    loss_total += loss.item()
-                    samples += len(yb)
-                    steps += 1
+            model.train()
+            for module in partition.modules_only_in(model, phase.eval_groups):
+                module.eval()
+            optimizer = phase.optimizer.build(params, lr=lr, momentum=momentum)
+            for xb, yb in _phase_batches(phase, epoch_batches):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model, xb, yb)
+                loss.backward()
+                if phase.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
+                optimizer.step()
+                loss_total += loss.item()
+                samples += len(yb)
+                steps += 1
     finally:
         for key, param in model.named_parameters():
             param.requires_grad_(trainable_before[key])
+        model.train()
     return TrainStats(loss=loss_total / steps if steps else float("nan"), samples=samples, steps=steps)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalStats:
-    """Accuracy and mean loss of ``model`` in eval mode (BN uses its running statistics)."""
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, predict: PredictHook = plain_predict
+) -> EvalStats:
+    """Accuracy and mean loss of ``predict(model, x)`` in eval mode (BN uses its running statistics)."""
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits = model(xb)
+        logits = predict(model, xb)
         loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
         correct += int((logits.argmax(dim=1) == yb).sum())
     total = len(y)

@@ -11,6 +11,18 @@ message construction, reply validation) with three changes:
   holding the previous σ̄, as FedDecomp's code does (METHODS.md A.5);
 - every round, after aggregation, every client evaluates (fraction_evaluate = 1, METHODS.md A.6)
   and the round is written to ``metrics.jsonl``.
+
+A method's strategy overrides hooks, never the round logic:
+
+- :meth:`PersonalizedStrategy.aggregate`: how the uploads become the next shared arrays (pFedGate
+  and FedCAC extend it; FedAMP keeps the uploads per client instead);
+- :meth:`PersonalizedStrategy.client_arrays` with ``per_client_messages = True``: a different
+  message per client (FedAMP's u_i, FedCAC's customized model), each in a fresh record;
+- :attr:`PersonalizedStrategy.server_store`: per-client state on disk under
+  ``<run-dir>/server/<partition-id>/``, keyed by partition id, never all clients in RAM.
+
+Partition ids are learned from the replies (every reply names its client), so a node whose
+partition id is not known yet (round 1) gets the common message.
 """
 
 from __future__ import annotations
@@ -20,13 +32,14 @@ from logging import INFO
 from typing import ClassVar
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedlora_flwr.config import RunConfig
 from fedlora_flwr.results import RunRecorder
+from fedlora_flwr.store import PersonalStateStore
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -65,10 +78,15 @@ def mean_distance(records: list[ArrayRecord], center: ArrayRecord) -> float:
     return float(np.mean(distances))
 
 
+SERVER_DIR = "server"
+
+
 class PersonalizedStrategy(FedAvg):
     """Shared-keys aggregation + per-round evaluation of every client + run recording."""
 
     default_aggregation: ClassVar[str] = "weighted"
+    #: Build one message per client with :meth:`client_arrays` instead of one common message.
+    per_client_messages: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig, recorder: RunRecorder) -> None:
         super().__init__(
@@ -88,6 +106,48 @@ class PersonalizedStrategy(FedAvg):
         self._sent_train: set[int] = set()
         self._failed_train: set[int] = set()
         self._sent_evaluate: set[int] = set()
+        self.partition_ids: dict[int, int] = {}  # node id -> partition id, learned from replies
+        self.server_store = PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method)
+        self.aggregated_rounds = 0
+
+    # ------------------------------------------------------------------ hooks for methods
+
+    def client_arrays(
+        self, partition_ids: list[int | None], arrays: ArrayRecord, server_round: int, training: bool
+    ) -> list[ArrayRecord]:
+        """One ArrayRecord per client of this batch of messages (only with ``per_client_messages``);
+        a partition id is None for a node that has not replied yet. ``arrays`` is the common
+        message (the initial or the last aggregated arrays)."""
+        return [arrays for _ in partition_ids]
+
+    def aggregate(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
+        """The next shared arrays from the valid replies (sorted by partition id) and their weights."""
+        aggregated = average_arrays([message.content[ARRAYS] for message in replies], weights)
+        if self.config.partial_average == "all-clients" and self._previous is not None:
+            absent = max(self._num_nodes - len(replies), 0)
+            aggregated = average_arrays([aggregated, self._previous], [len(replies), absent]) if absent else aggregated
+        return aggregated
+
+    # ------------------------------------------------------------------ round logic
+
+    def _personalize(self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool) -> list[Message]:
+        """One fresh record per node (Flower's FedAvg shares one record between all messages)."""
+        if not self.per_client_messages:
+            return messages
+        partition_ids = [self.partition_ids.get(message.metadata.dst_node_id) for message in messages]
+        records = self.client_arrays(partition_ids, arrays, server_round, training)
+        return [
+            Message(
+                content=RecordDict({ARRAYS: record, self.configrecord_key: ConfigRecord(dict(config))}),
+                message_type=message.metadata.message_type,
+                dst_node_id=message.metadata.dst_node_id,
+            )
+            for message, record in zip(messages, records, strict=True)
+        ]
+
+    def _learn_partition_ids(self, replies: list[Message]) -> None:
+        for message in replies:
+            self.partition_ids[message.metadata.src_node_id] = int(message.content[METRICS]["partition-id"])
 
     def summary(self) -> None:
         super().summary()  # its "Weighted by" line is Flower's metric-averaging key
@@ -95,13 +155,14 @@ class PersonalizedStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._personalize(messages, arrays, config, server_round, training=True)
         self._previous = arrays
         self._num_nodes = len(list(grid.get_node_ids()))
         self._sent_train = {message.metadata.dst_node_id for message in messages}
         self._round = {
             "round": server_round,
             "num_nodes": self._num_nodes,
-            "bytes_down_train": arrays.count_bytes() * len(messages),
+            "bytes_down_train": sum(message.content[ARRAYS].count_bytes() for message in messages),
         }
         return messages
 
@@ -109,6 +170,7 @@ class PersonalizedStrategy(FedAvg):
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True)
         valid.sort(key=lambda message: int(message.content[METRICS]["partition-id"]))
+        self._learn_partition_ids(valid)
         self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         self._round.update(
             num_participants=len(valid),
@@ -122,23 +184,23 @@ class PersonalizedStrategy(FedAvg):
             weights = [1.0] * len(valid)
         else:
             weights = [float(m["num-examples"]) for m in metrics]
-        aggregated = average_arrays(records, weights)
-        if self.config.partial_average == "all-clients" and self._previous is not None:
-            absent = max(self._num_nodes - len(valid), 0)
-            aggregated = average_arrays([aggregated, self._previous], [len(valid), absent]) if absent else aggregated
+        aggregated = self.aggregate(server_round, valid, weights)
+        self.aggregated_rounds += 1
         train_loss = float(np.mean([float(m["train-loss"]) for m in metrics]))
         self._round.update(train_loss=train_loss, shared_distance=mean_distance(records, aggregated))
         return aggregated, MetricRecord({"train-loss": train_loss})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._personalize(messages, arrays, config, server_round, training=False)
         self._sent_evaluate = {message.metadata.dst_node_id for message in messages}
-        self._round["bytes_down_evaluate"] = arrays.count_bytes() * len(messages)
+        self._round["bytes_down_evaluate"] = sum(message.content[ARRAYS].count_bytes() for message in messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=False)
+        self._learn_partition_ids(valid)
         per_client = {
             int(message.content[METRICS]["partition-id"]): (
                 float(message.content[METRICS]["accuracy"]),

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from clients.fedlora import FedLoRAClient
 from fedlora_flwr import client_app, server_app
 from fedlora_flwr.config import load_config
+from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.models import build_model
 from strategies.base import ARRAYS, METRICS, average_arrays
 
@@ -208,7 +209,7 @@ def test_summary_json_contract(fedlora_run):
 
 def test_personal_state_is_tau_only_and_differs_between_clients(fedlora_run):
     run_dir, _, config = fedlora_run
-    model = FedLoRAClient(load_config(config)).build_model(10)
+    model = FedLoRAClient(load_config(config)).build_model(TaskSpec(10), 0)
     tau_keys = set(FedLoRAClient.partition.keys(model, "personal"))
     taus = []
     for pid in range(NUM_CLIENTS):
@@ -340,7 +341,7 @@ def test_fedavg_keeps_no_personal_state_and_weights_by_samples(tmp_path):
 def test_fedavg_lora_averages_sigma_and_tau(tmp_path):
     """Table 4's "FedAvg w/ LoRA": σ and the LoRA factors are uploaded and sample-weighted averaged."""
     run_dir, grid, config = _run(tmp_path, "fedavg-lora", method="fedavg-lora")
-    decomposed = list(FedLoRAClient(load_config(config)).build_model(10).state_dict())
+    decomposed = list(FedLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
     train, evaluate = _train_type(grid), _eval_type(grid)
     for server_round in range(1, ROUNDS + 1):
         uploads = grid.replies[(server_round, train)]
@@ -356,7 +357,7 @@ def test_local_lora_keeps_the_decomposed_model(tmp_path):
     """Table 4's "Local w/ LoRA": nothing sent; each client keeps σ and τ of its decomposed model."""
     run_dir, _, config = _run(tmp_path, "local-lora", method="local-lora")
     assert all(m["bytes_up"] == 0 for m in _metrics(run_dir))
-    decomposed = set(FedLoRAClient(load_config(config)).build_model(10).state_dict())
+    decomposed = set(FedLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
     states = [_state(run_dir / "clients" / str(pid) / "personal.safetensors") for pid in range(NUM_CLIENTS)]
     for tensors, metadata in states:
         assert set(tensors) == decomposed and metadata.get("method") == "local-lora"

@@ -11,10 +11,11 @@ from clients.fedavg import FedAvgClient, FedAvgLoRAClient
 from clients.fedlora import FedLoRAClient
 from clients.local import LocalClient, LocalLoRAClient
 from fedlora_flwr.config import load_config
+from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import is_lora_key
 from fedlora_flwr.models import build_model
-from fedlora_flwr.training import train_schedule
+from fedlora_flwr.training import cross_entropy, train_schedule
 
 NUM_CLASSES = 10
 
@@ -36,7 +37,7 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 
 
-def _train(model, partition, schedule, seed=7, loss_fn=F.cross_entropy, **kwargs):
+def _train(model, partition, schedule, seed=7, loss_fn=cross_entropy, **kwargs):
     x, y = _data()
     options = {"batch_size": 8, "lr": 0.1, "momentum": 0.9, **kwargs}
     return train_schedule(model, partition, schedule, x, y, generator=torch.Generator().manual_seed(seed),
@@ -50,7 +51,7 @@ def _train(model, partition, schedule, seed=7, loss_fn=F.cross_entropy, **kwargs
 def test_fedlora_partition_tau_is_exactly_the_lora_keys(tmp_path, model_name):
     config = _config(tmp_path, model=model_name)
     torch.manual_seed(0)
-    model = FedLoRAClient(config).build_model(NUM_CLASSES)
+    model = FedLoRAClient(config).build_model(TaskSpec(NUM_CLASSES), 0)
     plain = build_model(model_name, NUM_CLASSES)
     groups = FedLoRAClient.partition.groups(model)
 
@@ -69,7 +70,7 @@ def test_fedlora_partition_tau_is_exactly_the_lora_keys(tmp_path, model_name):
 
 
 def test_partition_state_and_parameters_follow_the_groups(tmp_path):
-    model = FedLoRAClient(_config(tmp_path)).build_model(NUM_CLASSES)
+    model = FedLoRAClient(_config(tmp_path)).build_model(TaskSpec(NUM_CLASSES), 0)
     partition = FedLoRAClient.partition
     state = partition.state(model, "personal")
     assert list(state) == partition.keys(model, "personal")
@@ -85,7 +86,7 @@ def test_partition_state_and_parameters_follow_the_groups(tmp_path):
 def test_local_is_all_personal_and_fedavg_all_shared(tmp_path, model_name):
     config = _config(tmp_path, model=model_name)
     for client, group in ((LocalClient, "personal"), (FedAvgClient, "shared")):
-        model = client(config).build_model(NUM_CLASSES)
+        model = client(config).build_model(TaskSpec(NUM_CLASSES), 0)
         assert not any(is_lora_key(key) for key in model.state_dict()), "baselines use the plain model"
         assert set(client.partition.groups(model).values()) == {group}
         assert client.partition.keys(model, group) == list(model.state_dict())
@@ -96,10 +97,10 @@ def test_table4_controls_decompose_like_fedlora_but_share_or_keep_everything(tmp
     """FedLoRA paper Table 4 (METHODS.md A.9): "FedAvg w/ LoRA" and "Local w/ LoRA" use FedLoRA's
     decomposed model, trained jointly for E epochs; FedAvg shares both σ and τ, Local keeps both."""
     config = _config(tmp_path, model=model_name, **{"local-epochs": 3})
-    fedlora_keys = list(FedLoRAClient(config).build_model(NUM_CLASSES).state_dict())
+    fedlora_keys = list(FedLoRAClient(config).build_model(TaskSpec(NUM_CLASSES), 0).state_dict())
     assert any(is_lora_key(key) for key in fedlora_keys)
     for client, group in ((LocalLoRAClient, "personal"), (FedAvgLoRAClient, "shared")):
-        model = client(config).build_model(NUM_CLASSES)
+        model = client(config).build_model(TaskSpec(NUM_CLASSES), 0)
         assert list(model.state_dict()) == fedlora_keys
         assert client.partition.keys(model, group) == fedlora_keys
         assert client(config).schedule() == [Phase(("shared", "personal"), 3)]
@@ -129,7 +130,7 @@ def test_full_fedlora_schedule_runs_e_epochs_in_total(tmp_path):
     config = _config(tmp_path, **{"local-epochs": 2, "lora-epochs": 1})
     client = FedLoRAClient(config)
     torch.manual_seed(0)
-    model = client.build_model(NUM_CLASSES)
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     stats = _train(model, client.partition, client.schedule())
     n = len(_data()[1])
     assert stats.samples == 2 * n  # E_lora + (E − E_lora) = E epochs, not E_lora + E
@@ -147,15 +148,15 @@ class _GradProbe:
         self.model = model
         self.calls: list[set[str]] = []
 
-    def __call__(self, logits, target):
+    def __call__(self, model, x, target):
         self.calls.append({key for key, p in self.model.named_parameters() if p.requires_grad})
-        return F.cross_entropy(logits, target)
+        return F.cross_entropy(model(x), target)
 
 
 def test_tau_phase_changes_no_sigma_parameter(tmp_path):
     client = FedLoRAClient(_config(tmp_path))
     torch.manual_seed(0)
-    model = client.build_model(NUM_CLASSES)
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     partition = client.partition
     before = _snapshot(model)
     probe = _GradProbe(model)
@@ -180,7 +181,7 @@ def test_tau_phase_changes_no_sigma_parameter(tmp_path):
 def test_sigma_phase_changes_no_lora_tensor(tmp_path):
     client = FedLoRAClient(_config(tmp_path))
     torch.manual_seed(0)
-    model = client.build_model(NUM_CLASSES)
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     with torch.no_grad():  # τ ≠ 0 so that a wrongly trained τ would receive gradient
         for key, p in model.named_parameters():
             if key.endswith("lora_B"):
@@ -202,9 +203,9 @@ def test_lora_epochs_zero_is_exactly_fedavg(tmp_path):
     """METHODS.md A.4/A.10: E_lora = 0 ⇒ the σ trajectory is plain FedAvg training of the undecomposed model."""
     config = _config(tmp_path, **{"local-epochs": 2, "lora-epochs": 0})
     torch.manual_seed(3)
-    decomposed = FedLoRAClient(config).build_model(NUM_CLASSES)
+    decomposed = FedLoRAClient(config).build_model(TaskSpec(NUM_CLASSES), 0)
     torch.manual_seed(3)
-    plain = FedAvgClient(config).build_model(NUM_CLASSES)
+    plain = FedAvgClient(config).build_model(TaskSpec(NUM_CLASSES), 0)
     shared = FedLoRAClient.partition.keys(decomposed, "shared")
     assert all(torch.equal(decomposed.state_dict()[k], plain.state_dict()[k]) for k in shared), "same σ init"
     tau_before = FedLoRAClient.partition.state(decomposed, "personal")
@@ -227,19 +228,19 @@ def test_lora_epochs_zero_is_exactly_fedavg(tmp_path):
 
 def _fresh_plain(config):
     torch.manual_seed(3)
-    return FedAvgClient(config).build_model(NUM_CLASSES).state_dict()
+    return FedAvgClient(config).build_model(TaskSpec(NUM_CLASSES), 0).state_dict()
 
 
 def test_requires_grad_is_restored_after_training(tmp_path):
     client = FedLoRAClient(_config(tmp_path))
-    model = client.build_model(NUM_CLASSES)
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     _train(model, client.partition, client.schedule())
     assert all(p.requires_grad for p in model.parameters())
 
 
 def test_phase_with_no_parameters_or_zero_epochs_is_skipped(tmp_path):
     client = FedLoRAClient(_config(tmp_path))
-    model = client.build_model(NUM_CLASSES)
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     before = _snapshot(model)
     stats = _train(model, client.partition, [Phase(("frozen",), 2), Phase(("shared", "personal"), 0)])
     assert stats.steps == 0 and stats.samples == 0
@@ -251,9 +252,9 @@ def test_fresh_optimizer_every_phase(tmp_path):
     """Two phases of one epoch equal two separate calls of one phase each (momentum restarts)."""
     config = _config(tmp_path)
     torch.manual_seed(0)
-    a = FedAvgClient(config).build_model(NUM_CLASSES)
+    a = FedAvgClient(config).build_model(TaskSpec(NUM_CLASSES), 0)
     torch.manual_seed(0)
-    b = FedAvgClient(config).build_model(NUM_CLASSES)
+    b = FedAvgClient(config).build_model(TaskSpec(NUM_CLASSES), 0)
     phase = Phase(("shared",), 1)
     x, y = _data()
     g1 = torch.Generator().manual_seed(5)
@@ -269,7 +270,7 @@ def test_fresh_optimizer_every_phase(tmp_path):
 
 
 def test_load_group_copies_exactly_the_expected_keys(tmp_path):
-    model = FedLoRAClient(_config(tmp_path)).build_model(NUM_CLASSES)
+    model = FedLoRAClient(_config(tmp_path)).build_model(TaskSpec(NUM_CLASSES), 0)
     partition = FedLoRAClient.partition
     shared = partition.keys(model, "shared")
     tensors = {key: torch.full_like(model.state_dict()[key], 3) for key in shared}
@@ -282,7 +283,7 @@ def test_load_group_copies_exactly_the_expected_keys(tmp_path):
 
 
 def test_load_group_rejects_missing_and_unexpected_keys(tmp_path):
-    model = FedLoRAClient(_config(tmp_path)).build_model(NUM_CLASSES)
+    model = FedLoRAClient(_config(tmp_path)).build_model(TaskSpec(NUM_CLASSES), 0)
     shared = FedLoRAClient.partition.keys(model, "shared")
     full = {key: model.state_dict()[key].clone() for key in shared}
 
@@ -296,7 +297,7 @@ def test_load_group_rejects_missing_and_unexpected_keys(tmp_path):
 
 
 def test_load_group_rejects_wrong_shapes_and_changes_nothing(tmp_path):
-    model = FedLoRAClient(_config(tmp_path)).build_model(NUM_CLASSES)
+    model = FedLoRAClient(_config(tmp_path)).build_model(TaskSpec(NUM_CLASSES), 0)
     shared = FedLoRAClient.partition.keys(model, "shared")
     before = _snapshot(model)
     tensors = {key: torch.ones_like(model.state_dict()[key]) for key in shared}

@@ -168,8 +168,8 @@ def test_small_cnn_stays_stable_with_the_papers_sgd_on_a_skewed_client(real_npz,
     x, y = session.tensors(train=True)
     losses = []
 
-    def recording_loss(logits, labels):
-        loss = F.cross_entropy(logits, labels)
+    def recording_loss(model, x, labels):
+        loss = F.cross_entropy(model(x), labels)
         losses.append(loss.item())
         return loss
 

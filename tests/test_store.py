@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora_flwr.store import FILENAME, PersonalStateStore, StateError
+from fedlora_flwr.store import PersonalStateStore, StateError
+
+FILENAME = "personal.safetensors"
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

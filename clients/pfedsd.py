@@ -1,0 +1,63 @@
+"""pFedSD client (Jin et al., 2022; METHODS.md E.8): FedAvg plus self-distillation from the
+client's own previous personalized model.
+
+Everything is shared and sample-weighted averaged. The model after local training is kept in
+the store's ``teacher`` slot. Next round, training starts from the global model and minimises
+CE + λ·T²·KL(softmax(t/T) ‖ softmax(s/T)) with the teacher's logits t (eval mode, no gradient,
+unchanged) and the student's s; a client's first round has no teacher and no KD term. Evaluation
+uses the personalized model right after local training, before aggregation (Fling's
+``test_place``), i.e. the teacher; a client that has never trained evaluates the global model.
+Defaults λ = 0.5, T = 3 (Fling); lr/momentum are the common protocol's (METHODS.md E).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clients.base import MethodClient
+from fedlora_flwr.groups import load_group
+
+TEACHER = "teacher"
+
+
+class PFedSDClient(MethodClient):
+    teacher: nn.Module | None = None
+
+    def _stored_teacher(self, session) -> dict[str, torch.Tensor] | None:
+        return session.store.load(session.partition_id, expected=session.model.state_dict(), slot=TEACHER)
+
+    def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
+        super().load(session, received, training)
+        if not training:
+            stored = self._stored_teacher(session)
+            if stored is not None:
+                load_group(session.model, stored, stored.keys(), f"teacher of client {session.partition_id}")
+
+    def begin_training(self, session) -> None:
+        stored = self._stored_teacher(session)
+        if stored is None:
+            self.teacher = None
+            return
+        teacher = copy.deepcopy(session.model)
+        load_group(teacher, stored, stored.keys(), f"teacher of client {session.partition_id}")
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if self.teacher is None:
+            return loss
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        temperature = self.config.pfedsd_temperature
+        kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
+                      reduction="batchmean")
+        return loss + self.config.pfedsd_lambda * temperature**2 * kd
+
+    def save(self, session) -> None:
+        session.store.save(session.partition_id, session.model.state_dict(), slot=TEACHER)
