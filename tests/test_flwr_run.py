@@ -15,9 +15,9 @@ from fedlora_flwr.lora import is_lora_key
 pytestmark = pytest.mark.e2e
 
 
-def _check_contract(run_dir: Path, num_clients: int, rounds: int) -> list[dict]:
+def _check_contract(run_dir: Path, num_clients: int, rounds: int, method: str = "fedlora") -> list[dict]:
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["method"] == "fedlora" and config["num-server-rounds"] == rounds
+    assert config["method"] == method and config["num-server-rounds"] == rounds
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     for m in metrics:
@@ -75,6 +75,26 @@ def test_fedlora_simulation_real_cifar10(superlink, tmp_path, real_npz):
     assert json.loads((run_dir / "config.json").read_text())["data-dir"] == str(real_npz.resolve())
     assert all(m["train_loss"] > 0 for m in metrics)
     _taus(run_dir, 3)
+
+
+@pytest.mark.parametrize(("method", "slot"), [("fedamp", "model"), ("fedcac", "customized")])
+def test_per_client_messages_through_ray(superlink, tmp_path, method, slot):
+    """FedAMP's u_i and FedCAC's customized models need the node → partition id map learned from
+    real replies (random node ids): the server keeps one file per partition id."""
+    out = tmp_path / "outputs"
+    code, log = superlink.run(
+        REPO,
+        dict(
+            method=method, dataset="synthetic", model="cnn", **{"num-server-rounds": 2, "local-epochs": 1,
+            "lora-epochs": 0, "train-per-client": 40, "test-per-client": 20, "output-dir": str(out), "run-name": method}
+        ),
+        num_supernodes=3,
+    )
+    run_dir = out / method
+    assert (run_dir / "summary.json").is_file(), log[-4000:]
+    assert code == 0
+    _check_contract(run_dir, num_clients=3, rounds=2, method=method)
+    assert sorted(p.parent.name for p in (run_dir / "server").glob(f"*/{slot}.safetensors")) == ["0", "1", "2"]
 
 
 def test_invalid_config_stops_before_training(superlink, tmp_path):

@@ -501,9 +501,13 @@ def test_shipped_specs_cover_the_paper():
 def test_cpu_table1_spec(real_npz):
     spec = load_spec(REPO / "experiments" / "grids" / "table1-cpu.toml", cwd=REPO)
     runs = expand(spec, cwd=REPO)
-    assert len(runs) == 9 and {run.params["method"] for run in runs} == {"fedavg", "local", "fedlora"}
+    methods = {"fedavg", "local", "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac", "fedlora"}
+    assert len(runs) == 33 and {run.params["method"] for run in runs} == methods
     assert all(run.config["data-dir"] == str(real_npz.resolve()) and run.config["model"] == "cnn" for run in runs)
-    assert {run.params["method"]: run.paper["acc"] for run in runs} == {"fedavg": 60.39, "local": 81.91, "fedlora": 85.47}
+    assert {run.params["method"]: run.paper["acc"] for run in runs} == {
+        "fedavg": 60.39, "local": 81.91, "fedper": 84.43, "fedrep": 84.59, "fedbn": 83.55, "fedrod": 86.23,
+        "fedamp": 84.99, "pfedsd": 86.34, "pfedgate": 87.25, "fedcac": 86.82, "fedlora": 85.47,
+    }
 
 
 # --------------------------------------------------------------------------- end to end
