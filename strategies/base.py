@@ -130,7 +130,9 @@ class PersonalizedStrategy(FedAvg):
 
     # ------------------------------------------------------------------ round logic
 
-    def _personalize(self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool) -> list[Message]:
+    def _personalize(
+        self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool
+    ) -> list[Message]:
         """One fresh record per node (Flower's FedAvg shares one record between all messages)."""
         if not self.per_client_messages:
             return messages
