@@ -66,6 +66,10 @@ class MethodClient:
         """What the server sends before any client has replied (built from a seeded model)."""
         return self.partition.state(model, "shared")
 
+    def upload_template(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Keys, shapes and dtypes every upload must have (the server checks each reply against it)."""
+        return self.partition.state(model, "shared")
+
     def load(self, session: ClientSession, received: Mapping[str, torch.Tensor], training: bool) -> None:
         """Load the server's shared tensors, then this client's personal tensors if it has any yet."""
         model = session.model

@@ -25,6 +25,9 @@ class FedAMPClient(MethodClient):
     def initial_download(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return model.state_dict()  # round 1: u_i = w⁰, the common seeded init
 
+    def upload_template(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.partition.state(model, "personal")
+
     def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
         model = session.model
         if training:

@@ -11,6 +11,7 @@ positive score, as Fling does). The masks travel with the model as uint8 tensors
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from clients.base import MethodClient
 
@@ -33,6 +34,10 @@ def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torc
 
 
 class FedCACClient(MethodClient):
+    def upload_template(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        masks = {CRITICAL + key: torch.zeros(param.shape, dtype=torch.uint8) for key, param in model.named_parameters()}
+        return {**super().upload_template(model), **masks}
+
     def begin_training(self, session) -> None:
         self.before = {key: param.detach().clone() for key, param in session.model.named_parameters()}
 

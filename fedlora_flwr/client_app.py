@@ -170,6 +170,14 @@ def train(message: Message, context: Context) -> Message:
     return session.reply(message, metrics, ArrayRecord(shared))
 
 
+@app.query()
+def identify(message: Message, context: Context) -> Message:
+    """Name this node's partition: the server maps node ids (random per run) to partition ids so
+    that it can sample participants reproducibly and address per-client state."""
+    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    return Message(RecordDict({METRICS: metrics}), reply_to=message)
+
+
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)

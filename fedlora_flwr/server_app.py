@@ -8,7 +8,6 @@ method's strategy for ``num-server-rounds`` rounds.
 
 from __future__ import annotations
 
-import random
 import sys
 from logging import ERROR, INFO
 
@@ -36,14 +35,14 @@ def main(grid: Grid, context: Context) -> None:
         sys.exit(2)
     log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
 
-    random.seed(config.seed)  # Flower's node sampling draws from the global `random`
     method = METHODS[config.method]
     torch.manual_seed(config.seed)
     client = method.client(config)
-    initial = ArrayRecord(client.initial_download(client.build_model(task, partition_id=0)))
+    model = client.build_model(task, partition_id=0)
+    initial = ArrayRecord(client.initial_download(model))
 
     recorder = RunRecorder(run_dir, config)
-    strategy = method.strategy(config, recorder)
+    strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
     result = strategy.start(
         grid=grid,

@@ -21,21 +21,30 @@ A method's strategy overrides hooks, never the round logic:
 - :attr:`PersonalizedStrategy.server_store`: per-client state on disk under
   ``<run-dir>/server/<partition-id>/``, keyed by partition id, never all clients in RAM.
 
-Partition ids are learned from the replies (every reply names its client), so a node whose
-partition id is not known yet (round 1) gets the common message.
+Participants are reproducible: Flower draws node ids from ``os.urandom``, so the strategy first
+asks every node it does not know yet for its partition id (a ``query`` message), then samples
+``fraction-train`` of the sorted partition ids with a NumPy generator seeded by (seed, round):
+the same seed trains the same clients every round, in simulation and in deployment.
+``metrics.jsonl`` records them (``participants``).
+
+Every train reply is checked against the method's upload template (keys, shapes, dtypes, finite
+values) before anything is averaged; a bad reply is logged with its client and reason, counted
+as a failure (``num_bad_updates`` too) and left out, never fatal to the run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import ClassVar
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora_flwr.config import RunConfig
 from fedlora_flwr.results import RunRecorder
@@ -88,7 +97,7 @@ class PersonalizedStrategy(FedAvg):
     #: Build one message per client with :meth:`client_arrays` instead of one common message.
     per_client_messages: ClassVar[bool] = False
 
-    def __init__(self, config: RunConfig, recorder: RunRecorder) -> None:
+    def __init__(self, config: RunConfig, recorder: RunRecorder, upload_template: ArrayRecord) -> None:
         super().__init__(
             fraction_train=config.fraction_train,
             fraction_evaluate=1.0,
@@ -109,6 +118,7 @@ class PersonalizedStrategy(FedAvg):
         self.partition_ids: dict[int, int] = {}  # node id -> partition id, learned from replies
         self.server_store = PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method)
         self.aggregated_rounds = 0
+        self.upload_template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
 
     # ------------------------------------------------------------------ hooks for methods
 
@@ -151,12 +161,63 @@ class PersonalizedStrategy(FedAvg):
         for message in replies:
             self.partition_ids[message.metadata.src_node_id] = int(message.content[METRICS]["partition-id"])
 
+    def _identify(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
+        """Ask the nodes whose partition id is not known yet; a node that fails to answer is asked
+        again next round and is not sampled meanwhile."""
+        unknown = sorted(set(node_ids) - set(self.partition_ids))
+        if not unknown:
+            return
+        questions = [
+            Message(RecordDict({self.configrecord_key: ConfigRecord({"server-round": server_round})}),
+                    message_type=MessageType.QUERY, dst_node_id=node_id)
+            for node_id in unknown
+        ]
+        replies = grid.send_and_receive(questions, timeout=self.config.round_timeout)
+        self._learn_partition_ids([reply for reply in replies if not reply.has_error() and METRICS in reply.content])
+
+    def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
+        """The node ids that train this round: ``fraction-train`` of the known partition ids, sorted,
+        drawn by ``numpy.random.default_rng([seed, round])``."""
+        _, node_ids = sample_nodes(grid, self.min_available_nodes, 0)
+        self._identify(grid, node_ids, server_round)
+        by_partition = {pid: node for node, pid in self.partition_ids.items() if node in set(node_ids)}
+        partitions = sorted(by_partition)
+        count = min(max(int(len(partitions) * self.fraction_train), self.min_train_nodes), len(partitions))
+        chosen = np.random.default_rng([self.config.seed, server_round]).choice(partitions, size=count, replace=False)
+        return [by_partition[int(pid)] for pid in sorted(chosen)]
+
+    def _bad_update(self, message: Message) -> str | None:
+        """Why a train reply cannot be averaged, or None when it matches the upload template."""
+        if METRICS not in message.content or ARRAYS not in message.content:
+            return f"the reply lacks its '{METRICS}' or '{ARRAYS}' record"
+        metrics = message.content[METRICS]
+        if "partition-id" not in metrics or "num-examples" not in metrics:
+            return "the metrics lack partition-id or num-examples"
+        arrays = message.content[ARRAYS]
+        missing = sorted(set(self.upload_template) - set(arrays))
+        unexpected = sorted(set(arrays) - set(self.upload_template))
+        if missing or unexpected:
+            return f"keys differ from the template (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        for key, (shape, dtype) in self.upload_template.items():
+            array = arrays[key]
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return f"{key} is {array.dtype}{tuple(array.shape)}, expected {dtype}{shape}"
+            values = array.numpy()
+            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+                return f"{key} has non-finite values"
+        return None
+
     def summary(self) -> None:
         super().summary()  # its "Weighted by" line is Flower's metric-averaging key
         log(INFO, "\t└──> Shared tensors: %s mean over %s", self.aggregation, self.config.partial_average)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        node_ids = self.sample_participants(server_round, grid)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
+        log(INFO, "configure_train: partitions %s train (of %d known)", sorted(self.partition_ids[n] for n in node_ids),
+            len(self.partition_ids))
         messages = self._personalize(messages, arrays, config, server_round, training=True)
         self._previous = arrays
         self._num_nodes = len(list(grid.get_node_ids()))
@@ -170,11 +231,24 @@ class PersonalizedStrategy(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        valid, errors = self._check_and_log_replies(replies, is_train=True)
+        answered, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid = []
+        bad = 0
+        for message in answered:
+            reason = self._bad_update(message)
+            if reason is None:
+                valid.append(message)
+                continue
+            bad += 1
+            pid = self.partition_ids.get(message.metadata.src_node_id)
+            log(WARNING, "[fedlora-flwr] round %d: bad update from client %s (node %d) left out: %s",
+                server_round, pid, message.metadata.src_node_id, reason)
         valid.sort(key=lambda message: int(message.content[METRICS]["partition-id"]))
         self._learn_partition_ids(valid)
         self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         self._round.update(
+            participants=[int(message.content[METRICS]["partition-id"]) for message in valid],
+            num_bad_updates=bad,
             num_participants=len(valid),
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )

@@ -82,6 +82,8 @@ class CapturingGrid(InProcessGrid):
 
     def push_messages(self, messages):
         messages = list(messages)
+        if messages and messages[0].metadata.message_type == "query":
+            return super().push_messages(messages)
         self.pushed += len(messages)
         for message in messages:
             pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
@@ -420,7 +422,9 @@ class ScriptedGrid(InProcessGrid):
         for message in messages:
             pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
             server_round = int(message.content["config"]["server-round"])
-            if message.metadata.message_type.startswith("train"):
+            if message.metadata.message_type == "query":
+                content = RecordDict({METRICS: MetricRecord({"partition-id": pid})})
+            elif message.metadata.message_type.startswith("train"):
                 metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-samples": 10, "partition-id": pid})
                 content = RecordDict({ARRAYS: message.content[ARRAYS], METRICS: metrics})
             else:

@@ -11,6 +11,7 @@ from conftest import app_defaults
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from inprocess import InProcessGrid
 
+from fedlora_flwr import client_app
 from fedlora_flwr.config import load_config
 from fedlora_flwr.results import RunRecorder
 from strategies.base import ARRAYS, METRICS, average_arrays
@@ -89,16 +90,17 @@ def test_single_record_is_returned_unchanged():
 class _Harness:
     """A strategy with a grid of ``num_nodes`` (no ClientApp: replies are built by hand)."""
 
-    def __init__(self, tmp_path, strategy_cls=FedLoRAStrategy, num_nodes=3, **overrides):
+    def __init__(self, tmp_path, strategy_cls=FedLoRAStrategy, num_nodes=3, global_arrays=None, **overrides):
         values = {**app_defaults(), "dataset": "synthetic", "model": "cnn", "output-dir": str(tmp_path / "out"),
                   "run-name": "strategy", **overrides}
         self.config = load_config(values, base=tmp_path)
         run_dir = tmp_path / "out" / "strategy"
         run_dir.mkdir(parents=True)
         self.recorder = RunRecorder(run_dir, self.config)
-        self.strategy = strategy_cls(self.config, self.recorder)
-        self.grid = InProcessGrid(client_app=None, num_nodes=num_nodes, run_config=values)
-        self.global_arrays = _client_arrays(100)
+        self.global_arrays = _client_arrays(100) if global_arrays is None else global_arrays
+        self.strategy = strategy_cls(self.config, self.recorder, upload_template=_record(self.global_arrays))
+        # Only the strategy's partition-id queries reach the real ClientApp; replies are built by hand.
+        self.grid = InProcessGrid(client_app=client_app.app, num_nodes=num_nodes, run_config=values)
 
     def configure_train(self, server_round=1) -> list[Message]:
         return list(self.strategy.configure_train(server_round, _record(self.global_arrays), ConfigRecord({}), self.grid))
@@ -182,11 +184,9 @@ def test_partial_participation_average(tmp_path, mode, failed):
 
     N = 4, 3 sampled; with a failure, m = the 2 clients that replied (the failed one holds σ̄^t).
     """
-    random.seed(3)
-    harness = _Harness(tmp_path, num_nodes=4, **{"fraction-train": 0.75, "partial-average": mode})
     # float64 tensors so that the identity can be checked tightly
-    previous = {key: value.astype(np.float64) for key, value in harness.global_arrays.items() if key != "bn1.num_batches_tracked"}
-    harness.global_arrays = previous
+    previous = {key: value.astype(np.float64) for key, value in _client_arrays(100).items() if key != "bn1.num_batches_tracked"}
+    harness = _Harness(tmp_path, num_nodes=4, global_arrays=previous, **{"fraction-train": 0.75, "partial-average": mode})
     messages = harness.configure_train()
     assert len(messages) == 3
     failing = harness.pid(messages[0]) if failed else None
