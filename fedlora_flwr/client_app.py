@@ -19,6 +19,7 @@ many simulated clients.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,12 +163,35 @@ class ClientSession:
         return Message(content, reply_to=message)
 
 
+class InjectedFault(RuntimeError):
+    """Raised by a client the server told to fail (``fault-kind = "raise"``)."""
+
+
+def inject_fault(kind: str, upload: dict[str, torch.Tensor], round_timeout: float) -> dict[str, torch.Tensor]:
+    """Make this reply fail the way ``fault-kind`` says (the server picked this client)."""
+    if kind == "raise":
+        raise InjectedFault("injected fault (fault-kind = 'raise')")
+    if kind == "timeout":
+        time.sleep(round_timeout + 5.0)
+        return upload
+    key = next(key for key, value in upload.items() if value.is_floating_point() and value.dim() > 0)
+    value = upload[key].detach().clone()
+    if kind == "nan":
+        value.view(-1)[0] = float("nan")
+    else:  # wrong-shape
+        value = value[:-1]
+    return {**upload, key: value}
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
-    stats, shared = session.train()
+    stats, upload = session.train()
+    fault = message.content["config"].get("fault")
+    if fault:
+        upload = inject_fault(str(fault), upload, session.config.round_timeout)
     metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}
-    return session.reply(message, metrics, ArrayRecord(shared))
+    return session.reply(message, metrics, ArrayRecord(upload))
 
 
 @app.query()

@@ -74,6 +74,8 @@ class RunConfig(BaseModel):
     run_name: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
+    fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
+    fault_kind: Literal["raise", "timeout", "nan", "wrong-shape"] = Field("raise", description="how they fail")
     tensorboard: bool = Field(False, description="also write per-round metrics to <run-dir>/tensorboard/")
 
     # Per-method hyperparameters (METHODS.md §E); each method reads only its own.

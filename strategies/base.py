@@ -27,6 +27,10 @@ asks every node it does not know yet for its partition id (a ``query`` message),
 the same seed trains the same clients every round, in simulation and in deployment.
 ``metrics.jsonl`` records them (``participants``).
 
+With ``fault-fraction`` > 0 a seeded fraction of each round's participants is told (in its
+message config) to fail as ``fault-kind`` says, so that failure handling can be tested and
+measured.
+
 Every train reply is checked against the method's upload template (keys, shapes, dtypes, finite
 values) before anything is averaged; a bad reply is logged with its client and reason, counted
 as a failure (``num_bad_updates`` too) and left out, never fatal to the run.
@@ -143,19 +147,34 @@ class PersonalizedStrategy(FedAvg):
     def _personalize(
         self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool
     ) -> list[Message]:
-        """One fresh record per node (Flower's FedAvg shares one record between all messages)."""
-        if not self.per_client_messages:
-            return messages
+        """One fresh record per node (Flower's FedAvg shares one record between all messages), with
+        this node's arrays and, for the clients picked to fail, the fault to inject."""
         partition_ids = [self.partition_ids.get(message.metadata.dst_node_id) for message in messages]
-        records = self.client_arrays(partition_ids, arrays, server_round, training)
-        return [
-            Message(
-                content=RecordDict({ARRAYS: record, self.configrecord_key: ConfigRecord(dict(config))}),
+        faulty = self._faulty(partition_ids, server_round) if training else set()
+        if not self.per_client_messages and not faulty:
+            return messages
+        records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
+                   else [arrays for _ in messages])
+        personalized = []
+        for message, record, pid in zip(messages, records, partition_ids, strict=True):
+            message_config = ConfigRecord(dict(config))
+            if pid in faulty:
+                message_config["fault"] = self.config.fault_kind
+            personalized.append(Message(
+                content=RecordDict({ARRAYS: record, self.configrecord_key: message_config}),
                 message_type=message.metadata.message_type,
                 dst_node_id=message.metadata.dst_node_id,
-            )
-            for message, record in zip(messages, records, strict=True)
-        ]
+            ))
+        return personalized
+
+    def _faulty(self, partition_ids: list[int | None], server_round: int) -> set[int]:
+        """The participants told to fail this round: ``fault-fraction`` of them, seeded by (seed, round)."""
+        known = sorted(pid for pid in partition_ids if pid is not None)
+        count = int(round(self.config.fault_fraction * len(known)))
+        if not count:
+            return set()
+        rng = np.random.default_rng([self.config.seed, server_round, 1])  # 1: apart from the sampling stream
+        return {int(pid) for pid in rng.choice(known, size=count, replace=False)}
 
     def _learn_partition_ids(self, replies: list[Message]) -> None:
         for message in replies:

@@ -1,7 +1,8 @@
 """A Flower Grid that delivers messages to a ClientApp in this process (no Ray, no SuperLink).
 
 It lets tests drive the real ServerApp and ClientApp functions for several clients in a few
-seconds, deterministically. ``failing`` partition ids reply with an error instead.
+seconds, deterministically. ``failing`` partition ids reply with an error instead, and so does a
+ClientApp that raises (as Flower's runtime does).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class InProcessGrid(Grid):
             if context.node_config["partition-id"] in self.failing:
                 reply = Message(Error(code=0, reason="injected failure"), reply_to=message)
             else:
-                reply = self.client_app(message, context)
+                try:
+                    reply = self.client_app(message, context)
+                except Exception as err:  # noqa: BLE001 - Flower's runtime turns a ClientApp exception into an error reply
+                    reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
             self._replies[message_id] = reply
             ids.append(message_id)
         return ids

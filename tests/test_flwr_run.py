@@ -97,6 +97,24 @@ def test_per_client_messages_through_ray(superlink, tmp_path, method, slot):
     assert sorted(p.parent.name for p in (run_dir / "server").glob(f"*/{slot}.safetensors")) == ["0", "1", "2"]
 
 
+def test_client_past_the_round_timeout_is_a_counted_failure(superlink, tmp_path):
+    """fault-kind = "timeout": the picked client outlasts round-timeout; the round goes on without it."""
+    out = tmp_path / "outputs"
+    code, log = superlink.run(
+        REPO,
+        dict(
+            method="fedavg", dataset="synthetic", model="cnn", **{"num-server-rounds": 1, "local-epochs": 1,
+            "lora-epochs": 0, "train-per-client": 20, "test-per-client": 10, "round-timeout": 20.0,
+            "fault-fraction": 0.34, "fault-kind": "timeout", "output-dir": str(out), "run-name": "timeout"}
+        ),
+        num_supernodes=3,
+    )
+    run_dir = out / "timeout"
+    assert (run_dir / "summary.json").is_file(), log[-4000:]
+    (metrics,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["num_participants"] == 2 and metrics["num_failures"] >= 1
+
+
 def test_invalid_config_stops_before_training(superlink, tmp_path):
     out = tmp_path / "outputs"
     _, log = superlink.run(REPO, {"rank-conv": 0.0, "output-dir": str(out)}, num_supernodes=2)

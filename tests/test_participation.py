@@ -121,3 +121,22 @@ def test_bad_update_is_named_counted_and_left_out(tmp_path, caplog, corrupt, rea
         assert all(np.array_equal(sent[key], expected[key].numpy()) for key in expected)
     warnings = [r.getMessage() for r in caplog.records if "bad update" in r.getMessage()]
     assert len(warnings) == 2 and "client 1" in warnings[0] and reason in warnings[0]
+
+
+def _faulty(seed: int, server_round: int, count: int) -> set[int]:
+    return {int(p) for p in np.random.default_rng([seed, server_round, 1]).choice(NUM_CLIENTS, size=count, replace=False)}
+
+
+@pytest.mark.parametrize(("kind", "bad"), [("raise", 0), ("nan", 2), ("wrong-shape", 2)])
+def test_injected_faults_are_seeded_counted_and_survived(tmp_path, kind, bad):
+    config = _run_config(tmp_path / "outputs", kind, method="fedavg",
+                         **{"num-server-rounds": 2, "fault-fraction": 0.4, "fault-kind": kind})
+    grid = CapturingGrid(client_app.app, NUM_CLIENTS, config)
+    _start(grid, config)
+    metrics = _metrics(tmp_path / "outputs" / kind)
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m in metrics:
+        faulty = _faulty(1, m["round"], 2)
+        assert m["participants"] == sorted(set(range(NUM_CLIENTS)) - faulty)
+        assert m["num_failures"] == 2 and m["num_bad_updates"] == bad
+        assert set(m["acc_per_client"]) == {str(pid) for pid in range(NUM_CLIENTS)}, "every client still evaluates"
