@@ -10,11 +10,14 @@ is ever loaded, so memory does not grow with the number of clients.
 
 Writes are atomic: a temporary file in the same folder is written, fsynced and renamed over the
 old one, then the folder is fsynced, so a crash leaves either the old or the new state, never a
-torn file. Loads check the method tag, the key set, shapes and dtypes against the model.
+torn file. Every tensor's SHA-256 is kept in the file's metadata, so a file corrupted later (a bad
+disk, a copy cut short) is reported with its path instead of being loaded as garbage. Loads check
+the checksums, the method tag, the key set, shapes and dtypes against the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -75,6 +78,12 @@ class PersonalStateStore:
                 tensors = {key: handle.get_tensor(key) for key in (stored_keys if keys is None else keys) if key in stored_keys}
         except (SafetensorError, OSError, ValueError) as err:
             raise StateError(f"personal state {path} is corrupt: {err}") from None
+        for key, tensor in tensors.items():
+            recorded = metadata.get(CHECKSUM + key)
+            if recorded is None:
+                raise StateError(f"personal state {path} has no checksum for {key} (not written by this store)")
+            if recorded != tensor_checksum(tensor):
+                raise StateError(f"personal state {path} is corrupt: {key} does not match its checksum")
         if metadata.get("method") != self.method:
             raise StateError(f"personal state {path} belongs to method {metadata.get('method')!r}, not {self.method!r}")
         if stored_keys != set(expected):
@@ -98,13 +107,20 @@ class PersonalStateStore:
 
 
 
+CHECKSUM = "sha256:"
+
+
+def tensor_checksum(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (CPU, contiguous)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def write_safetensors_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (copied to CPU) as a safetensors file, atomically."""
-    payload = save_safetensors(
-        {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()},
-        metadata=metadata,
-    )
-    write_atomic(path, payload)
+    """Write ``tensors`` (copied to CPU) as a safetensors file, atomically, with a checksum per tensor."""
+    cpu = {key: value.detach().to("cpu").contiguous().clone() for key, value in tensors.items()}
+    checksums = {CHECKSUM + key: tensor_checksum(value) for key, value in cpu.items()}
+    write_atomic(path, save_safetensors(cpu, metadata={**metadata, **checksums}))
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

@@ -115,6 +115,28 @@ def test_corrupt_file_raises_state_error_naming_the_path(tmp_path, damage):
     assert str(path) in str(info.value)
 
 
+def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
+    """Same length, valid header, one data byte changed: safetensors alone would load it."""
+    store = PersonalStateStore(tmp_path, "fedlora")
+    path = store.save(0, _tensors())
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match="checksum") as info:
+        store.load(0, expected=_tensors())
+    assert str(path) in str(info.value) and path.read_bytes() == bytes(data), "nothing is deleted or rewritten"
+
+
+def test_file_without_checksums_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "0" / FILENAME
+    path.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in _tensors().items()}, str(path), metadata={"method": "fedlora"})
+    with pytest.raises(StateError, match="no checksum"):
+        PersonalStateStore(tmp_path, "fedlora").load(0, expected=_tensors())
+
+
 def test_wrong_method_tag(tmp_path):
     PersonalStateStore(tmp_path, "local").save(0, _tensors())
     with pytest.raises(StateError, match="local") as info:
