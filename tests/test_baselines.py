@@ -4,6 +4,7 @@ they are built on (phases in steps, per-phase eval mode, store slots, per-client
 
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from test_federation import _arrays, _eval_type, _identical, _metrics, _run, _st
 
 from clients.fedamp import FedAMPClient
 from clients.fedbn import FedBNClient
-from clients.fedcac import CRITICAL, FedCACClient, critical_mask
+from clients.fedcac import CRITICAL, critical_mask
 from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient
 from clients.fedrod import FedRoDClient
@@ -81,8 +82,6 @@ def test_bad_method_key_is_one_line_naming_it(tmp_path, key, value):
 
 def test_method_keys_are_recorded_in_config_json(tmp_path):
     run_dir, _, _ = _run(tmp_path, "keys", method="fedrep", **{"fedrep-head-epochs": 1, "num-server-rounds": 1})
-    import json
-
     written = json.loads((run_dir / "config.json").read_text())
     assert written["fedrep-head-epochs"] == 1 and written["fedcac-tau"] == 0.5
 

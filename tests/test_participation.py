@@ -9,7 +9,7 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord
 from test_federation import CapturingGrid, _metrics, _run_config, _start, _train_type
 
 from fedlora_flwr import client_app
