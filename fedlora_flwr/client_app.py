@@ -55,7 +55,6 @@ class ClientSession:
     config: RunConfig
     method: MethodClient
     partition_id: int
-    num_partitions: int
     dataset: ImageDataset
     split: ClientSplit
     model: nn.Module
@@ -91,7 +90,6 @@ class ClientSession:
             config=config,
             method=method,
             partition_id=partition_id,
-            num_partitions=num_partitions,
             dataset=dataset,
             split=split,
             model=model,

@@ -14,8 +14,8 @@ message construction, reply validation) with three changes:
 
 A method's strategy overrides hooks, never the round logic:
 
-- :meth:`PersonalizedStrategy.aggregate`: how the uploads become the next shared arrays (pFedGate
-  and FedCAC extend it; FedAMP keeps the uploads per client instead);
+- :meth:`PersonalizedStrategy.aggregate`: how the uploads become the next shared arrays (FedCAC
+  extends it; FedAMP keeps the uploads per client instead);
 - :meth:`PersonalizedStrategy.client_arrays` with ``per_client_messages = True``: a different
   message per client (FedAMP's u_i, FedCAC's customized model), each in a fresh record;
 - :attr:`PersonalizedStrategy.server_store`: per-client state on disk under

@@ -71,8 +71,11 @@ class FedCACStrategy(PersonalizedStrategy):
             stored = {}
             for key in model_keys:
                 critical = mask.get(key, np.zeros(w_bar[key].shape, dtype=bool))
-                group_mean = np.mean([models[j][key].astype(np.float64) for j in group], axis=0).astype(w_bar[key].dtype)
-                stored[key] = torch.from_numpy(np.where(critical, group_mean, w_bar[key]))
+                merged = w_bar[key]
+                if critical.any():
+                    group_mean = np.mean([models[j][key].astype(np.float64) for j in group], axis=0)
+                    merged = np.where(critical, group_mean.astype(w_bar[key].dtype), w_bar[key])
+                stored[key] = torch.from_numpy(np.array(merged))
                 stored[CRITICAL + key] = torch.from_numpy(critical.astype(np.uint8))
             self.server_store.save(int(message.content[METRICS]["partition-id"]), stored, slot=CUSTOMIZED)
         return global_model
