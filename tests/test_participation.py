@@ -12,7 +12,11 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from test_federation import CapturingGrid, _metrics, _run_config, _start, _train_type
 
+from clients.fedlora import FedLoRAClient
 from fedlora_flwr import client_app
+from fedlora_flwr.config import load_config
+from fedlora_flwr.data import TaskSpec
+from fedlora_flwr.store import PersonalStateStore
 from strategies.base import ARRAYS, METRICS, average_arrays
 
 NUM_CLIENTS = 5
@@ -140,3 +144,31 @@ def test_injected_faults_are_seeded_counted_and_survived(tmp_path, kind, bad):
         assert m["participants"] == sorted(set(range(NUM_CLIENTS)) - faulty)
         assert m["num_failures"] == 2 and m["num_bad_updates"] == bad
         assert set(m["acc_per_client"]) == {str(pid) for pid in range(NUM_CLIENTS)}, "every client still evaluates"
+
+
+@pytest.mark.parametrize(("kind", "bad"), [("raise", 0), ("nan", 6), ("wrong-shape", 6)])
+def test_thirty_percent_faults_on_twenty_clients(tmp_path, kind, bad):
+    """Issue 11: with fault-fraction 0.3 of 20 clients every round completes, 6 failures a round are
+    counted, and every client's personal state is present and loadable afterwards (a faulty client
+    trained and saved before its reply went wrong). ``timeout`` runs through Ray in test_flwr_run.py."""
+    clients = 20
+    config = _run_config(tmp_path / "outputs", kind, **{"num-server-rounds": 2, "fault-fraction": 0.3, "fault-kind": kind,
+                                                          "train-per-client": 8, "test-per-client": 4, "local-epochs": 1})
+    grid = CapturingGrid(client_app.app, clients, config)
+    _start(grid, config)
+    run_dir = tmp_path / "outputs" / kind
+    metrics = _metrics(run_dir)
+    assert [m["round"] for m in metrics] == [1, 2]
+    for m in metrics:
+        faulty = {int(p) for p in np.random.default_rng([1, m["round"], 1]).choice(clients, size=6, replace=False)}
+        assert m["participants"] == sorted(set(range(clients)) - faulty)
+        assert m["num_failures"] == 6 and m["num_bad_updates"] == bad
+        assert len(m["acc_per_client"]) == clients
+    run_config = load_config(config)
+    client = FedLoRAClient(run_config)
+    model = client.build_model(TaskSpec(num_classes=10, image_shape=(3, 32, 32)), partition_id=0)
+    expected = client.partition.state(model, "personal")
+    store = PersonalStateStore(run_dir / "clients", "fedlora")
+    assert store.stored_ids() == list(range(clients))
+    for pid in range(clients):
+        assert store.load(pid, expected=expected) is not None
