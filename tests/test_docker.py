@@ -63,7 +63,9 @@ def _supernodes(services: dict[str, dict]) -> dict[str, tuple]:
         if _role(name) == "supernode":
             args = _args(name, service)
             address = f"{name}:{args.port}"
-            (executor,) = [s for n, s in services.items() if _role(n) == "superexec" and _args(n, s).runtime_api_address == address]
+            (executor,) = [
+                s for n, s in services.items() if _role(n) == "superexec" and _args(n, s).runtime_api_address == address
+            ]
             out[name] = (args, parse_config_args([args.node_config]), executor)
     return out
 
