@@ -26,9 +26,9 @@ asks every node it does not know yet for its partition id (a ``query`` message),
 ``fraction-train`` of the sorted partition ids with a NumPy generator seeded by (seed, round):
 the same seed trains the same clients every round, in simulation and in deployment.
 ``metrics.jsonl`` records them (``participants``). Round 1 first waits until
-``min-available-nodes`` distinct partitions are connected (0: all the ``num-partitions`` the nodes
-report), at most ``node-wait-timeout`` seconds, then raises :class:`FederationIncomplete`; later
-rounds train whoever is connected (Flower's FedAvg would start round 1 with the first node).
+``min-available-nodes`` SuperNodes are connected (0: the ``num-partitions`` they report), at most
+``node-wait-timeout`` seconds, then raises :class:`FederationIncomplete`; later rounds train
+whoever is connected (Flower's FedAvg would start round 1 with the first node).
 
 With ``fault-fraction`` > 0 a seeded fraction of each round's participants is told (in its
 message config) to fail as ``fault-kind`` says, so that failure handling can be tested and
@@ -99,7 +99,7 @@ SERVER_DIR = "server"
 
 
 class FederationIncomplete(RuntimeError):
-    """Fewer partitions than ``min-available-nodes`` connected within ``node-wait-timeout``."""
+    """Fewer SuperNodes than ``min-available-nodes`` connected within ``node-wait-timeout``."""
 
 
 class PersonalizedStrategy(FedAvg):
@@ -207,27 +207,30 @@ class PersonalizedStrategy(FedAvg):
         self.federation_size = max([self.federation_size, *(int(r.content[METRICS]["num-partitions"]) for r in replies)])
 
     def _await_federation(self, grid: Grid, server_round: int) -> list[int]:
-        """The connected node ids once ``min-available-nodes`` distinct partitions are connected
-        (0: all ``num-partitions``); raises :class:`FederationIncomplete` after ``node-wait-timeout``."""
+        """The connected node ids once ``min-available-nodes`` nodes are connected (0: the
+        ``num-partitions`` they report) and asked for their partition id; raises
+        :class:`FederationIncomplete` after ``node-wait-timeout``. A connected node whose ClientApp
+        fails counts as present: its failures are counted in the rounds, as any client's."""
         deadline = time.monotonic() + self.config.node_wait_timeout
         reported = None
         while True:
             node_ids = list(grid.get_node_ids())
             self._identify(grid, node_ids, server_round, timeout=max(deadline - time.monotonic(), 1.0))
-            connected = sorted({self.partition_ids[node] for node in node_ids if node in self.partition_ids})
             needed = self.config.min_available_nodes or self.federation_size
-            if needed and len(connected) >= needed:
+            if needed and len(node_ids) >= needed:
                 self._federation_ready = True
                 return node_ids
+            known = sorted(self.partition_ids[node] for node in node_ids if node in self.partition_ids)
             if time.monotonic() > deadline:
+                wanted = needed or "num-partitions (no node answered the partition-id query)"
                 raise FederationIncomplete(
-                    f"node-wait-timeout: {len(connected)} of {needed or 'num-partitions'} partitions connected after "
-                    f"{self.config.node_wait_timeout:g} s (partition ids {connected}); start the missing SuperNodes, "
+                    f"node-wait-timeout: {len(node_ids)} of {wanted} SuperNodes connected after "
+                    f"{self.config.node_wait_timeout:g} s (partition ids {known}); start the missing SuperNodes, "
                     f"or lower min-available-nodes"
                 )
-            if reported != connected:
-                log(INFO, "Waiting for partitions: %d of %s connected %s", len(connected), needed or "?", connected)
-                reported = connected
+            if reported != (len(node_ids), known):
+                log(INFO, "Waiting for SuperNodes: %d of %s connected, partition ids %s", len(node_ids), needed or "?", known)
+                reported = (len(node_ids), known)
             time.sleep(1.0)
 
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:

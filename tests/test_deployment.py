@@ -61,7 +61,7 @@ def test_missing_nodes_stop_the_run_after_the_timeout(tmp_path, caplog):
         _start(grid, config)
     assert stop.value.code == 3 and time.monotonic() - started < 30
     (line,) = [r.getMessage() for r in caplog.records if "node-wait-timeout" in r.getMessage()]
-    assert "2 of 3 partitions connected" in line and "[0, 2]" in line and "\n" not in line
+    assert "2 of 3 SuperNodes connected" in line and "[0, 2]" in line and "\n" not in line
     assert _metrics(tmp_path / "outputs" / "missing") == []  # no round started
 
 
