@@ -271,6 +271,8 @@ class PersonalizedStrategy(FedAvg):
     def summary(self) -> None:
         super().summary()  # its "Weighted by" line is Flower's metric-averaging key
         log(INFO, "\t└──> Shared tensors: %s mean over %s", self.aggregation, self.config.partial_average)
+        log(INFO, "\t└──> Round 1 waits for %s SuperNodes (node-wait-timeout %g s)",
+            self.config.min_available_nodes or "num-partitions", self.config.node_wait_timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids = self.sample_participants(server_round, grid)

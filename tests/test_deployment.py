@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 
 import psutil
@@ -143,3 +145,16 @@ def test_tls_federation_with_node_auth(tmp_path):
 def test_node_auth_needs_tls(tmp_path):
     with pytest.raises(ValueError, match="needs TLS"):
         LocalSuperLink(tmp_path, simulation=False, supernode_auth=True)
+
+
+def test_deploy_script_makes_the_files_of_a_real_federation(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "local_federation.py"), "certs", str(tmp_path), "--nodes", "2",
+         "--hosts", "10.0.0.5", "superlink.lab"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    server = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.lab"]
+    assert sorted(p.name for p in (tmp_path / "keys").iterdir()) == ["node-0", "node-0.pub", "node-1", "node-1.pub"]
