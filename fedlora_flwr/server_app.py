@@ -5,7 +5,7 @@ the key), creates the run folder, builds the method's initial shared tensors fro
 (the clients build the same one, so σ⁰ and the initial τ agree everywhere), and runs the
 method's strategy for ``num-server-rounds`` rounds. It reads no data: the class count and image
 shape come from the dataset's metadata (``fedlora_flwr.data.task_spec``), as a SuperLink holds none.
-When ``min-available-nodes`` partitions do not connect within ``node-wait-timeout`` it exits with
+When ``min-available-nodes`` SuperNodes do not connect within ``node-wait-timeout`` it exits with
 code 3 after one error line.
 """
 

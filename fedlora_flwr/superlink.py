@@ -92,11 +92,15 @@ class LocalSuperLink:
 
     def start(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        http_port = free_port()
+        http_port, control_port, fleet_port = free_port(), free_port(), free_port()
         self.address = f"127.0.0.1:{http_port}"
-        # Flower 1.41 serves the Control, Fleet and Runtime APIs on this one HTTP(S) port.
+        # Flower 1.41 serves the Control, Fleet and Runtime APIs on this one HTTP(S) port; the
+        # deprecated flags only move its legacy gRPC servers (else on 0.0.0.0:9092/9093) to free ports.
         connection: dict[str, Any] = {"address": self.address}
-        flags = ["--host", "127.0.0.1", "--port", str(http_port)]
+        flags = [
+            "--host", "127.0.0.1", "--port", str(http_port),
+            "--control-api-address", f"127.0.0.1:{control_port}", "--fleet-api-address", f"127.0.0.1:{fleet_port}",
+        ]
         if self.tls is None:
             connection["insecure"] = True
             flags.append("--insecure")
