@@ -190,9 +190,10 @@ class PersonalizedStrategy(FedAvg):
         for message in replies:
             self.partition_ids[message.metadata.src_node_id] = int(message.content[METRICS]["partition-id"])
 
-    def _identify(self, grid: Grid, node_ids: list[int], server_round: int, timeout: float) -> None:
-        """Ask the nodes whose partition id is not known yet; a node that fails to answer is asked
-        again next round and is not sampled meanwhile."""
+    def _identify(self, grid: Grid, node_ids: list[int], server_round: int, timeout: float | None = None) -> None:
+        """Ask the nodes whose partition id is not known yet (waiting ``timeout`` s, default
+        ``round-timeout``); a node that fails to answer is asked again next round and is not
+        sampled meanwhile."""
         unknown = sorted(set(node_ids) - set(self.partition_ids))
         if not unknown:
             return
@@ -201,7 +202,7 @@ class PersonalizedStrategy(FedAvg):
                     message_type=MessageType.QUERY, dst_node_id=node_id)
             for node_id in unknown
         ]
-        replies = [reply for reply in grid.send_and_receive(questions, timeout=timeout)
+        replies = [reply for reply in grid.send_and_receive(questions, timeout=timeout or self.config.round_timeout)
                    if not reply.has_error() and METRICS in reply.content]
         self._learn_partition_ids(replies)
         self.federation_size = max([self.federation_size, *(int(r.content[METRICS]["num-partitions"]) for r in replies)])
@@ -238,7 +239,7 @@ class PersonalizedStrategy(FedAvg):
         drawn by ``numpy.random.default_rng([seed, round])``."""
         if self._federation_ready:
             _, node_ids = sample_nodes(grid, self.min_available_nodes, 0)
-            self._identify(grid, node_ids, server_round, timeout=self.config.round_timeout)
+            self._identify(grid, node_ids, server_round)
         else:
             node_ids = self._await_federation(grid, server_round)
         by_partition = {pid: node for node, pid in self.partition_ids.items() if node in set(node_ids)}
