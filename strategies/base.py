@@ -205,7 +205,8 @@ class PersonalizedStrategy(FedAvg):
         replies = [reply for reply in grid.send_and_receive(questions, timeout=timeout or self.config.round_timeout)
                    if not reply.has_error() and METRICS in reply.content]
         self._learn_partition_ids(replies)
-        self.federation_size = max([self.federation_size, *(int(r.content[METRICS]["num-partitions"]) for r in replies)])
+        sizes = [int(reply.content[METRICS].get("num-partitions", 0)) for reply in replies]
+        self.federation_size = max([self.federation_size, *sizes])
 
     def _await_federation(self, grid: Grid, server_round: int) -> list[int]:
         """The connected node ids once ``min-available-nodes`` nodes are connected (0: the
