@@ -224,7 +224,7 @@ class PersonalizedStrategy(FedAvg):
                 return node_ids
             known = sorted(self.partition_ids[node] for node in node_ids if node in self.partition_ids)
             if time.monotonic() > deadline:
-                wanted = needed or "num-partitions (no node answered the partition-id query)"
+                wanted = needed or "num-partitions (no node reported it)"
                 raise FederationIncomplete(
                     f"node-wait-timeout: {len(node_ids)} of {wanted} SuperNodes connected after "
                     f"{self.config.node_wait_timeout:g} s (partition ids {known}); start the missing SuperNodes, "
