@@ -30,7 +30,9 @@ from torch import nn
 
 from clients.base import MethodClient
 from fedlora_flwr.config import RunConfig, load_config
-from fedlora_flwr.data import ClientSplit, ImageDataset, PartitionConfig, client_split, client_tensors, load_dataset
+from fedlora_flwr.data import (
+    ClientSplit, DatasetError, ImageDataset, PartitionConfig, client_split, client_tensors, load_dataset, task_spec,
+)
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
@@ -69,6 +71,12 @@ class ClientSession:
         """Build the seeded model and find the client's data; call :meth:`load` next."""
         method = METHODS[config.method].client(config)
         dataset = load_dataset(config.dataset, config.data_dir)
+        expected = task_spec(config.dataset, config.data_dir)  # what the server built its model for
+        if dataset.spec != expected:
+            raise DatasetError(
+                f"data-dir: {config.data_dir} holds {dataset.spec.num_classes} classes of {dataset.spec.image_shape} "
+                f"images, but dataset={config.dataset!r} is {expected.num_classes} classes of {expected.image_shape}"
+            )
         device = pick_device(config.device)
         torch.manual_seed(config.seed)
         model = method.build_model(dataset.spec, partition_id).to(device)
@@ -194,9 +202,11 @@ def train(message: Message, context: Context) -> Message:
 
 @app.query()
 def identify(message: Message, context: Context) -> Message:
-    """Name this node's partition: the server maps node ids (random per run) to partition ids so
-    that it can sample participants reproducibly and address per-client state."""
-    metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+    """Name this node's partition and the federation's size: the server maps node ids (random per
+    run) to partition ids so that it can sample participants reproducibly and address per-client
+    state, and waits for ``num-partitions`` of them before round 1 (``min-available-nodes``)."""
+    node = context.node_config
+    metrics = MetricRecord({"partition-id": int(node["partition-id"]), "num-partitions": int(node["num-partitions"])})
     return Message(RecordDict({METRICS: metrics}), reply_to=message)
 
 

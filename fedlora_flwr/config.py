@@ -74,6 +74,8 @@ class RunConfig(BaseModel):
     run_name: str = ""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
+    min_available_nodes: int = Field(0, ge=0, description="SuperNodes connected before round 1; 0 = num-partitions")
+    node_wait_timeout: float = Field(600.0, gt=0, description="seconds to wait for them, then the run stops")
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: Literal["raise", "timeout", "nan", "wrong-shape"] = Field("raise", description="how they fail")
     tensorboard: bool = Field(False, description="also write per-round metrics to <run-dir>/tensorboard/")

@@ -4,7 +4,9 @@ Three layers, each cached per process (simulated clients run in reused Ray
 actors, and loading the CIFAR-10 npz alone takes ~1.7 s):
 
 1. ``load_dataset(name, data_dir)`` -> :class:`ImageDataset` (uint8 HWC images,
-   int64 labels, normalisation statistics, whether training uses augmentation).
+   int64 labels, normalisation statistics, whether training uses augmentation);
+   ``task_spec(name, data_dir)`` -> :class:`TaskSpec` (class count, image shape)
+   without loading the data, for the ServerApp (a SuperLink holds no data).
 2. ``partition(y_train, y_test, num_clients, scheme, ...)`` -> one
    :class:`ClientSplit` (train/test index arrays) per client;
    ``client_split(name, data_dir, partition_id, cfg)`` loads, partitions and
@@ -27,6 +29,7 @@ Protocol reference: METHODS.md A.7 (FedDecomp ``utils/sampling.py``
 from __future__ import annotations
 
 import functools
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +53,7 @@ __all__ = [
     "make_augment",
     "partition",
     "partition_dataset",
+    "task_spec",
 ]
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "npz", "synthetic")
@@ -135,6 +139,50 @@ def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset:
     if name not in DATASETS:
         raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return _load_cached(name, _path_key(name, data_dir))
+
+
+def _npz_spec(path: Path) -> TaskSpec:
+    """The class count (max label + 1, as :func:`_load_npz`) from the label arrays and the image
+    shape from ``x_train``'s .npy header: the images themselves are not read."""
+    if not path.is_file():
+        raise DatasetError(f"data-dir: {path} is not a file; dataset=npz needs the .npz file (only its labels are read)")
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("x_train.npy") as member:
+            version = np.lib.format.read_magic(member)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, _, _ = read_header[version](member)
+        with np.load(path, allow_pickle=False) as arrays:
+            num_classes = 1 + max(int(arrays[key].astype(np.int64).max(initial=-1)) for key in ("y_train", "y_test"))
+    except Exception as exc:  # BadZipFile, KeyError (a missing array or header version), ValueError
+        raise DatasetError(f"data-dir: cannot read {path} as .npz ({type(exc).__name__}: {exc})") from exc
+    if len(shape) != 4:
+        raise DatasetError(f"data-dir: {path}: x_train must be N x H x W x C images, got shape {shape}")
+    return TaskSpec(num_classes=num_classes, image_shape=(int(shape[3]), int(shape[1]), int(shape[2])))
+
+
+#: What each dataset is, known without its data: ``name -> function(resolved data path) -> TaskSpec``.
+#: The ServerApp builds the initial model from it (a SuperLink holds no data); a client checks its
+#: loaded data against it. A new dataset adds one entry here (a test compares each with the loaded data).
+TASK_SPECS: dict[str, Callable[[Path], TaskSpec]] = {
+    "cifar10": lambda _: TaskSpec(num_classes=10, image_shape=(3, 32, 32)),
+    "cifar100": lambda _: TaskSpec(num_classes=100, image_shape=(3, 32, 32)),
+    "tiny-imagenet": lambda _: TaskSpec(num_classes=200, image_shape=(3, 64, 64)),
+    "npz": _npz_spec,
+    "synthetic": lambda _: TaskSpec(num_classes=SYNTHETIC_CLASSES, image_shape=(3, SYNTHETIC_SIZE, SYNTHETIC_SIZE)),
+}
+
+
+def task_spec(name: str, data_dir: str | Path = "") -> TaskSpec:
+    """Dataset ``name``'s class count and image shape without loading it (see :data:`TASK_SPECS`);
+    ``npz`` reads only its labels and an array header. Cached per process like :func:`load_dataset`."""
+    if name not in DATASETS:
+        raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _task_spec_cached(name, _path_key(name, data_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_spec_cached(name: str, path: str) -> TaskSpec:
+    return TASK_SPECS[name](Path(path))
 
 
 def _path_key(name: str, data_dir: str | Path) -> str:
@@ -319,6 +367,7 @@ def _load_tiny_imagenet(root: Path) -> ImageDataset:
 
 
 SYNTHETIC_CLASSES = 10
+SYNTHETIC_SIZE = 32
 SYNTHETIC_TRAIN_PER_CLASS = 500  # enough for the paper's 500/100 protocol at any alpha
 SYNTHETIC_TEST_PER_CLASS = 100
 
@@ -335,7 +384,7 @@ def _make_synthetic(seed: int = 0) -> ImageDataset:
     works at any alpha. Stored in shuffled order (like the CIFAR-10 npz).
     """
     rng = np.random.default_rng(seed)
-    c, hw = SYNTHETIC_CLASSES, 32
+    c, hw = SYNTHETIC_CLASSES, SYNTHETIC_SIZE
     yy, xx = np.meshgrid(np.arange(hw), np.arange(hw), indexing="ij")
     templates = np.full((c, hw, hw, 3), 128.0, dtype=np.float32)
     for k in range(c):

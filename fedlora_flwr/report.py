@@ -189,10 +189,11 @@ PAPER_TABLE1: dict[tuple[str, str, float], tuple[float, float]] = {
 PAPER_META_KEYS = frozenset({"acc", "std", "source", "note", "table"})
 
 #: config.json keys that do not define an experiment: runs that differ only here are seeds of
-#: one row (device, round-timeout and tensorboard change where/how long a run may take or what it
-#: logs, not what it computes).
+#: one row (device, the timeouts, min-available-nodes and tensorboard change where/how long a run may
+#: take or what it logs, not what it computes).
 IGNORED_KEYS = frozenset(
-    {"seed", "run-name", "run-dir", "output-dir", "data-dir", "device", "round-timeout", "tensorboard"}
+    {"seed", "run-name", "run-dir", "output-dir", "data-dir", "device", "round-timeout", "tensorboard",
+     "min-available-nodes", "node-wait-timeout"}
 )
 
 #: Always part of a row's label, in this order.

@@ -3,7 +3,10 @@
 Validates the run config before anything else (a bad value stops the run with one line naming
 the key), creates the run folder, builds the method's initial shared tensors from a seeded model
 (the clients build the same one, so σ⁰ and the initial τ agree everywhere), and runs the
-method's strategy for ``num-server-rounds`` rounds.
+method's strategy for ``num-server-rounds`` rounds. It reads no data: the class count and image
+shape come from the dataset's metadata (``fedlora_flwr.data.task_spec``), as a SuperLink holds none.
+When ``min-available-nodes`` SuperNodes do not connect within ``node-wait-timeout`` it exits with
+code 3 after one error line.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora_flwr.config import ConfigError, load_config
-from fedlora_flwr.data import DatasetError, load_dataset
+from fedlora_flwr.data import DatasetError, task_spec
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import RunRecorder, create_run_dir
+from strategies.base import FederationIncomplete
 
 app = ServerApp()
 
@@ -28,7 +32,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         config = load_config(context.run_config)
-        task = load_dataset(config.dataset, config.data_dir).spec
+        task = task_spec(config.dataset, config.data_dir)  # no data read: a SuperLink holds none
         run_dir = create_run_dir(config)
     except (ConfigError, DatasetError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
@@ -44,13 +48,17 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(run_dir, config)
     strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=instructions,
-        evaluate_config=ConfigRecord(dict(instructions)),
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=instructions,
+            evaluate_config=ConfigRecord(dict(instructions)),
+        )
+    except FederationIncomplete as err:
+        log(ERROR, "[fedlora-flwr] %s", err)
+        sys.exit(3)
     final = result.arrays if strategy.aggregated_rounds else initial  # no round aggregated: σ̄ is still σ⁰
     recorder.finish(shared=final.to_torch_state_dict())

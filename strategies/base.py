@@ -25,7 +25,10 @@ Participants are reproducible: Flower draws node ids from ``os.urandom``, so the
 asks every node it does not know yet for its partition id (a ``query`` message), then samples
 ``fraction-train`` of the sorted partition ids with a NumPy generator seeded by (seed, round):
 the same seed trains the same clients every round, in simulation and in deployment.
-``metrics.jsonl`` records them (``participants``).
+``metrics.jsonl`` records them (``participants``). Round 1 first waits until
+``min-available-nodes`` SuperNodes are connected (0: the ``num-partitions`` they report), at most
+``node-wait-timeout`` seconds, then raises :class:`FederationIncomplete`; later rounds train
+whoever is connected (Flower's FedAvg would start round 1 with the first node).
 
 With ``fault-fraction`` > 0 a seeded fraction of each round's participants is told (in its
 message config) to fail as ``fault-kind`` says, so that failure handling can be tested and
@@ -38,6 +41,7 @@ as a failure (``num_bad_updates`` too) and left out, never fatal to the run.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import ClassVar
@@ -94,6 +98,10 @@ def mean_distance(records: list[ArrayRecord], center: ArrayRecord) -> float:
 SERVER_DIR = "server"
 
 
+class FederationIncomplete(RuntimeError):
+    """Fewer SuperNodes than ``min-available-nodes`` connected within ``node-wait-timeout``."""
+
+
 class PersonalizedStrategy(FedAvg):
     """Shared-keys aggregation + per-round evaluation of every client + run recording."""
 
@@ -120,6 +128,8 @@ class PersonalizedStrategy(FedAvg):
         self._failed_train: set[int] = set()
         self._sent_evaluate: set[int] = set()
         self.partition_ids: dict[int, int] = {}  # node id -> partition id, learned from replies
+        self.federation_size = 0  # the largest num-partitions a node reported
+        self._federation_ready = False
         self.server_store = PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method)
         self.aggregated_rounds = 0
         self.upload_template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
@@ -180,9 +190,10 @@ class PersonalizedStrategy(FedAvg):
         for message in replies:
             self.partition_ids[message.metadata.src_node_id] = int(message.content[METRICS]["partition-id"])
 
-    def _identify(self, grid: Grid, node_ids: list[int], server_round: int) -> None:
-        """Ask the nodes whose partition id is not known yet; a node that fails to answer is asked
-        again next round and is not sampled meanwhile."""
+    def _identify(self, grid: Grid, node_ids: list[int], server_round: int, timeout: float | None = None) -> None:
+        """Ask the nodes whose partition id is not known yet (waiting ``timeout`` s, default
+        ``round-timeout``); a node that fails to answer is asked again next round and is not
+        sampled meanwhile."""
         unknown = sorted(set(node_ids) - set(self.partition_ids))
         if not unknown:
             return
@@ -191,14 +202,47 @@ class PersonalizedStrategy(FedAvg):
                     message_type=MessageType.QUERY, dst_node_id=node_id)
             for node_id in unknown
         ]
-        replies = grid.send_and_receive(questions, timeout=self.config.round_timeout)
-        self._learn_partition_ids([reply for reply in replies if not reply.has_error() and METRICS in reply.content])
+        replies = [reply for reply in grid.send_and_receive(questions, timeout=timeout or self.config.round_timeout)
+                   if not reply.has_error() and METRICS in reply.content]
+        self._learn_partition_ids(replies)
+        sizes = [int(reply.content[METRICS].get("num-partitions", 0)) for reply in replies]
+        self.federation_size = max([self.federation_size, *sizes])
+
+    def _await_federation(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected node ids once ``min-available-nodes`` nodes are connected (0: the
+        ``num-partitions`` they report) and asked for their partition id; raises
+        :class:`FederationIncomplete` after ``node-wait-timeout``. A connected node whose ClientApp
+        fails counts as present: its failures are counted in the rounds, as any client's."""
+        deadline = time.monotonic() + self.config.node_wait_timeout
+        reported = None
+        while True:
+            node_ids = list(grid.get_node_ids())
+            self._identify(grid, node_ids, server_round, timeout=max(deadline - time.monotonic(), 1.0))
+            needed = self.config.min_available_nodes or self.federation_size
+            if needed and len(node_ids) >= needed:
+                self._federation_ready = True
+                return node_ids
+            known = sorted(self.partition_ids[node] for node in node_ids if node in self.partition_ids)
+            if time.monotonic() > deadline:
+                wanted = needed or "num-partitions (no node reported it)"
+                raise FederationIncomplete(
+                    f"node-wait-timeout: {len(node_ids)} of {wanted} SuperNodes connected after "
+                    f"{self.config.node_wait_timeout:g} s (partition ids {known}); start the missing SuperNodes, "
+                    f"or lower min-available-nodes"
+                )
+            if reported != (len(node_ids), known):
+                log(INFO, "Waiting for SuperNodes: %d of %s connected, partition ids %s", len(node_ids), needed or "?", known)
+                reported = (len(node_ids), known)
+            time.sleep(1.0)
 
     def sample_participants(self, server_round: int, grid: Grid) -> list[int]:
         """The node ids that train this round: ``fraction-train`` of the known partition ids, sorted,
         drawn by ``numpy.random.default_rng([seed, round])``."""
-        _, node_ids = sample_nodes(grid, self.min_available_nodes, 0)
-        self._identify(grid, node_ids, server_round)
+        if self._federation_ready:
+            _, node_ids = sample_nodes(grid, self.min_available_nodes, 0)
+            self._identify(grid, node_ids, server_round)
+        else:
+            node_ids = self._await_federation(grid, server_round)
         by_partition = {pid: node for node, pid in self.partition_ids.items() if node in set(node_ids)}
         partitions = sorted(by_partition)
         count = min(max(int(len(partitions) * self.fraction_train), self.min_train_nodes), len(partitions))
@@ -229,6 +273,8 @@ class PersonalizedStrategy(FedAvg):
     def summary(self) -> None:
         super().summary()  # its "Weighted by" line is Flower's metric-averaging key
         log(INFO, "\t└──> Shared tensors: %s mean over %s", self.aggregation, self.config.partial_average)
+        log(INFO, "\t└──> Round 1 waits for %s SuperNodes (node-wait-timeout %g s)",
+            self.config.min_available_nodes or "num-partitions", self.config.node_wait_timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         node_ids = self.sample_participants(server_round, grid)

@@ -478,3 +478,42 @@ def test_batches_augment_per_sample_and_reproducible(name):
     same = x[:1].repeat(8, 1, 1, 1)
     out = next(D.batches(same, y[:8], 8, augment=augment))[0]
     assert len({tuple(o.flatten()[:200].tolist()) for o in out}) > 1
+
+
+# --------------------------------------------------------------------------- metadata without data
+
+
+def test_every_dataset_has_metadata():
+    assert set(D.TASK_SPECS) == set(D.DATASETS)
+
+
+SHARED_DATA = REAL_NPZ.parents[1]
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("synthetic", Path("")),
+        ("npz", REAL_NPZ),
+        ("cifar10", SHARED_DATA / "cifar10" / "cifar-10-batches-py"),
+        ("cifar100", SHARED_DATA / "cifar100" / "cifar-100-python"),
+        ("tiny-imagenet", SHARED_DATA / "tiny-imagenet" / D.TINY_FOLDER),
+    ],
+)
+def test_metadata_matches_the_loaded_dataset(name, path):
+    """The ServerApp's model comes from task_spec (no data read); the clients' from the loaded data."""
+    if name != "synthetic" and not path.exists():
+        pytest.skip(f"{path} absent: only datasets available offline are compared")
+    data_dir = path if name in ("npz", "synthetic") else path.parent
+    assert D.task_spec(name, data_dir) == D.load_dataset(name, data_dir).spec
+
+
+def test_npz_metadata_reads_labels_and_header_only(tmp_path):
+    path = _write_npz(tmp_path / "tiny.npz")
+    assert D.task_spec("npz", path) == D.load_dataset("npz", path).spec == D.TaskSpec(5, (3, 32, 32))
+    with pytest.raises(DatasetError, match="data-dir") as err:
+        D.task_spec("npz", tmp_path / "absent.npz")
+    assert "\n" not in str(err.value)
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match="cannot read"):
+        D.task_spec("npz", tmp_path / "garbage.npz")

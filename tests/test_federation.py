@@ -423,7 +423,7 @@ class ScriptedGrid(InProcessGrid):
             pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
             server_round = int(message.content["config"]["server-round"])
             if message.metadata.message_type == "query":
-                content = RecordDict({METRICS: MetricRecord({"partition-id": pid})})
+                content = RecordDict({METRICS: MetricRecord({"partition-id": pid, "num-partitions": len(self.contexts)})})
             elif message.metadata.message_type.startswith("train"):
                 metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-samples": 10, "partition-id": pid})
                 content = RecordDict({ARRAYS: message.content[ARRAYS], METRICS: metrics})
