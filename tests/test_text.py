@@ -262,3 +262,13 @@ def test_adapter_method_on_an_image_model_is_one_line(tmp_path):
     with pytest.raises(text_models.ModelError) as info:
         client.build_model(data.TaskSpec(10), 0)
     assert "model=minilm" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_local_lora_is_the_adapter_baseline_on_pretrained_models_only():
+    from clients.adapters import LocalAdapterClient
+    from clients.local import LocalLoRAClient
+
+    text_client = METHODS["local-lora"].client(load_config({**app_defaults(), **TINY, "method": "local-lora"}))
+    image_client = METHODS["local-lora"].client(load_config({**app_defaults(), "method": "local-lora"}))
+    assert type(text_client) is LocalAdapterClient and type(image_client) is LocalLoRAClient
+    assert image_client.decomposed
