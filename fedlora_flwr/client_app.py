@@ -36,6 +36,8 @@ from fedlora_flwr.data import (
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
+from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
+from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
 from strategies.base import ARRAYS, METRICS
@@ -57,7 +59,7 @@ class ClientSession:
     config: RunConfig
     method: MethodClient
     partition_id: int
-    dataset: ImageDataset
+    dataset: ImageDataset | TokenizedText
     split: ClientSplit
     model: nn.Module
     store: PersonalStateStore
@@ -77,6 +79,8 @@ class ClientSession:
                 f"data-dir: {config.data_dir} holds {dataset.spec.num_classes} classes of {dataset.spec.image_shape} "
                 f"images, but dataset={config.dataset!r} is {expected.num_classes} classes of {expected.image_shape}"
             )
+        if isinstance(dataset, TextDataset):  # token ids of the model's tokenizer, once per process
+            dataset = tokenized(dataset, checkpoint_path(config.model), config.max_seq_length)
         device = pick_device(config.device)
         torch.manual_seed(config.seed)
         model = method.build_model(dataset.spec, partition_id).to(device)
@@ -132,7 +136,11 @@ class ClientSession:
         self.method.load(self, received, training)
 
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = client_tensors(self.dataset, self.split.train if train else self.split.test, train=train)
+        indices = self.split.train if train else self.split.test
+        if isinstance(self.dataset, TokenizedText):
+            x, y = self.dataset.tensors(indices, train)
+        else:
+            x, y = client_tensors(self.dataset, indices, train=train)
         return x.to(self.device), y.to(self.device)
 
     def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from fedlora_flwr.data import DATASETS
 from fedlora_flwr.models import MODELS
+from fedlora_flwr.text import TEXT_DATASETS
+from fedlora_flwr.text_models import HF_PREFIX, is_text_model
 
 _PATH_KEYS = ("data-dir", "output-dir")
 
@@ -31,6 +33,7 @@ _PATH_KEYS = ("data-dir", "output-dir")
 MethodName = Literal[
     "fedlora", "fedavg", "local", "fedavg-lora", "local-lora",
     "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
+    "fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "fedavg-head",
 ]
 
 
@@ -93,6 +96,16 @@ class RunConfig(BaseModel):
     fedcac_tau: float = Field(0.5, ge=0, le=1, description="FedCAC τ: fraction of critical parameters (E.10)")
     fedcac_beta: int = Field(100, ge=1, description="FedCAC β: collaboration threshold growth (E.10)")
 
+    # Text track and adapters on pretrained models (METHODS.md §B).
+    max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
+    local_steps: int = Field(10, ge=1, description="local mini-batch steps per round of the adapter methods (B.2)")
+    lora_r: int = Field(8, ge=1, description="LoRA rank r (B.1)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA α: scaling α/r, or α/√r with rsLoRA (B.1, B.5)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (B.1)")
+    lora_target_modules: str = Field("query,value", min_length=1, description="comma-separated module names")
+    vera_r: int = Field(256, ge=1, description="VeRA rank r_v of the shared random projections (B.5)")
+    vera_lr: float = Field(0.01, gt=0, description="FedSA-VeRA AdamW learning rate (B.5: lr_c)")
+
     @field_validator("pfedgate_budget")
     @classmethod
     def _full_budget_only(cls, value: float) -> float:
@@ -104,8 +117,14 @@ class RunConfig(BaseModel):
     @classmethod
     def _registered(cls, value: str, info: ValidationInfo) -> str:
         choices = {"dataset": DATASETS, "model": MODELS}[info.field_name]
-        if value not in choices:
-            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {sorted(choices)}")
+        any_hf = info.field_name == "model" and value.startswith(HF_PREFIX) and len(value) > len(HF_PREFIX)
+        if value not in choices and not any_hf:
+            hint = " or 'hf:<name>'" if info.field_name == "model" else ""
+            raise ValueError(f"unknown {info.field_name} {value!r}; choose one of {sorted(choices)}{hint}")
+        if info.field_name == "model" and "dataset" in info.data:
+            text_data, text_model = info.data["dataset"] in TEXT_DATASETS, is_text_model(value)
+            if text_data != text_model:
+                raise ValueError(f"dataset={info.data['dataset']!r} needs a {'text' if text_data else 'vision'} model")
         return value
 
     @field_validator("run_name")

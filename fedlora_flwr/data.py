@@ -33,9 +33,13 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from fedlora_flwr.text import TextDataset
 
 __all__ = [
     "DATASETS",
@@ -56,7 +60,7 @@ __all__ = [
     "task_spec",
 ]
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "npz", "synthetic")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "tiny-imagenet", "npz", "synthetic", "agnews")
 SCHEMES: tuple[str, ...] = ("dirichlet", "pathological", "iid")
 
 HALF_MEAN = (0.5, 0.5, 0.5)
@@ -86,10 +90,12 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a model builder needs to know of the data: class count and one image's (C, H, W)."""
+    """What a model builder needs to know of the data: class count and one image's (C, H, W),
+    or ``modality="text"`` (samples are token ids; their length is the run's ``max-seq-length``)."""
 
     num_classes: int
     image_shape: tuple[int, int, int] = (3, 32, 32)
+    modality: str = "image"
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,14 +133,15 @@ class ImageDataset:
         return make_augment(self.train_augment, self.mean, self.std, size=int(self.x_train.shape[1]))
 
 
-def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset:
+def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset | TextDataset:
     """Load dataset ``name`` (one of :data:`DATASETS`), cached per process.
 
     ``data_dir`` is the torchvision root for ``cifar10``/``cifar100`` (the
     extracted ``cifar-*-python`` folder or its ``.tar.gz`` must already be
     there when offline), the folder holding ``tiny-imagenet-200/`` (or that
     folder itself) for ``tiny-imagenet``, the ``.npz`` file for ``npz``, and
-    ignored for ``synthetic``. The cache is keyed on (name, resolved path).
+    ignored for ``synthetic``; text datasets: see ``fedlora_flwr.text``. The cache is keyed on
+    (name, resolved path).
     """
     if name not in DATASETS:
         raise DatasetError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -169,6 +176,7 @@ TASK_SPECS: dict[str, Callable[[Path], TaskSpec]] = {
     "tiny-imagenet": lambda _: TaskSpec(num_classes=200, image_shape=(3, 64, 64)),
     "npz": _npz_spec,
     "synthetic": lambda _: TaskSpec(num_classes=SYNTHETIC_CLASSES, image_shape=(3, SYNTHETIC_SIZE, SYNTHETIC_SIZE)),
+    "agnews": lambda _: TaskSpec(num_classes=4, modality="text"),  # fedlora_flwr.text.AGNEWS_CLASSES
 }
 
 
@@ -194,7 +202,11 @@ def _path_key(name: str, data_dir: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, path: str) -> ImageDataset:
+def _load_cached(name: str, path: str) -> ImageDataset | TextDataset:
+    if name == "agnews":
+        from fedlora_flwr.text import load_text_dataset  # text data lives in its own module
+
+        return load_text_dataset(name, path)
     if name == "cifar10":
         return _load_torchvision("CIFAR10", Path(path), HALF_MEAN, HALF_STD, augment="")
     if name == "cifar100":

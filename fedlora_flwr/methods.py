@@ -7,8 +7,18 @@ their clients decide what is uploaded. The names are ``fedlora_flwr.config.Metho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from clients.adapters import (
+    AdapterClient,
+    FedAvgHeadClient,
+    FedSALoRAClient,
+    FedSArsLoRAClient,
+    FedSAVeRAClient,
+    FFALoRAClient,
+    LocalAdapterClient,
+)
 from clients.base import MethodClient
 from clients.fedamp import FedAMPClient
 from clients.fedavg import FedAvgClient, FedAvgLoRAClient
@@ -21,6 +31,8 @@ from clients.fedrod import FedRoDClient
 from clients.local import LocalClient, LocalLoRAClient
 from clients.pfedgate import PFedGateClient
 from clients.pfedsd import PFedSDClient
+from fedlora_flwr.config import RunConfig
+from fedlora_flwr.text_models import is_text_model
 from strategies.base import PersonalizedStrategy
 from strategies.fedamp import FedAMPStrategy
 from strategies.fedavg import FedAvgStrategy
@@ -31,8 +43,15 @@ from strategies.local import LocalStrategy
 
 @dataclass(frozen=True)
 class Method:
-    client: type[MethodClient]
+    client: Callable[[RunConfig], MethodClient]  # a MethodClient subclass, or a function choosing one
     strategy: type[PersonalizedStrategy]
+
+
+def local_lora(config: RunConfig) -> MethodClient:
+    """``local-lora``: on a pretrained text model the FedSA-LoRA paper's local baseline (PEFT LoRA +
+    head kept per client, backbone frozen); from scratch FedLoRA's Table 4 control (its decomposed
+    model trained jointly and kept)."""
+    return LocalAdapterClient(config) if is_text_model(config.model) else LocalLoRAClient(config)
 
 
 METHODS: dict[str, Method] = {
@@ -41,7 +60,7 @@ METHODS: dict[str, Method] = {
     "local": Method(LocalClient, LocalStrategy),
     # FedLoRA paper Table 4 controls: the decomposed model without FedLoRA's partition/schedule.
     "fedavg-lora": Method(FedAvgLoRAClient, FedAvgStrategy),
-    "local-lora": Method(LocalLoRAClient, LocalStrategy),
+    "local-lora": Method(local_lora, LocalStrategy),
     # The PFL baselines of FedLoRA's Table 1 (METHODS.md §E).
     "fedper": Method(FedPerClient, FedAvgStrategy),
     "fedrep": Method(FedRepClient, FedAvgStrategy),
@@ -51,4 +70,11 @@ METHODS: dict[str, Method] = {
     "pfedsd": Method(PFedSDClient, FedAvgStrategy),
     "pfedgate": Method(PFedGateClient, FedAvgStrategy),
     "fedcac": Method(FedCACClient, FedCACStrategy),
+    # Adapters on a frozen pretrained model (FedSA-LoRA paper; METHODS.md §B): sample-weighted mean.
+    "fedsa-lora": Method(FedSALoRAClient, FedAvgStrategy),
+    "fedsa-rslora": Method(FedSArsLoRAClient, FedAvgStrategy),
+    "fedsa-vera": Method(FedSAVeRAClient, FedAvgStrategy),
+    "lora": Method(AdapterClient, FedAvgStrategy),
+    "ffa-lora": Method(FFALoRAClient, FedAvgStrategy),
+    "fedavg-head": Method(FedAvgHeadClient, FedAvgStrategy),
 }

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import functools
+
 import torch
 import torch.nn as nn
+
+from fedlora_flwr.text_models import HF_PREFIX, MINILM, text_classifier
 
 __all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model", "resnet8", "resnet10",
            "small_cnn"]
@@ -140,13 +144,17 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet8,
     "resnet10": resnet10,
     "cnn": small_cnn,
+    # Text (token-id input; fedlora_flwr.text_models): the pretrained MiniLM-L6; "hf:<name>" also builds.
+    MINILM: functools.partial(text_classifier, MINILM),
 }
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """Build a registered model (``MODELS``) for ``num_classes`` classes."""
-    if name not in MODELS:
+    """Build a registered model (``MODELS``, or ``hf:<name>``) for ``num_classes`` classes."""
+    if name not in MODELS and not name.startswith(HF_PREFIX):
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name.startswith(HF_PREFIX):
+        return text_classifier(name, num_classes)
     return MODELS[name](num_classes)

@@ -23,6 +23,7 @@ from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.data import DatasetError, task_spec
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import RunRecorder, create_run_dir
+from fedlora_flwr.text_models import ModelError
 from strategies.base import FederationIncomplete
 
 app = ServerApp()
@@ -33,16 +34,16 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = load_config(context.run_config)
         task = task_spec(config.dataset, config.data_dir)  # no data read: a SuperLink holds none
+        method = METHODS[config.method]
+        torch.manual_seed(config.seed)
+        client = method.client(config)
+        model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, ModelError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
     log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
 
-    method = METHODS[config.method]
-    torch.manual_seed(config.seed)
-    client = method.client(config)
-    model = client.build_model(task, partition_id=0)
     initial = ArrayRecord(client.initial_download(model))
 
     recorder = RunRecorder(run_dir, config)

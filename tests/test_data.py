@@ -498,13 +498,14 @@ SHARED_DATA = REAL_NPZ.parents[1]
         ("cifar10", SHARED_DATA / "cifar10" / "cifar-10-batches-py"),
         ("cifar100", SHARED_DATA / "cifar100" / "cifar-100-python"),
         ("tiny-imagenet", SHARED_DATA / "tiny-imagenet" / D.TINY_FOLDER),
+        ("agnews", SHARED_DATA / "agnews" / "agnews.jsonl.gz"),
     ],
 )
 def test_metadata_matches_the_loaded_dataset(name, path):
     """The ServerApp's model comes from task_spec (no data read); the clients' from the loaded data."""
     if name != "synthetic" and not path.exists():
         pytest.skip(f"{path} absent: only datasets available offline are compared")
-    data_dir = path if name in ("npz", "synthetic") else path.parent
+    data_dir = path if name in ("npz", "synthetic", "agnews") else path.parent
     assert D.task_spec(name, data_dir) == D.load_dataset(name, data_dir).spec
 
 

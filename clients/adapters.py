@@ -1,0 +1,137 @@
+"""Adapter methods on a frozen pretrained model (FedSA-LoRA paper, arXiv 2410.01463; METHODS.md §B).
+
+The base :class:`AdapterClient` builds the pretrained text model (``model=minilm`` or ``hf:<name>``),
+wraps it with PEFT adapters (``fedlora_flwr.peft_models``) and trains every non-frozen tensor
+*jointly* for ``local-steps`` mini-batches per round with plain SGD (no momentum, no weight decay,
+``lr``; FedSA-LoRA's config: 10 steps of batch 128, lr 0.02; METHODS.md B.2). The backbone is the
+frozen group: never trained, stored or sent. The methods differ only in their partition:
+
+=================  =====================  ==========================  =====================
+method             shared (averaged)      personal (store)            frozen
+=================  =====================  ==========================  =====================
+``fedsa-lora``     ``lora_A``             ``lora_B``, head            backbone
+``fedsa-rslora``   ``lora_A``             ``lora_B``, head            backbone (α/√r)
+``fedsa-vera``     ``vera_lambda_d``      ``vera_lambda_b``, head     backbone, A_v, B_v
+``lora``           A, B, head             —                           backbone
+``ffa-lora``       B, head                —                           backbone, A (its init)
+``local-lora``     —                      A, B, head                  backbone
+``fedavg-head``    head                   —                           backbone (no adapter)
+=================  =====================  ==========================  =====================
+
+The server is FedAvg's sample-weighted mean of what is uploaded (B.3). Deviations from the official
+code (stated in METHODS.md B.6): B and the head are kept per client in the personal-state store (the
+shipped config passes one B from client to client); weights stay float32 (no fp16 cast on CPU).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import nn
+
+from clients.base import MethodClient
+from fedlora_flwr.data import TaskSpec
+from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, nothing
+from fedlora_flwr.peft_models import (
+    AdapterKind,
+    AdapterSpec,
+    is_backbone,
+    is_head,
+    is_lora_a,
+    is_lora_b,
+    is_vera_lambda_b,
+    wrap,
+)
+from fedlora_flwr.text_models import ModelError, is_text_model, text_classifier
+
+
+class AdapterClient(MethodClient):
+    """LoRA (``lora``: A, B and head averaged, the FedSA-LoRA paper's "LoRA" baseline)."""
+
+    partition = ParameterPartition(personal=nothing, frozen=is_backbone)
+    #: The PEFT adapter; None trains the head alone.
+    adapter: ClassVar[AdapterKind | None] = "lora"
+
+    def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
+        config = self.config
+        if not is_text_model(config.model):
+            raise ModelError(f"method={config.method!r} fine-tunes a pretrained model: set model=minilm or hf:<name>")
+        model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
+        if self.adapter is None:
+            return model
+        vera = self.adapter == "vera"
+        spec = AdapterSpec(
+            kind=self.adapter,
+            r=config.vera_r if vera else config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip()),
+        )
+        return wrap(model, spec)
+
+    def optimizer(self) -> OptimizerSpec:
+        return OptimizerSpec(momentum=0.0)
+
+    def schedule(self) -> list[Phase]:
+        return [Phase(groups=("shared", "personal"), steps=self.config.local_steps, optimizer=self.optimizer())]
+
+
+def _personal_b_and_head(key: str, module: nn.Module) -> bool:
+    return is_lora_b(key) or is_head(key)
+
+
+class FedSALoRAClient(AdapterClient):
+    """FedSA-LoRA (§3, Alg. 1): A shared, B and the classification head personal (B.1)."""
+
+    partition = ParameterPartition(personal=_personal_b_and_head, frozen=is_backbone)
+
+
+class FedSArsLoRAClient(FedSALoRAClient):
+    """FedSA-rsLoRA (B.5): FedSA-LoRA with rsLoRA's scaling α/√r."""
+
+    adapter = "rslora"
+
+
+def _personal_lambda_b_and_head(key: str, module: nn.Module) -> bool:
+    return is_vera_lambda_b(key) or is_head(key)
+
+
+class FedSAVeRAClient(AdapterClient):
+    """FedSA-VeRA (B.5): λ_d shared (the A-side vector), λ_b and head personal; A_v, B_v frozen.
+
+    AdamW as in the official code, one learning rate ``vera-lr`` (default 0.01 = its head lr
+    ``lr_c``) for λ and head, without its linear warm-up that restarts every round (B.6); the
+    official code gives the adapter ``train.optimizer.lr`` and the head ``lr_c``."""
+
+    partition = ParameterPartition(personal=_personal_lambda_b_and_head, frozen=is_backbone)
+    adapter = "vera"
+
+    def optimizer(self) -> OptimizerSpec:
+        return OptimizerSpec(name="adamw", lr=self.config.vera_lr)
+
+
+def _backbone_or_lora_a(key: str, module: nn.Module) -> bool:
+    return is_backbone(key) or is_lora_a(key)
+
+
+class FFALoRAClient(AdapterClient):
+    """FFA-LoRA (Sun et al., ICLR 2024; B.5): A frozen at its seeded init (the same on every client),
+    B and head trained and averaged: a global model, uploads B and head only."""
+
+    partition = ParameterPartition(personal=nothing, frozen=_backbone_or_lora_a)
+
+
+def _not_backbone(key: str, module: nn.Module) -> bool:
+    return not is_backbone(key)
+
+
+class LocalAdapterClient(AdapterClient):
+    """``local-lora`` on a pretrained model: adapters and head trained and kept, nothing sent."""
+
+    partition = ParameterPartition(personal=_not_backbone, frozen=is_backbone)
+
+
+class FedAvgHeadClient(AdapterClient):
+    """Linear probing with FedAvg: only the head trained (on the frozen backbone) and averaged."""
+
+    adapter = None
