@@ -20,6 +20,7 @@ from clients.fedrep import FedRepClient
 from clients.fedrod import FedRoDClient
 from clients.local import LocalClient, LocalLoRAClient
 from clients.pfedgate import PFedGateClient
+from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from clients.pfedsd import PFedSDClient
 from strategies.base import PersonalizedStrategy
 from strategies.fedamp import FedAMPStrategy
@@ -51,4 +52,8 @@ METHODS: dict[str, Method] = {
     "pfedsd": Method(PFedSDClient, FedAvgStrategy),
     "pfedgate": Method(PFedGateClient, FedAvgStrategy),
     "fedcac": Method(FedCACClient, FedCACStrategy),
+    # pFedLoRA (METHODS.md §C): heterogeneous local models, a shared homogeneous adapter; and its
+    # FedAvg-style control (same model and partition, one joint phase).
+    "pfedlora": Method(PFedLoRAClient, FedAvgStrategy),
+    "fedavg-adapter": Method(FedAvgAdapterClient, FedAvgStrategy),
 }
