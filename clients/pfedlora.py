@@ -86,16 +86,19 @@ class PFedLoRAClient(MethodClient):
         adapter = LowRankAdapter(local.fc.in_features, task.num_classes, self.config.pfedlora_rank, generator)
         return PFedLoRAModel(local, adapter, self.config.pfedlora_mu)
 
-    def _optimizer(self) -> dict:
+    def phase(self, groups: tuple, epochs: int, eval_groups: tuple = ("frozen",)) -> Phase:
+        """A phase with C.3's optimizer: SGD (``pfedlora-lr``, the run's momentum,
+        ``pfedlora-weight-decay``), gradient norm clipped at ``pfedlora-max-grad-norm``."""
         config = self.config
-        return {"optimizer": OptimizerSpec(lr=config.pfedlora_lr, weight_decay=config.pfedlora_weight_decay),
-                "max_grad_norm": config.pfedlora_max_grad_norm}
+        optimizer = OptimizerSpec(lr=config.pfedlora_lr, weight_decay=config.pfedlora_weight_decay)
+        return Phase(groups, epochs=epochs, optimizer=optimizer, max_grad_norm=config.pfedlora_max_grad_norm,
+                     eval_groups=eval_groups)
 
     def schedule(self) -> list[Phase]:
-        config = self.config
+        """Phase L: F_k with θ frozen (E_1); phase G: θ with F_k frozen and in eval mode (E_2)."""
         return [
-            Phase(("personal",), epochs=config.pfedlora_local_epochs, eval_groups=("shared", "frozen"), **self._optimizer()),
-            Phase(("shared",), epochs=config.pfedlora_adapter_epochs, eval_groups=("personal", "frozen"), **self._optimizer()),
+            self.phase(("personal",), self.config.pfedlora_local_epochs, eval_groups=("shared", "frozen")),
+            self.phase(("shared",), self.config.pfedlora_adapter_epochs, eval_groups=("personal", "frozen")),
         ]
 
     def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
@@ -114,6 +117,5 @@ class PFedLoRAClient(MethodClient):
 
 class FedAvgAdapterClient(PFedLoRAClient):
     def schedule(self) -> list[Phase]:
-        config = self.config
-        epochs = config.pfedlora_local_epochs + config.pfedlora_adapter_epochs
-        return [Phase(("shared", "personal"), epochs=epochs, **self._optimizer())]
+        """One joint phase of E_1 + E_2 epochs (FedAvg's schedule)."""
+        return [self.phase(("shared", "personal"), self.config.pfedlora_local_epochs + self.config.pfedlora_adapter_epochs)]
