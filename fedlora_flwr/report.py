@@ -337,8 +337,11 @@ def _hashable(value: Any) -> Any:
 
 
 def experiment_config(run: Run) -> dict[str, Any]:
-    """What defines ``run``'s row: config.json minus :data:`IGNORED_KEYS`, plus num-clients."""
+    """What defines ``run``'s row: config.json minus :data:`IGNORED_KEYS`, plus num-clients;
+    ``model`` is shown as the family in a ``model-family`` run (where it is unused)."""
     config = {key: value for key, value in run.config.items() if key not in IGNORED_KEYS}
+    if config.get("model-family"):
+        config["model"] = config["model-family"]
     config.setdefault("num-clients", run.num_clients)
     return config
 
