@@ -27,7 +27,7 @@ from torch import nn
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import decompose
-from fedlora_flwr.models import build_model
+from fedlora_flwr.models import build_model, family_member
 from fedlora_flwr.training import cross_entropy, plain_predict
 
 if TYPE_CHECKING:
@@ -48,11 +48,21 @@ class MethodClient:
 
     # ------------------------------------------------------------------ model and schedule
 
+    def architecture(self, partition_id: int) -> str:
+        """The registered model this client builds: ``model``, or its member of ``model-family``."""
+        family = self.config.model_family
+        return family_member(family, partition_id) if family else self.config.model
+
+    def client_group(self, partition_id: int) -> str | None:
+        """The label the server groups this client's accuracy under (``acc_per_group``): its
+        architecture in a ``model-family`` run; None (no groups) otherwise."""
+        return self.architecture(partition_id) if self.config.model_family else None
+
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         """The client model; callers seed torch first so every client builds the same init.
 
-        ``partition_id`` lets a method give clients different architectures (pFedLoRA)."""
-        model = build_model(self.config.model, task.num_classes)
+        ``partition_id`` picks the client's architecture in a ``model-family`` run (pFedLoRA)."""
+        model = build_model(self.architecture(partition_id), task.num_classes)
         if self.decomposed:
             model = decompose(model, rank_conv=self.config.rank_conv, rank_linear=self.config.rank_linear)
         return model

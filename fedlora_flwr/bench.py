@@ -12,6 +12,12 @@ count, torch/flwr versions and the exact settings.
 - ``memory``: peak memory of the whole simulation process tree for 40, 200 and 1,000 clients
   (personal state lives on disk, so it should stay nearly flat).
 - ``comm``: bytes up and down per round for each method and model.
+- ``cost``: pFedLoRA's computation and communication figures: training FLOPs per round per client
+  (counted by ``torch.utils.flop_counter.FlopCounterMode`` around one real round of local training:
+  matmuls and convolutions, forward and backward, 2 FLOPs per multiply-add; element-wise ops and
+  the optimizer step are not counted) and bytes up per round per client (the reply's ArrayRecord),
+  for every architecture of ``cnn-hetero`` under pfedlora and its controls, against FedAvg on the
+  family's largest member (CNN-1); ``local`` and ``fedavg`` train E_1 + E_2 epochs.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ from typing import Any
 import psutil
 import torch
 from flwr.app import ArrayRecord
+from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import load_dataset
 from fedlora_flwr.grid import app_defaults, default_app_dir
 from fedlora_flwr.methods import METHODS
+from fedlora_flwr.models import MODEL_FAMILIES
 from fedlora_flwr.store import write_atomic
 from fedlora_flwr.superlink import LocalSuperLink
 from strategies.base import average_arrays
@@ -214,7 +222,48 @@ def bench_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {"rows": rows, "settings": {"note": "bytes_down counts the train and the evaluate broadcasts"}}
 
 
-BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm}
+def training_cost(config: RunConfig, partition_id: int, num_clients: int, store_root: Path) -> tuple[int, int]:
+    """(FLOPs, bytes up) of one round of client ``partition_id``'s local training, measured on the
+    real session: FlopCounterMode around ``train()``, the upload's ArrayRecord bytes."""
+    task = load_dataset(config.dataset, config.data_dir).spec
+    torch.manual_seed(config.seed)
+    client = METHODS[config.method].client(config)
+    shared = client.initial_download(client.build_model(task, partition_id=0))
+    session = ClientSession.create(config, partition_id, num_clients, store_root, server_round=1)
+    session.load(shared, training=True)
+    with FlopCounterMode(display=False) as counter:
+        _, upload = session.train()
+    return int(counter.get_total_flops()), ArrayRecord(upload).count_bytes()
+
+
+def bench_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """pFedLoRA (METHODS.md §C) on cnn-hetero, one client per architecture, against FedAvg on CNN-1."""
+    base = _base(args, work, **{"train-per-client": args.train_per_client, "run-name": "cost"})
+    probe = load_config({**app_defaults(APP_DIR), **base})
+    epochs = probe.pfedlora_local_epochs + probe.pfedlora_adapter_epochs
+    setups = [(method, {"method": method, "model-family": "cnn-hetero", "local-epochs": epochs})
+              for method in ("pfedlora", "fedavg-adapter", "local")]
+    setups.append(("fedavg", {"method": "fedavg", "model": "cnn-1", "local-epochs": epochs}))
+    rows = []
+    for method, overrides in setups:
+        config = load_config({**app_defaults(APP_DIR), **base, **overrides})
+        client = METHODS[method].client(config)
+        members = len(MODEL_FAMILIES[config.model_family]) if config.model_family else 1
+        for pid in range(members):
+            flops, bytes_up = training_cost(config, pid, members, work / f"cost-{method}")
+            rows.append({"method": method, "architecture": client.architecture(pid),
+                         "train_flops_per_round": flops, "bytes_up_per_round": bytes_up})
+    reference = next(row for row in rows if row["method"] == "fedavg")
+    for row in rows:
+        row["flops_ratio_fedavg_cnn1"] = round(reference["train_flops_per_round"] / row["train_flops_per_round"], 2)
+        row["bytes_ratio_fedavg_cnn1"] = (round(reference["bytes_up_per_round"] / row["bytes_up_per_round"], 2)
+                                          if row["bytes_up_per_round"] else None)
+    return {"rows": rows, "settings": {**base, "epochs_per_round": epochs,
+                                       "flops": "FlopCounterMode: matmul/conv forward+backward, 2 per multiply-add"}}
+
+
+BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm,
+              "cost": bench_cost}
 
 
 def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
@@ -244,7 +293,7 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="framework overhead, throughput, memory and communication benchmarks")
+    parser = subparsers.add_parser("bench", help="framework overhead, throughput, memory, communication and pFedLoRA cost benchmarks")
     parser.add_argument("which", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for <benchmark>.json")
     parser.add_argument("--dataset", choices=["npz", "synthetic"], default="npz",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -40,7 +40,7 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from strategies.base import ARRAYS, METRICS
+from strategies.base import ARRAYS, CLIENT_INFO, METRICS
 
 app = ClientApp()
 
@@ -172,6 +172,9 @@ class ClientSession:
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})
+        group = self.method.client_group(self.partition_id)
+        if group is not None:
+            content[CLIENT_INFO] = ConfigRecord({"group": group})
         if arrays is not None:
             content[ARRAYS] = arrays
         return Message(content, reply_to=message)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedlora_flwr.data import DATASETS
-from fedlora_flwr.models import MODELS
+from fedlora_flwr.models import MODEL_FAMILIES, MODELS
 from fedlora_flwr.text import TEXT_DATASETS
 from fedlora_flwr.text_models import HF_PREFIX, is_text_model
 
@@ -34,7 +34,11 @@ MethodName = Literal[
     "fedlora", "fedavg", "local", "fedavg-lora", "local-lora",
     "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
     "fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "fedavg-head",
+    "pfedlora", "fedavg-adapter",
 ]
+#: The methods whose uploads do not depend on the client's architecture, so that clients of a
+#: ``model-family`` can be federated (a test checks their upload templates agree across a family).
+HETEROGENEOUS_METHODS = ("pfedlora", "fedavg-adapter", "local")
 
 
 class ConfigError(ValueError):
@@ -60,6 +64,7 @@ class RunConfig(BaseModel):
     train_per_client: int = Field(500, ge=1)
     test_per_client: int = Field(100, ge=1)
     model: str = "resnet8"
+    model_family: str = Field("", description="when set, client k builds member k mod n of this family; `model` is unused")
     num_server_rounds: int = Field(3, ge=1, description="T")
     local_epochs: int = Field(5, ge=1, description="E")
     lora_epochs: int = Field(2, ge=0, description="E_lora (FedLoRA, eq. 6)")
@@ -95,6 +100,13 @@ class RunConfig(BaseModel):
     pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="pFedGate gradient-norm clip (E.9)")
     fedcac_tau: float = Field(0.5, ge=0, le=1, description="FedCAC τ: fraction of critical parameters (E.10)")
     fedcac_beta: int = Field(100, ge=1, description="FedCAC β: collaboration threshold growth (E.10)")
+    pfedlora_rank: int = Field(16, ge=1, description="pFedLoRA adapter rank r (C.2)")
+    pfedlora_mu: float = Field(0.5, ge=0, le=1, description="pFedLoRA μ: weight of the local head FC3_k (C.2)")
+    pfedlora_local_epochs: int = Field(1, ge=0, description="pFedLoRA E_1: local model, adapter frozen (C.3)")
+    pfedlora_adapter_epochs: int = Field(1, ge=0, description="pFedLoRA E_2: adapter, local model frozen (C.3)")
+    pfedlora_lr: float = Field(0.01, gt=0, description="pFedLoRA SGD learning rate (C.3)")
+    pfedlora_weight_decay: float = Field(1e-3, ge=0, description="pFedLoRA SGD weight decay (C.3)")
+    pfedlora_max_grad_norm: float = Field(50.0, gt=0, description="pFedLoRA gradient-norm clip (C.3)")
 
     # Text track and adapters on pretrained models (METHODS.md §B).
     max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
@@ -125,6 +137,19 @@ class RunConfig(BaseModel):
             text_data, text_model = info.data["dataset"] in TEXT_DATASETS, is_text_model(value)
             if text_data != text_model:
                 raise ValueError(f"dataset={info.data['dataset']!r} needs a {'text' if text_data else 'vision'} model")
+        return value
+
+    @field_validator("model_family")
+    @classmethod
+    def _family_for_heterogeneous_method(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        if value not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model family {value!r}; choose one of {sorted(MODEL_FAMILIES)} or \"\"")
+        method = info.data.get("method")
+        if method is not None and method not in HETEROGENEOUS_METHODS:
+            raise ValueError(f"method {method!r} shares architecture-dependent tensors; "
+                             f"only {', '.join(HETEROGENEOUS_METHODS)} federate a model family")
         return value
 
     @field_validator("run_name")

@@ -30,6 +30,7 @@ from clients.fedrep import FedRepClient
 from clients.fedrod import FedRoDClient
 from clients.local import LocalClient, LocalLoRAClient
 from clients.pfedgate import PFedGateClient
+from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from clients.pfedsd import PFedSDClient
 from fedlora_flwr.config import RunConfig
 from fedlora_flwr.text_models import is_text_model
@@ -77,4 +78,8 @@ METHODS: dict[str, Method] = {
     "lora": Method(AdapterClient, FedAvgStrategy),
     "ffa-lora": Method(FFALoRAClient, FedAvgStrategy),
     "fedavg-head": Method(FedAvgHeadClient, FedAvgStrategy),
+    # pFedLoRA (METHODS.md §C): heterogeneous local models, a shared homogeneous adapter; and its
+    # FedAvg-style control (same model and partition, one joint phase).
+    "pfedlora": Method(PFedLoRAClient, FedAvgStrategy),
+    "fedavg-adapter": Method(FedAvgAdapterClient, FedAvgStrategy),
 }

@@ -1,8 +1,15 @@
-"""Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (METHODS.md A.3), and a small CNN.
+"""Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (METHODS.md A.3), a small CNN, and
+pFedLoRA's heterogeneous CNN-1..5 (METHODS.md C.1), grouped in the model family ``cnn-hetero``.
 
 All models take NCHW float input of shape (N, 3, 32, 32); the ResNets and the CNN also accept
-64×64 (Tiny ImageNet, fed unresized). Each has a classifier ``fc`` (the "head" of FedPer, FedRep
-and FedRoD) on top of ``features(x)`` (the "body"). Decompose them with :func:`fedlora_flwr.lora.decompose`.
+64×64 (Tiny ImageNet, fed unresized), CNN-1..5 only 32×32. Each has a classifier ``fc`` (the
+"head" of FedPer, FedRep and FedRoD) on top of ``features(x)`` (the "body"). Decompose them with
+:func:`fedlora_flwr.lora.decompose`.
+
+A *model family* (:data:`MODEL_FAMILIES`) gives clients different architectures: client k builds
+member ``k mod len(family)`` (run-config key ``model-family``). Register one by adding an entry
+whose members are :data:`MODELS` names; for pFedLoRA their ``fc`` must share ``in_features``
+(the adapter acts on that representation).
 """
 
 from __future__ import annotations
@@ -16,8 +23,8 @@ import torch.nn as nn
 
 from fedlora_flwr.text_models import HF_PREFIX, MINILM, text_classifier
 
-__all__ = ["MODELS", "BasicBlock", "ResNet", "SmallCNN", "build_model", "resnet8", "resnet10",
-           "small_cnn"]
+__all__ = ["MODELS", "MODEL_FAMILIES", "BasicBlock", "HeteroCNN", "ResNet", "SmallCNN", "build_model",
+           "family_member", "resnet8", "resnet10", "small_cnn"]
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -140,13 +147,62 @@ def small_cnn(num_classes: int) -> SmallCNN:
     return SmallCNN(num_classes)
 
 
+class HeteroCNN(nn.Module):
+    """One of pFedLoRA's CNN-1..5 (METHODS.md C.1, from the authors' group's FedGH ``CNNs.py``).
+
+    conv 5×5 3→16 (no padding) → ReLU → max-pool 2 → conv 5×5 16→``conv2_channels`` → ReLU →
+    max-pool 2 → flatten → ``fc1`` (→ ``fc1_width``) → ReLU → ``fc2`` (→ 500) → ReLU: the 500-d
+    representation h every member shares; ``fc`` (FedGH's FC3, 500 → C) classifies it. No
+    BatchNorm; PyTorch's default init (as FedGH's code).
+    """
+
+    REPRESENTATION = 500
+
+    def __init__(self, conv2_channels: int, fc1_width: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 5)
+        self.conv2 = nn.Conv2d(16, conv2_channels, 5)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(conv2_channels * 5 * 5, fc1_width)
+        self.fc2 = nn.Linear(fc1_width, self.REPRESENTATION)
+        self.fc = nn.Linear(self.REPRESENTATION, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """h: the 500-d representation ``fc`` classifies (pFedLoRA's adapter reads it too)."""
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = self.relu(self.fc1(torch.flatten(x, 1)))
+        return self.relu(self.fc2(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+#: METHODS.md C.1's table: (conv2 filters, FC1 width) of CNN-1..5.
+HETERO_CNNS = {"cnn-1": (32, 2000), "cnn-2": (16, 2000), "cnn-3": (32, 1000), "cnn-4": (32, 800), "cnn-5": (32, 500)}
+
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet8,
     "resnet10": resnet10,
     "cnn": small_cnn,
     # Text (token-id input; fedlora_flwr.text_models): the pretrained MiniLM-L6; "hf:<name>" also builds.
     MINILM: functools.partial(text_classifier, MINILM),
+    **{name: (lambda num_classes, c=conv2, w=fc1: HeteroCNN(c, w, num_classes)) for name, (conv2, fc1) in HETERO_CNNS.items()},
 }
+
+MODEL_FAMILIES: dict[str, tuple[str, ...]] = {
+    # pFedLoRA / FedGH: client k gets CNN-((k mod 5) + 1) (METHODS.md C.1).
+    "cnn-hetero": tuple(HETERO_CNNS),
+}
+
+
+def family_member(family: str, partition_id: int) -> str:
+    """The model client ``partition_id`` builds in ``family``: member ``partition_id mod size``."""
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; choose one of {sorted(MODEL_FAMILIES)}")
+    members = MODEL_FAMILIES[family]
+    return members[int(partition_id) % len(members)]
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:

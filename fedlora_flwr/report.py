@@ -6,7 +6,8 @@
 
 - ``table.md`` / ``table.csv``: one row per configuration, mean ± std over its seeds of
   ``best_acc_mean`` × 100 (the paper's metric: best mean client accuracy), the paper's number
-  beside it and ``diff = ours − paper``;
+  beside it and ``diff = ours − paper``; ``table.md`` adds the accuracy per client group
+  (``acc_per_group``: per architecture of a ``model-family`` run) when runs recorded it;
 - ``curves.png`` (mean client accuracy per round), ``per_client.png`` (the paper's Fig. 7),
   ``partition.png`` (Fig. 5, recomputed from ``config.json``), ``distance.png`` (Fig. 6:
   distance of the clients' σ_i to σ̄), ``bytes.png`` (bytes uploaded per round).
@@ -337,8 +338,11 @@ def _hashable(value: Any) -> Any:
 
 
 def experiment_config(run: Run) -> dict[str, Any]:
-    """What defines ``run``'s row: config.json minus :data:`IGNORED_KEYS`, plus num-clients."""
+    """What defines ``run``'s row: config.json minus :data:`IGNORED_KEYS`, plus num-clients;
+    ``model`` is shown as the family in a ``model-family`` run (where it is unused)."""
     config = {key: value for key, value in run.config.items() if key not in IGNORED_KEYS}
+    if config.get("model-family"):
+        config["model"] = config["model-family"]
     config.setdefault("num-clients", run.num_clients)
     return config
 
@@ -582,6 +586,31 @@ def markdown_table(groups: Sequence[Group], label_keys: Sequence[str]) -> str:
             _fmt_pm(float(paper["acc"]), paper.get("std")) if paper else "—",
             f"{group.diff:+.2f}" if group.diff is not None else "—",
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def group_accuracies(run: Run) -> dict[str, float]:
+    """``acc_per_group`` × 100 (e.g. per architecture of a ``model-family`` run) at the run's best round."""
+    best_round = run.summary.get("best_round")
+    record = next((r for r in run.metrics if r.get("round") == best_round), None)
+    return {str(k): float(v) * 100 for k, v in ((record or {}).get("acc_per_group") or {}).items() if v is not None}
+
+
+def group_accuracy_table(groups: Sequence[Group], label_keys: Sequence[str]) -> str | None:
+    """Mean ± std over seeds of each client group's accuracy at the best round, one column per
+    group; None when no run recorded groups."""
+    per_row = [[group_accuracies(run) for run in g.runs] for g in groups]
+    names = sorted({name for runs in per_row for accs in runs for name in accs})
+    if not names:
+        return None
+    header = [*label_keys, *names]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for group, runs in zip(groups, per_row, strict=True):
+        cells = [_cell(group, key) for key in label_keys]
+        for name in names:
+            values = [accs[name] for accs in runs if name in accs]
+            cells.append(_fmt_pm(float(np.mean(values)), float(np.std(values))) if values else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -1008,6 +1037,10 @@ def make_report(
     markdown = markdown_table(groups, label_keys) + "\n\n" + "\n\n".join(footer) + "\n"  # one paragraph each
     if ordering:
         markdown += "\n" + "\n".join(f"- {line}" for line in ordering) + "\n"
+    per_group = group_accuracy_table(groups, label_keys)
+    if per_group:
+        markdown += ("\nAccuracy per client group (architecture of a `model-family` run; %, mean client accuracy of "
+                     "the group at each run's best round, mean ± std over seeds):\n\n" + per_group + "\n")
     (out / "table.md").write_text(markdown, encoding="utf-8")
     write_csv(out / "table.csv", table_rows(groups, label_keys))
     files = [out / "table.md", out / "table.csv"]
@@ -1017,6 +1050,8 @@ def make_report(
         echo(line)
     for line in ordering:
         echo(line)
+    if per_group:
+        echo(per_group)
     for note in notes:
         echo(f"note: {note}")
 

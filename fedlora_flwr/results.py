@@ -34,7 +34,7 @@ TENSORBOARD_DIR = "tensorboard"
 
 def default_run_name(config: RunConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{config.method}-{config.dataset}-{config.model}-a{config.alpha:g}-s{config.seed}-{stamp}"
+    return f"{config.method}-{config.dataset}-{config.model_family or config.model}-a{config.alpha:g}-s{config.seed}-{stamp}"
 
 
 def create_run_dir(config: RunConfig) -> Path:
@@ -126,7 +126,7 @@ class RunRecorder:
         summary = {
             "method": config.method,
             "dataset": config.dataset,
-            "model": config.model,
+            "model": config.model_family or config.model,
             "partition": config.partition,
             "alpha": config.alpha,
             "seed": config.seed,

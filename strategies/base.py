@@ -10,7 +10,8 @@ message construction, reply validation) with three changes:
 - with ``partial-average = "all-clients"`` the mean is taken over all N clients, absent ones
   holding the previous σ̄, as FedDecomp's code does (METHODS.md A.5);
 - every round, after aggregation, every client evaluates (fraction_evaluate = 1, METHODS.md A.6)
-  and the round is written to ``metrics.jsonl``.
+  and the round is written to ``metrics.jsonl`` (with ``acc_per_group`` when replies name their
+  client group, e.g. the architecture in a ``model-family`` run).
 
 A method's strategy overrides hooks, never the round logic:
 
@@ -60,6 +61,9 @@ from fedlora_flwr.store import PersonalStateStore
 
 ARRAYS = "arrays"
 METRICS = "metrics"
+#: Optional reply record naming the client's ``group`` (its architecture in a ``model-family``
+#: run); the strategy then also records the mean accuracy per group (``acc_per_group``).
+CLIENT_INFO = "client-info"
 
 
 def average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
@@ -349,6 +353,11 @@ class PersonalizedStrategy(FedAvg):
             )
             for message in valid
         }
+        groups: dict[str, list[float]] = {}
+        for message in valid:
+            if CLIENT_INFO in message.content:
+                groups.setdefault(str(message.content[CLIENT_INFO]["group"]), []).append(
+                    float(message.content[METRICS]["accuracy"]))
         accuracies = np.array([acc for acc, _ in per_client.values()], dtype=np.float64)
         sizes = np.array([n for _, n in per_client.values()], dtype=np.float64)
         record = dict(self._round)
@@ -363,5 +372,7 @@ class PersonalizedStrategy(FedAvg):
             bytes_up=record.get("bytes_up", 0),
             bytes_down=record.get("bytes_down_train", 0) + record.get("bytes_down_evaluate", 0),
         )
+        if groups:
+            record["acc_per_group"] = {group: float(np.mean(accs)) for group, accs in sorted(groups.items())}
         self.recorder.record_round(record)
         return MetricRecord({"acc-mean": record["acc_mean"]}) if len(accuracies) else None
