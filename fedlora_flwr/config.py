@@ -31,6 +31,7 @@ _PATH_KEYS = ("data-dir", "output-dir")
 MethodName = Literal[
     "fedlora", "fedavg", "local", "fedavg-lora", "local-lora",
     "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
+    "pf2lora", "pf2lora-simultaneous", "lora-ft",
 ]
 
 
@@ -90,6 +91,14 @@ class RunConfig(BaseModel):
     pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="pFedGate gradient-norm clip (E.9)")
     fedcac_tau: float = Field(0.5, ge=0, le=1, description="FedCAC τ: fraction of critical parameters (E.10)")
     fedcac_beta: int = Field(100, ge=1, description="FedCAC β: collaboration threshold growth (E.10)")
+    # PF2LoRA (METHODS.md §D) and its controls; lr-upper/lr-lower: rebuttal Table 2 (MNLI, SST-2, QQP, QNLI).
+    local_steps: int = Field(10, ge=0, description="I: local steps per round of pf2lora/lora-ft (0: local-epochs epochs)")
+    rank_common: int = Field(8, ge=1, description="r: rank of the common adapter (B, A) (D.1)")
+    rank_client: int = Field(2, ge=1, description="r̃: rank of the client adapter (D_k, C_k) (D.1)")
+    lr_lower: float = Field(1e-3, ge=0, description="α: SGD step of the client adapter (D.3)")
+    lr_upper: float = Field(1e-3, ge=0, description="β: step of the common adapter's optimizer (D.3)")
+    pf2lora_upper_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="common adapter's optimizer (D.3 REC: sgd)")
+    pf2lora_head: Literal["shared", "personal"] = Field("shared", description="the head's own weights: with x or with y (D.1)")
 
     @field_validator("pfedgate_budget")
     @classmethod
