@@ -52,14 +52,14 @@ def hessian_vector_product(
 ) -> list[torch.Tensor]:
     """∇²_xy f · v = ∇_x ⟨∇_y f, v⟩ by double backward; ``g_y`` = ∇_y f(x, y) built with
     ``create_graph=True``, ``v`` a constant. Tensors of x that ∇_y f does not depend on get zeros."""
-    return list(torch.autograd.grad(g_y, list(x), grad_outputs=list(v), retain_graph=True, allow_unused=True,
-                                    materialize_grads=True))
+    return list(torch.autograd.grad(g_y, list(x), grad_outputs=list(v), allow_unused=True, materialize_grads=True))
 
 
 def hypergradient(f: Objective, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], alpha: float) -> Hypergradient:
     """h = ∇_x f(x, y⁺) − α ∇²_xy f(x, y) ∇_y f(x, y⁺) with y⁺ = y − α ∇_y f(x, y) (PF2LoRA, D.2/D.6).
 
-    ``x``/``y``: leaf tensors with ``requires_grad``; ``f`` must accept non-leaf substitutes for y."""
+    ``x``/``y``: leaf tensors with ``requires_grad`` (the live parameters); ``f`` evaluates the loss
+    at other values of y too (:func:`batch_objective`)."""
     x_names, y_names = list(x), list(y)
     x_leaves = [x[name] for name in x_names]
     g_y = torch.autograd.grad(f(x, y), [y[name] for name in y_names], create_graph=True)
