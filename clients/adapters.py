@@ -29,7 +29,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from clients.base import MethodClient
+from clients.base import MethodClient, local_length
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, nothing
 from fedlora_flwr.peft_models import (
@@ -73,7 +73,7 @@ class AdapterClient(MethodClient):
         return OptimizerSpec(momentum=0.0)
 
     def schedule(self) -> list[Phase]:
-        return [Phase(groups=("shared", "personal"), steps=self.config.local_steps, optimizer=self.optimizer())]
+        return [Phase(groups=("shared", "personal"), **local_length(self.config), optimizer=self.optimizer())]
 
 
 def _personal_b_and_head(key: str, module: nn.Module) -> bool:

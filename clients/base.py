@@ -10,7 +10,7 @@ Per message, :class:`fedlora_flwr.client_app.ClientSession` calls, in order:
 - ``load(session, received, training)``: the server's arrays and the personal-state store;
 - ``train``: ``begin_training(session)``, the schedule (``schedule()``, ``loss``), then
   ``save(session)`` (personal store) and ``upload(session)`` (the reply's arrays);
-- ``evaluate``: ``predict`` on the client's test split.
+- ``evaluate``: ``begin_evaluation(session)``, then ``predict`` on the client's test split.
 
 What is exchanged may differ from what is stored (FedAMP uploads its personal w_i and starts
 from the received u_i; FedCAC uploads critical-parameter masks with its model).
@@ -33,6 +33,12 @@ from fedlora_flwr.training import cross_entropy, plain_predict
 if TYPE_CHECKING:
     from fedlora_flwr.client_app import ClientSession
     from fedlora_flwr.config import RunConfig
+
+
+def local_length(config: RunConfig) -> dict[str, int]:
+    """A step-counted method's phase length: ``local-steps`` steps per round, or ``local-epochs``
+    epochs when it is 0 (``Phase(**local_length(config))``)."""
+    return {"steps": config.local_steps} if config.local_steps > 0 else {"epochs": config.local_epochs}
 
 
 class MethodClient:
@@ -102,6 +108,9 @@ class MethodClient:
 
     def begin_training(self, session: ClientSession) -> None:
         """Called after :meth:`load`, before the schedule (class counts, a teacher, an anchor)."""
+
+    def begin_evaluation(self, session: ClientSession) -> None:
+        """Called after :meth:`load`, before evaluating (lora-ft fine-tunes its copy here)."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one training mini-batch."""

@@ -18,6 +18,9 @@ count, torch/flwr versions and the exact settings.
   the optimizer step are not counted) and bytes up per round per client (the reply's ArrayRecord),
   for every architecture of ``cnn-hetero`` under pfedlora and its controls, against FedAvg on the
   family's largest member (CNN-1); ``local`` and ``fedavg`` train E_1 + E_2 epochs.
+
+- ``step``: seconds per local step of PF2LoRA's bilevel step, its simultaneous ablation and a
+  plain LoRA step (lora-ft) on the same model and batch (PF2LoRA's extra cost, issue 10).
 """
 
 from __future__ import annotations
@@ -266,6 +269,39 @@ BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memor
               "cost": bench_cost}
 
 
+STEP_METHODS = ("lora-ft", "pf2lora-simultaneous", "pf2lora")
+
+
+def bench_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Seconds per local step on one client, same model, data and batch size: a plain LoRA step
+    (lora-ft's: one forward/backward, SGD), PF2LoRA's simultaneous ablation (the same work over
+    both adapters) and PF2LoRA's bilevel step (two forwards, two backwards, one double backward).
+    In-process ``ClientSession.run_schedule``; one untimed warm-up schedule first."""
+    rows = []
+    for model in args.step_models:
+        for method in STEP_METHODS:
+            config = load_config({**app_defaults(), **_base(args, work, **{
+                "method": method, "model": model, "local-steps": args.steps, "train-per-client": args.train_per_client,
+                "batch-size": args.batch_size})})
+            session = ClientSession.create(config, 0, args.clients, work / method, server_round=1)
+            schedule = session.method.schedule()
+            session.run_schedule(schedule)  # warm-up
+            started = time.perf_counter()
+            stats = session.run_schedule(schedule)
+            seconds = time.perf_counter() - started
+            rows.append({"model": model, "method": method, "steps": stats.steps, "batch_size": args.batch_size,
+                         "s_per_step": round(seconds / stats.steps, 4)})
+        plain = rows[-len(STEP_METHODS)]["s_per_step"]
+        for row in rows[-len(STEP_METHODS):]:
+            row["vs_lora_step"] = round(row["s_per_step"] / plain, 2)
+    return {"rows": rows, "settings": {"threads": torch.get_num_threads(), "device": str(session.device),
+                                       **_base(args, work)}}
+
+
+BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm,
+              "step": bench_step}
+
+
 def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
     columns = list(rows[0])
     print(f"\n## {name}\n")
@@ -303,4 +339,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-per-client", type=int, default=100)
     parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 200, 1000], help="memory benchmark sizes")
+    parser.add_argument("--steps", type=int, default=20, help="timed local steps per method (step benchmark)")
+    parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size (step benchmark)")
+    parser.add_argument("--step-models", nargs="+", default=["cnn"], help="models for the step benchmark")
     parser.set_defaults(func=run_benchmarks)

@@ -18,7 +18,7 @@ many simulated clients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,7 @@ from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import (
     ClientSplit, DatasetError, ImageDataset, PartitionConfig, client_split, client_tensors, load_dataset, task_spec,
 )
+from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
@@ -143,17 +144,17 @@ class ClientSession:
             x, y = client_tensors(self.dataset, indices, train=train)
         return x.to(self.device), y.to(self.device)
 
-    def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:
-        """Run the method's schedule, save its personal state; return the stats and the upload."""
+    def run_schedule(self, schedule: Sequence[Phase], stream: int = 0) -> TrainStats:
+        """Train the model on this client's training split with the method's partition and loss.
+        ``stream`` picks the mini-batch order: 0 for training, 1 for fine-tuning before evaluation."""
         x, y = self.tensors(train=True)
         config = self.config
         method = self.method
-        seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id
-        method.begin_training(self)
-        stats = train_schedule(
+        seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id + stream * 2**40
+        return train_schedule(
             self.model,
             method.partition,
-            method.schedule(),
+            schedule,
             x,
             y,
             batch_size=config.batch_size,
@@ -163,10 +164,17 @@ class ClientSession:
             augment=self.dataset.augmentation(),
             loss_fn=method.loss,
         )
+
+    def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:
+        """Run the method's schedule, save its personal state; return the stats and the upload."""
+        method = self.method
+        method.begin_training(self)
+        stats = self.run_schedule(method.schedule())
         method.save(self)
         return stats, method.upload(self)
 
     def evaluate(self) -> EvalStats:
+        self.method.begin_evaluation(self)
         x, y = self.tensors(train=False)
         return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict)
 

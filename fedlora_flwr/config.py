@@ -35,6 +35,7 @@ MethodName = Literal[
     "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
     "fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "fedavg-head",
     "pfedlora", "fedavg-adapter",
+    "pf2lora", "pf2lora-simultaneous", "lora-ft",
 ]
 #: The methods whose uploads do not depend on the client's architecture, so that clients of a
 #: ``model-family`` can be federated (a test checks their upload templates agree across a family).
@@ -110,13 +111,21 @@ class RunConfig(BaseModel):
 
     # Text track and adapters on pretrained models (METHODS.md §B).
     max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
-    local_steps: int = Field(10, ge=1, description="local mini-batch steps per round of the adapter methods (B.2)")
+    local_steps: int = Field(10, ge=0, description="local mini-batch steps per round of the adapter methods (B.2) and PF2LoRA's I (D.3); 0: local-epochs epochs")
     lora_r: int = Field(8, ge=1, description="LoRA rank r (B.1)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA α: scaling α/r, or α/√r with rsLoRA (B.1, B.5)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (B.1)")
     lora_target_modules: str = Field("query,value", min_length=1, description="comma-separated module names")
     vera_r: int = Field(256, ge=1, description="VeRA rank r_v of the shared random projections (B.5)")
     vera_lr: float = Field(0.01, gt=0, description="FedSA-VeRA AdamW learning rate (B.5: lr_c)")
+
+    # PF2LoRA (METHODS.md §D) and its controls; lr-upper/lr-lower: rebuttal Table 2 (MNLI, SST-2, QQP, QNLI).
+    rank_common: int = Field(8, ge=1, description="r: rank of the common adapter (B, A) (D.1)")
+    rank_client: int = Field(2, ge=1, description="r̃: rank of the client adapter (D_k, C_k) (D.1)")
+    lr_lower: float = Field(1e-3, ge=0, description="α: SGD step of the client adapter (D.3)")
+    lr_upper: float = Field(1e-3, ge=0, description="β: step of the common adapter's optimizer (D.3)")
+    pf2lora_upper_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="common adapter's optimizer (D.3 REC: sgd)")
+    pf2lora_head: Literal["shared", "personal"] = Field("shared", description="the head's own weights: with x or with y (D.1)")
 
     @field_validator("pfedgate_budget")
     @classmethod

@@ -13,7 +13,8 @@ A rule sees the state-dict key and the module that owns it, so it can select by 
 
 A schedule is an ordered list of :class:`Phase`: "train these groups for N epochs (or N steps)
 with a fresh optimizer". FedLoRA = [personal for E_lora, shared for E − E_lora] (paper §3.4,
-Alg. 1); FedAvg = [shared for E]; Local = [personal for E]; FedRep = [head, then body].
+Alg. 1); FedAvg = [shared for E]; Local = [personal for E]; FedRep = [head, then body];
+PF2LoRA = [shared and personal for I steps with a :class:`BilevelUpdate`, personal = lower level].
 """
 
 from __future__ import annotations
@@ -117,6 +118,24 @@ class OptimizerSpec:
 
 
 @dataclass(frozen=True)
+class BilevelUpdate:
+    """PF2LoRA's bilevel step as a phase's update rule (METHODS.md D.3; ``fedlora_flwr.bilevel``):
+    y (the parameters of ``lower``) takes a plain SGD step of ``lr_lower`` (α); x (the phase's other
+    groups) steps with the phase's optimizer on the hypergradient (``hypergradient=True``) or on
+    ∇_x f(x, y) at the same point as y (the paper's "simultaneous" ablation)."""
+
+    lower: tuple[Group, ...]
+    lr_lower: float
+    hypergradient: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lower:
+            raise ValueError("a bilevel update needs a lower level (the groups of y)")
+        if not self.lr_lower >= 0:
+            raise ValueError(f"the lower-level learning rate must be >= 0, got {self.lr_lower}")
+
+
+@dataclass(frozen=True)
 class Phase:
     """Train the parameters of ``groups`` for ``epochs`` epochs or ``steps`` mini-batches with a
     fresh optimizer (``optimizer``; the run's SGD by default).
@@ -126,6 +145,9 @@ class Phase:
     in the modules whose tensors all belong to ``eval_groups``: those run in eval mode (a frozen
     backbone's BatchNorm does not drift; pFedGate trains its gate with the base in eval mode).
     ``max_grad_norm`` clips the gradient norm of the trained parameters before every step.
+
+    ``update``: None = one optimizer step per mini-batch on the gradient of the loss; a
+    :class:`BilevelUpdate` = PF2LoRA's step, the optimizer then updating only the upper level.
     """
 
     groups: tuple[Group, ...]
@@ -134,12 +156,18 @@ class Phase:
     optimizer: OptimizerSpec = OptimizerSpec()
     max_grad_norm: float | None = None
     eval_groups: tuple[Group, ...] = ("frozen",)
+    update: BilevelUpdate | None = None
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
             raise ValueError(f"a phase counts epochs or steps, exactly one of them (got epochs={self.epochs}, steps={self.steps})")
         if (self.epochs or 0) < 0 or (self.steps or 0) < 0:
             raise ValueError(f"a phase cannot run a negative number of epochs/steps ({self.epochs}, {self.steps})")
+        if self.update is not None:
+            if not set(self.update.lower) < set(self.groups):
+                raise ValueError(f"a bilevel phase's lower level {self.update.lower} must be a strict subset of its groups {self.groups}")
+            if self.max_grad_norm is not None:
+                raise ValueError("a bilevel phase does not clip gradients (max_grad_norm must be None)")
 
     @property
     def empty(self) -> bool:

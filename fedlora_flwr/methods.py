@@ -1,7 +1,7 @@
 """The registry of methods: a name, its client declaration and its server strategy.
 
 Methods whose server is FedAvg's sample-weighted mean of what clients upload (FedPer, FedRep,
-FedBN, FedRoD, pFedSD, pFedGate: METHODS.md E.3–E.6, E.8, E.9) reuse :class:`FedAvgStrategy`;
+FedBN, FedRoD, pFedSD, pFedGate: METHODS.md E.3–E.6, E.8, E.9; PF2LoRA: D.4) reuse :class:`FedAvgStrategy`;
 their clients decide what is uploaded. The names are ``fedlora_flwr.config.MethodName``.
 """
 
@@ -29,6 +29,8 @@ from clients.fedper import FedPerClient
 from clients.fedrep import FedRepClient
 from clients.fedrod import FedRoDClient
 from clients.local import LocalClient, LocalLoRAClient
+from clients.lora_ft import LoRAFineTuneClient
+from clients.pf2lora import PF2LoRAClient, PF2LoRASimultaneousClient
 from clients.pfedgate import PFedGateClient
 from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from clients.pfedsd import PFedSDClient
@@ -82,4 +84,8 @@ METHODS: dict[str, Method] = {
     # FedAvg-style control (same model and partition, one joint phase).
     "pfedlora": Method(PFedLoRAClient, FedAvgStrategy),
     "fedavg-adapter": Method(FedAvgAdapterClient, FedAvgStrategy),
+    # PF2LoRA (METHODS.md §D), its "simultaneous" ablation and the fine-tuned LoRA control.
+    "pf2lora": Method(PF2LoRAClient, FedAvgStrategy),
+    "pf2lora-simultaneous": Method(PF2LoRASimultaneousClient, FedAvgStrategy),
+    "lora-ft": Method(LoRAFineTuneClient, FedAvgStrategy),
 }

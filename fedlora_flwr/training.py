@@ -5,7 +5,8 @@ membership, METHODS.md A.9) with a fresh optimizer, so momentum restarts every p
 round as in FedDecomp (METHODS.md A.4). Methods change *what* is trained and in which order by
 declaring phases, and *what is minimised or predicted* through two per-batch hooks (``loss``,
 ``predict``: FedRoD's balanced softmax, pFedSD's distillation, FedAMP's proximal term); they
-do not write loops.
+do not write loops. A phase with a :class:`~fedlora_flwr.groups.BilevelUpdate` replaces the
+per-batch optimizer step by PF2LoRA's bilevel step (``fedlora_flwr.bilevel``), on the same hook.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlora_flwr.bilevel import bilevel_step
 from fedlora_flwr.data import batches
 from fedlora_flwr.groups import ParameterPartition, Phase
 
@@ -96,14 +98,23 @@ def train_schedule(
             model.train()
             for module in partition.modules_only_in(model, phase.eval_groups):
                 module.eval()
+            if phase.update is not None:
+                lower = {key: param for key, param in model.named_parameters()
+                         if param.requires_grad and membership[key] in phase.update.lower}
+                upper = {key: param for key, param in model.named_parameters()
+                         if param.requires_grad and key not in lower}
+                params = list(upper.values())
             optimizer = phase.optimizer.build(params, lr=lr, momentum=momentum)
             for xb, yb in _phase_batches(phase, epoch_batches):
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model, xb, yb)
-                loss.backward()
-                if phase.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
-                optimizer.step()
+                if phase.update is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model, xb, yb)
+                    loss.backward()
+                    if phase.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
+                    optimizer.step()
+                else:
+                    loss = bilevel_step(phase.update, model, upper, lower, optimizer, loss_fn, xb, yb)
                 loss_total += loss.item()
                 samples += len(yb)
                 steps += 1
