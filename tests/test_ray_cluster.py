@@ -27,7 +27,7 @@ import psutil
 import pytest
 from conftest import REPO
 
-from fedlora_flwr.superlink import BIN_DIR, LocalSuperLink, _free_port
+from fedlora_flwr.superlink import BIN_DIR, LocalSuperLink, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -40,17 +40,17 @@ class RayHead:
     def __init__(self, startup_timeout: float = 90) -> None:
         # Short: Ray puts unix sockets under the temp dir (path limit 107 bytes).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="fedlora-ray-", dir="/tmp"))
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = self.temp_dir / "head.log"
         ports = {
-            "--ray-client-server-port": _free_port(),
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(),
-            "--metrics-export-port": _free_port(),
-            "--node-manager-port": _free_port(),
-            "--object-manager-port": _free_port(),
+            "--ray-client-server-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
         }
         command = [
             str(BIN_DIR / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
