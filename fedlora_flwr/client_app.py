@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -45,6 +46,12 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def training_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's local training in one round (batch order, augmentation): NumPy's
+    ``SeedSequence`` hash of (seed, round, partition id), so no two clients or rounds share one."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1, dtype=np.uint64)[0])
 
 
 @dataclass
@@ -132,7 +139,7 @@ class ClientSession:
         x, y = self.tensors(train=True)
         config = self.config
         method = self.method
-        seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id
+        seed = training_seed(config.seed, self.server_round, self.partition_id)
         method.begin_training(self)
         stats = train_schedule(
             self.model,

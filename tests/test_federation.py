@@ -284,6 +284,14 @@ def test_same_seed_same_results(fedlora_run, tmp_path):
         assert _identical(tau_a, tau_b)
 
 
+def test_training_seeds_are_distinct_for_thousands_of_clients():
+    """The old seed*1_000_003 + round*1_009 + pid gave (round 1, client 1009) round 2's client 0 seed."""
+    seeds = {client_app.training_seed(seed, rnd, pid) for seed in (1, 2) for rnd in (1, 2, 3) for pid in range(5000)}
+    assert len(seeds) == 2 * 3 * 5000
+    assert client_app.training_seed(1, 1, 1009) != client_app.training_seed(1, 2, 0)
+    assert all(0 <= seed < 2**64 for seed in seeds)
+
+
 # --------------------------------------------------------------------------- baselines
 
 
