@@ -100,7 +100,7 @@ class ClientSession:
             dataset=dataset,
             split=split,
             model=model,
-            store=PersonalStateStore(store_root, config.method),
+            store=PersonalStateStore(store_root, config.method, round=server_round),
             device=device,
             server_round=server_round,
         )
@@ -127,7 +127,9 @@ class ClientSession:
         return session
 
     def load(self, received: Mapping[str, torch.Tensor], training: bool) -> None:
-        """Load what the server sent and this client's personal state (the method's ``load`` hook)."""
+        """Load what the server sent and this client's personal state (the method's ``load`` hook):
+        training starts from the state of earlier rounds, evaluation sees this round's training."""
+        self.store = self.store.at_round(self.server_round, training)
         self.method.load(self, received, training)
 
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,7 @@
 Validates the run config before anything else (a bad value stops the run with one line naming
 the key), creates the run folder, builds the method's initial shared tensors from a seeded model
 (the clients build the same one, so σ⁰ and the initial τ agree everywhere), and runs the
-method's strategy for ``num-server-rounds`` rounds.
+method's strategy for ``num-server-rounds`` rounds (with ``resume``: from the run's checkpoint).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.data import DatasetError, load_dataset
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import RunRecorder, create_run_dir
+from fedlora_flwr.store import StateError
 
 app = ServerApp()
 
@@ -30,7 +31,8 @@ def main(grid: Grid, context: Context) -> None:
         config = load_config(context.run_config)
         task = load_dataset(config.dataset, config.data_dir).spec
         run_dir = create_run_dir(config)
-    except (ConfigError, DatasetError) as err:
+        recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
+    except (ConfigError, DatasetError, StateError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
     log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
@@ -41,7 +43,6 @@ def main(grid: Grid, context: Context) -> None:
     model = client.build_model(task, partition_id=0)
     initial = ArrayRecord(client.initial_download(model))
 
-    recorder = RunRecorder(run_dir, config)
     strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
     result = strategy.start(

@@ -265,9 +265,12 @@ def test_evaluate_leaves_personal_state_alone(fedlora_run):
     train, evaluate = _train_type(grid), _eval_type(grid)
     for server_round in range(1, ROUNDS + 1):
         after_train, after_eval = grid.personal[(server_round, train)], grid.personal[(server_round, evaluate)]
-        assert sorted(after_train) == [f"{pid}/personal.safetensors" for pid in range(NUM_CLIENTS)]
+        versions = ["personal.safetensors"] if server_round == 1 else ["personal.previous.safetensors", "personal.safetensors"]
+        assert sorted(after_train) == [f"{pid}/{name}" for pid in range(NUM_CLIENTS) for name in versions]
         assert after_eval == after_train
-    assert grid.personal[(1, train)] != grid.personal[(2, train)], "training rewrites τ every round"
+    first, second = grid.personal[(1, train)], grid.personal[(2, train)]
+    assert first["0/personal.safetensors"] != second["0/personal.safetensors"], "training rewrites τ every round"
+    assert second["0/personal.previous.safetensors"] == first["0/personal.safetensors"], "round 1's τ is kept for a resume"
 
 
 def test_same_seed_same_results(fedlora_run, tmp_path):
