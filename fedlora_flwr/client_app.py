@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -50,6 +51,13 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def training_seed(seed: int, server_round: int, partition_id: int, stream: int = 0) -> int:
+    """The seed of one client's local training in one round (batch order, augmentation): NumPy's
+    ``SeedSequence`` hash of (seed, round, partition id, stream), so no two clients, rounds or
+    streams (0: training, 1: lora-ft's fine-tuning before evaluation) share one."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id, stream]).generate_state(1, dtype=np.uint64)[0])
 
 
 @dataclass
@@ -106,7 +114,7 @@ class ClientSession:
             dataset=dataset,
             split=split,
             model=model,
-            store=PersonalStateStore(store_root, config.method),
+            store=PersonalStateStore(store_root, config.method, round=server_round),
             device=device,
             server_round=server_round,
         )
@@ -133,7 +141,9 @@ class ClientSession:
         return session
 
     def load(self, received: Mapping[str, torch.Tensor], training: bool) -> None:
-        """Load what the server sent and this client's personal state (the method's ``load`` hook)."""
+        """Load what the server sent and this client's personal state (the method's ``load`` hook):
+        training starts from the state of earlier rounds, evaluation sees this round's training."""
+        self.store = self.store.at_round(self.server_round, training)
         self.method.load(self, received, training)
 
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +160,7 @@ class ClientSession:
         x, y = self.tensors(train=True)
         config = self.config
         method = self.method
-        seed = config.seed * 1_000_003 + self.server_round * 1_009 + self.partition_id + stream * 2**40
+        seed = training_seed(config.seed, self.server_round, self.partition_id, stream)
         return train_schedule(
             self.model,
             method.partition,

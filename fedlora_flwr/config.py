@@ -81,6 +81,7 @@ class RunConfig(BaseModel):
     seed: int = Field(1, ge=0, lt=2**32, description="numpy RandomState range")
     output_dir: str = "outputs"
     run_name: str = ""
+    resume: bool = Field(False, description="continue run-name in output-dir from its last checkpoint")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
     min_available_nodes: int = Field(0, ge=0, description="SuperNodes connected before round 1; 0 = num-partitions")
@@ -166,6 +167,13 @@ class RunConfig(BaseModel):
     def _plain_name(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
+        return value
+
+    @field_validator("resume")
+    @classmethod
+    def _names_the_run(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and not info.data.get("run_name"):
+            raise ValueError("needs run-name: the run to continue")
         return value
 
     @field_validator("data_dir")

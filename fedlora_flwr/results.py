@@ -7,6 +7,14 @@ final aggregated shared tensors, e.g. FedLoRA's σ̄; written at the end) and
 ``shared.safetensors`` + ``clients/<i>/personal.safetensors``. With ``tensorboard = true`` the
 same per-round numbers also go to TensorBoard event files in ``tensorboard/`` (append-only logs
 for viewing, written as rounds finish; ``metrics.jsonl`` stays the record other tools read).
+
+After every round the server writes ``checkpoint.safetensors`` (atomically, after that round's
+``metrics.jsonl`` row): the arrays the next round starts from and, in its metadata, the round,
+the elapsed time and the strategy's state. The per-client state on disk is versioned by round
+(``fedlora_flwr.store``) and every random draw derives from (seed, round), so nothing else is
+needed. ``resume = true`` reopens the run: the config must match ``config.json`` except for a
+``num-server-rounds`` at least as large; ``metrics.jsonl`` rows after the checkpoint are dropped
+and the run continues with the next round (from round 1 if no round was checkpointed).
 """
 
 from __future__ import annotations
@@ -16,20 +24,25 @@ import math
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from logging import INFO
 from pathlib import Path
 from typing import Any
 
 import torch
+from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
 from fedlora_flwr.config import ConfigError, RunConfig
-from fedlora_flwr.store import write_atomic, write_safetensors_atomic
+from fedlora_flwr.store import StateError, read_verified, write_atomic, write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
 SHARED_FILE = "shared.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
 TENSORBOARD_DIR = "tensorboard"
+#: Run-config keys a resumed run may change (``run-dir`` is recorded in config.json, not a key).
+RESUMABLE_CHANGES = ("resume", "num-server-rounds", "run-dir")
 
 
 def default_run_name(config: RunConfig) -> str:
@@ -38,14 +51,65 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def create_run_dir(config: RunConfig) -> Path:
-    """Create ``<output-dir>/<run-name>``; refuse one that already holds files (no overwrite)."""
+    """Create ``<output-dir>/<run-name>``; refuse one that already holds files (no overwrite).
+    With ``resume``: the existing run folder, whose ``config.json`` must match the config."""
     run_dir = Path(config.output_dir) / (config.run_name or default_run_name(config))
+    if config.resume:
+        check_resumable(run_dir, config)
+        return run_dir
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(
             f"run-name: {run_dir} already holds a run; choose another run-name or move that folder away"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def check_resumable(run_dir: Path, config: RunConfig) -> None:
+    """Refuse, in one line, to resume a run that does not exist or was started with another config."""
+    recorded_path = run_dir / "config.json"
+    if not recorded_path.is_file():
+        raise ConfigError(f"resume: no run {config.run_name!r} in {config.output_dir} ({recorded_path} does not exist)")
+    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    current = config.as_record()
+    changed = sorted(key for key in set(recorded) | set(current)
+                     if key not in RESUMABLE_CHANGES and recorded.get(key, "<absent>") != current.get(key, "<absent>"))
+    if changed:
+        differences = ", ".join(f"{key} ({recorded.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r})"
+                                for key in changed)
+        raise ConfigError(f"resume: the run config differs from {recorded_path} in {differences}")
+    if config.num_server_rounds < recorded["num-server-rounds"]:
+        raise ConfigError(f"resume: num-server-rounds={config.num_server_rounds} is below the run's "
+                          f"{recorded['num-server-rounds']} ({recorded_path})")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What the server saved after round ``round`` to continue from there."""
+
+    round: int
+    arrays: ArrayRecord  # the arrays round + 1 starts from
+    elapsed_s: float
+    strategy: dict[str, Any]  # the strategy's own state (PersonalizedStrategy.checkpoint_state)
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, method: str) -> None:
+    """One atomic file: the arrays as tensors (key order kept), everything else in its metadata."""
+    state = {"round": checkpoint.round, "elapsed_s": checkpoint.elapsed_s, "strategy": checkpoint.strategy,
+             "keys": list(checkpoint.arrays.keys())}
+    tensors = checkpoint.arrays.to_torch_state_dict()
+    write_safetensors_atomic(run_dir / CHECKPOINT_FILE, tensors, {"method": method, "checkpoint": json.dumps(state)})
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The run's last checkpoint (checksums verified), or None if no round was checkpointed."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    tensors, metadata, _ = read_verified(path)
+    state = json.loads(metadata["checkpoint"])
+    arrays = ArrayRecord({key: Array.from_numpy_ndarray(tensors[key].numpy()) for key in state["keys"]})
+    return Checkpoint(round=state["round"], arrays=arrays, elapsed_s=state["elapsed_s"], strategy=state["strategy"])
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -65,14 +129,45 @@ class RunRecorder:
         self.started = time.monotonic()
         self.rounds: list[dict[str, Any]] = []
         self.client_ids: set[int] = set()
-        write_json_atomic(run_dir / "config.json", {**config.as_record(), "run-dir": str(run_dir)})
         self.metrics_path = run_dir / "metrics.jsonl"
+        #: With ``resume``: the checkpoint the run continues from (None: from round 1).
+        self.checkpoint = load_checkpoint(run_dir) if config.resume else None
+        if config.resume:
+            self._restore()
+        write_json_atomic(run_dir / "config.json", {**config.as_record(), "run-dir": str(run_dir)})
         self.metrics_path.touch()
         self.tensorboard = None
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked
 
-            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+            # purge_step: a resumed run drops the event records of the rounds it runs again
+            purge_step = len(self.rounds) + 1 if config.resume else None
+            self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def _restore(self) -> None:
+        """Keep the ``metrics.jsonl`` rows up to the checkpoint (each round appended one row, fsynced
+        before its checkpoint was written) and drop the rest, atomically."""
+        done = self.checkpoint.round if self.checkpoint else 0
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.is_file() else []
+        try:
+            rows = [json.loads(line) for line in lines[:done]]
+        except json.JSONDecodeError as err:
+            raise StateError(f"{self.metrics_path} is corrupt: {err}") from None
+        if [row.get("round") for row in rows] != list(range(1, done + 1)):
+            raise StateError(f"{self.metrics_path} does not hold rounds 1..{done} of the checkpoint")
+        write_atomic(self.metrics_path, "".join(line + "\n" for line in lines[:done]).encode("utf-8"))
+        for row in rows:
+            self.rounds.append(row)
+            self.client_ids.update(int(pid) for pid in row.get("acc_per_client", {}))
+        if self.checkpoint:
+            self.started -= self.checkpoint.elapsed_s
+        log(INFO, "[fedlora-flwr] resuming %s after round %d (%d later metrics rows dropped)", self.run_dir, done,
+            len(lines) - done)
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> None:
+        """After a round's row: what the next round needs (see the module docstring)."""
+        elapsed = round(time.monotonic() - self.started, 3)
+        save_checkpoint(self.run_dir, Checkpoint(server_round, arrays, elapsed, strategy_state), self.config.method)
 
     @property
     def clients_dir(self) -> Path:

@@ -3,8 +3,9 @@
 Validates the run config before anything else (a bad value stops the run with one line naming
 the key), creates the run folder, builds the method's initial shared tensors from a seeded model
 (the clients build the same one, so σ⁰ and the initial τ agree everywhere), and runs the
-method's strategy for ``num-server-rounds`` rounds. It reads no data: the class count and image
-shape come from the dataset's metadata (``fedlora_flwr.data.task_spec``), as a SuperLink holds none.
+method's strategy for ``num-server-rounds`` rounds (with ``resume``: from the run's checkpoint).
+It reads no data: the class count and image shape come from the dataset's metadata
+(``fedlora_flwr.data.task_spec``), as a SuperLink holds none.
 When ``min-available-nodes`` SuperNodes do not connect within ``node-wait-timeout`` it exits with
 code 3 after one error line.
 """
@@ -23,6 +24,7 @@ from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.data import DatasetError, task_spec
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import RunRecorder, create_run_dir
+from fedlora_flwr.store import StateError
 from fedlora_flwr.text_models import ModelError
 from strategies.base import FederationIncomplete
 
@@ -39,14 +41,14 @@ def main(grid: Grid, context: Context) -> None:
         client = method.client(config)
         model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
-    except (ConfigError, DatasetError, ModelError) as err:
+        recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
+    except (ConfigError, DatasetError, StateError, ModelError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
     log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
 
     initial = ArrayRecord(client.initial_download(model))
 
-    recorder = RunRecorder(run_dir, config)
     strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
     try:

@@ -4,7 +4,8 @@ Flower's managed local SuperLink listens on fixed ports (39091/39093) and is sha
 ``flwr run`` of the user. Tests, the grid runner and benchmarks instead start their own
 ``flower-superlink --simulation`` on free loopback ports with their own ``FLWR_HOME``, with
 runtime dependency installation disabled (the environment already holds every dependency), and
-stop it and every process below it (SuperExec, the simulation, Ray) by PID.
+stop it and every process below it (SuperExec, the simulation, Ray) by PID. ``kill()`` crashes it
+instead (SIGKILL to its process group and that tree), as the checkpoint-and-resume test needs.
 
 With ``simulation=False`` it is a deployment SuperLink that SuperNodes connect to
 (``fedlora_flwr.deployment`` starts them and hands them to :meth:`LocalSuperLink.adopt`, so that
@@ -13,6 +14,7 @@ they are stopped the same way), optionally with TLS and SuperNode authentication
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -122,6 +124,7 @@ class LocalSuperLink:
                 env=self.environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for kill()
             )
         deadline = time.monotonic() + self.startup_timeout
         ready = f"Uvicorn running on {'http' if self.tls is None else 'https'}://{self.address}"
@@ -227,6 +230,20 @@ class LocalSuperLink:
                 time.sleep(0.5)
             reader.join()
             return flwr_run.returncode, "".join(lines)
+
+    def kill(self) -> None:
+        """Crash it: SIGKILL to the SuperLink's process group and to every process seen below it
+        (Ray may start its own sessions), by PID. ``start()`` may then start a fresh one."""
+        self.record_tree()
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        for proc in self.tree.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(list(self.tree.values()), timeout=15)
+        self.tree.clear()
+        self.process = None
 
     def stop(self) -> None:
         """Terminate the SuperLink and every process seen below it, by PID, and the process group

@@ -21,6 +21,13 @@ A method's strategy overrides hooks, never the round logic:
   message per client (FedAMP's u_i, FedCAC's customized model), each in a fresh record;
 - :attr:`PersonalizedStrategy.server_store`: per-client state on disk under
   ``<run-dir>/server/<partition-id>/``, keyed by partition id, never all clients in RAM.
+- :meth:`PersonalizedStrategy.checkpoint_state` / :meth:`PersonalizedStrategy.restore`: what the
+  strategy keeps in memory across rounds, saved with each round's checkpoint.
+
+After every round the strategy checkpoints (``RunRecorder.save_checkpoint``) the arrays the next
+round starts from; the per-client state on disk is versioned by round. A resumed run skips the
+checkpointed rounds of Flower's loop and starts the next one from the checkpoint's arrays, with
+the true round numbers (sampling, seeds, metrics).
 
 Participants are reproducible: Flower draws node ids from ``os.urandom``, so the strategy first
 asks every node it does not know yet for its partition id (a ``query`` message), then samples
@@ -52,7 +59,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.app import MessageType
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora_flwr.config import RunConfig
@@ -137,6 +144,12 @@ class PersonalizedStrategy(FedAvg):
         self.server_store = PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method)
         self.aggregated_rounds = 0
         self.upload_template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
+        self.initial_arrays = ArrayRecord()  # the seeded round-1 arrays, set by start()
+        self._arrays = ArrayRecord()  # the arrays of the current round (after its aggregation)
+        checkpoint = recorder.checkpoint
+        self.resumed_round = checkpoint.round if checkpoint else 0
+        if checkpoint:
+            self.restore(checkpoint.strategy)
 
     # ------------------------------------------------------------------ hooks for methods
 
@@ -156,7 +169,25 @@ class PersonalizedStrategy(FedAvg):
             aggregated = average_arrays([aggregated, self._previous], [len(replies), absent]) if absent else aggregated
         return aggregated
 
+    def checkpoint_state(self) -> dict:
+        """What the strategy holds in memory across rounds, as JSON values (for the checkpoint)."""
+        return {"aggregated_rounds": self.aggregated_rounds}
+
+    def restore(self, state: dict) -> None:
+        """Take back :meth:`checkpoint_state` when resuming."""
+        self.aggregated_rounds = int(state["aggregated_rounds"])
+
     # ------------------------------------------------------------------ round logic
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> Result:
+        """Flower's round loop from ``initial_arrays`` (the seeded round-1 arrays, FedAMP's w⁰), or,
+        when resuming, from the checkpoint's arrays with the checkpointed rounds skipped."""
+        self.initial_arrays = initial_arrays
+        checkpoint = self.recorder.checkpoint
+        self._arrays = checkpoint.arrays if checkpoint else initial_arrays
+        result = super().start(grid, self._arrays, *args, **kwargs)
+        result.arrays = self._arrays  # Flower's last aggregate, or the start's if none was made
+        return result
 
     def _personalize(
         self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool
@@ -281,6 +312,9 @@ class PersonalizedStrategy(FedAvg):
             self.config.min_available_nodes or "num-partitions", self.config.node_wait_timeout)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if server_round <= self.resumed_round:  # every hook passes the checkpointed rounds by
+            log(INFO, "[fedlora-flwr] round %d is in the checkpoint: skipped", server_round)
+            return []
         node_ids = self.sample_participants(server_round, grid)
         config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -299,6 +333,8 @@ class PersonalizedStrategy(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if server_round <= self.resumed_round:
+            return None, None
         replies = list(replies)
         answered, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         valid = []
@@ -336,6 +372,9 @@ class PersonalizedStrategy(FedAvg):
         return aggregated, MetricRecord({"train-loss": train_loss})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if server_round <= self.resumed_round:
+            return []
+        self._arrays = arrays
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         messages = self._personalize(messages, arrays, config, server_round, training=False)
         self._sent_evaluate = {message.metadata.dst_node_id for message in messages}
@@ -343,6 +382,8 @@ class PersonalizedStrategy(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if server_round <= self.resumed_round:
+            return None
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=False)
         self._learn_partition_ids(valid)
@@ -354,12 +395,13 @@ class PersonalizedStrategy(FedAvg):
             for message in valid
         }
         groups: dict[str, list[float]] = {}
-        for message in valid:
+        for message in sorted(valid, key=lambda message: int(message.content[METRICS]["partition-id"])):
             if CLIENT_INFO in message.content:
                 groups.setdefault(str(message.content[CLIENT_INFO]["group"]), []).append(
                     float(message.content[METRICS]["accuracy"]))
-        accuracies = np.array([acc for acc, _ in per_client.values()], dtype=np.float64)
-        sizes = np.array([n for _, n in per_client.values()], dtype=np.float64)
+        ordered = [per_client[pid] for pid in sorted(per_client)]  # by partition id: the same bits whatever the arrival order
+        accuracies = np.array([acc for acc, _ in ordered], dtype=np.float64)
+        sizes = np.array([n for _, n in ordered], dtype=np.float64)
         record = dict(self._round)
         record.setdefault("round", server_round)
         failed_evaluate = self._sent_evaluate - {message.metadata.src_node_id for message in valid}
@@ -375,4 +417,5 @@ class PersonalizedStrategy(FedAvg):
         if groups:
             record["acc_per_group"] = {group: float(np.mean(accs)) for group, accs in sorted(groups.items())}
         self.recorder.record_round(record)
+        self.recorder.save_checkpoint(server_round, self._arrays, self.checkpoint_state())
         return MetricRecord({"acc-mean": record["acc_mean"]}) if len(accuracies) else None

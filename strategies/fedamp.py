@@ -35,34 +35,30 @@ def attention_weights(squared_distances: np.ndarray, alpha_k: float, sigma: floa
 class FedAMPStrategy(PersonalizedStrategy):
     per_client_messages = True
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.initial: ArrayRecord | None = None
-
     def aggregate(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
         """Keep each participant's w_i; there is no global model to send."""
+        store = self.server_store.at_round(server_round)
         for message in replies:
             pid = int(message.content[METRICS]["partition-id"])
-            self.server_store.save(pid, message.content[ARRAYS].to_torch_state_dict(), slot=MODEL)
+            store.save(pid, message.content[ARRAYS].to_torch_state_dict(), slot=MODEL)
         return ArrayRecord()
 
     def client_arrays(
         self, partition_ids: list[int | None], arrays: ArrayRecord, server_round: int, training: bool
     ) -> list[ArrayRecord]:
-        if self.initial is None:
-            self.initial = arrays  # round 1's arrays: the seeded w⁰
         if not training:
             return [ArrayRecord() for _ in partition_ids]
-        known = self.server_store.stored_ids(MODEL)
+        store = self.server_store.at_round(server_round, training=True)  # the w_j of earlier rounds
+        known = store.stored_ids(MODEL)
         if not known:
-            return [self.initial for _ in partition_ids]
-        template = self.initial.to_torch_state_dict()
+            return [self.initial_arrays for _ in partition_ids]
+        template = self.initial_arrays.to_torch_state_dict()
         column = {pid: index for index, pid in enumerate(known)}
 
         def stacked(key: str) -> tuple[np.ndarray, np.ndarray]:
             """(known clients' tensors, the targets' own tensors), flattened, float64."""
             rows = np.stack([
-                self.server_store.load(pid, expected=template, slot=MODEL, keys=[key])[key].numpy().reshape(-1)
+                store.load(pid, expected=template, slot=MODEL, keys=[key])[key].numpy().reshape(-1)
                 for pid in known
             ]).astype(np.float64)
             own = np.stack([rows[column[pid]] if pid in column else template[key].numpy().reshape(-1).astype(np.float64)

@@ -65,6 +65,7 @@ class FedCACStrategy(PersonalizedStrategy):
             [ArrayRecord({key: Array.from_numpy_ndarray(model[key]) for key in model_keys}) for model in models], weights
         )
         w_bar = {key: global_model[key].numpy() for key in model_keys}
+        store = self.server_store.at_round(server_round)
         groups = collaborators(overlaps([np.concatenate([m.reshape(-1) for m in mask.values()]) for mask in masks]),
                                server_round, self.config.fedcac_beta)
         for message, mask, group in zip(replies, masks, groups, strict=True):
@@ -77,7 +78,7 @@ class FedCACStrategy(PersonalizedStrategy):
                     merged = np.where(critical, group_mean.astype(w_bar[key].dtype), w_bar[key])
                 stored[key] = torch.from_numpy(np.array(merged))
                 stored[CRITICAL + key] = torch.from_numpy(critical.astype(np.uint8))
-            self.server_store.save(int(message.content[METRICS]["partition-id"]), stored, slot=CUSTOMIZED)
+            store.save(int(message.content[METRICS]["partition-id"]), stored, slot=CUSTOMIZED)
         return global_model
 
     def client_arrays(
@@ -85,9 +86,10 @@ class FedCACStrategy(PersonalizedStrategy):
     ) -> list[ArrayRecord]:
         w_bar = arrays.to_torch_state_dict()
         template = {**w_bar, **{CRITICAL + key: torch.zeros(value.shape, dtype=torch.uint8) for key, value in w_bar.items()}}
+        store = self.server_store.at_round(server_round, training)  # evaluation: this round's ŵ_i
         records = []
         for pid in partition_ids:
-            stored = None if pid is None else self.server_store.load(pid, expected=template, slot=CUSTOMIZED)
+            stored = None if pid is None else store.load(pid, expected=template, slot=CUSTOMIZED)
             if stored is None:
                 records.append(arrays)
                 continue

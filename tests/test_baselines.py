@@ -240,8 +240,8 @@ def test_fedamp_messages_equal_w_i_when_all_models_are_equal(tmp_path):
     strategy = _strategy(FedAMPStrategy, tmp_path, "fedamp", **{"fedamp-sigma": 1e6})
     w = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.asarray(4, dtype=np.int64)}
     for pid in range(3):
-        strategy.server_store.save(pid, {k: torch.from_numpy(v) for k, v in w.items()}, slot=MODEL)
-    strategy.initial = _record({"w": np.zeros((2, 3), np.float32), "n": np.asarray(0, np.int64)})
+        strategy.server_store.at_round(1).save(pid, {k: torch.from_numpy(v) for k, v in w.items()}, slot=MODEL)
+    strategy.initial_arrays = _record({"w": np.zeros((2, 3), np.float32), "n": np.asarray(0, np.int64)})
     messages = strategy.client_arrays([0, 1, 2], ArrayRecord(), server_round=2, training=True)
     for message in messages:
         assert _identical(_arrays(message), w)
@@ -252,8 +252,8 @@ def test_fedamp_messages_are_attention_weighted_by_similarity(tmp_path):
     strategy = _strategy(FedAMPStrategy, tmp_path, "fedamp", **{"fedamp-alpha-k": alpha_k, "fedamp-sigma": sigma})
     models = [np.array([0.0, 0.0]), np.array([1.0, 0.0]), np.array([0.0, 2.0])]
     for pid, w in enumerate(models):
-        strategy.server_store.save(pid, {"w": torch.tensor(w, dtype=torch.float32)}, slot=MODEL)
-    strategy.initial = _record({"w": np.zeros(2, np.float32)})
+        strategy.server_store.at_round(1).save(pid, {"w": torch.tensor(w, dtype=torch.float32)}, slot=MODEL)
+    strategy.initial_arrays = _record({"w": np.zeros(2, np.float32)})
     messages = strategy.client_arrays([0, 1, 2, None], ArrayRecord(), server_round=2, training=True)
     received = [message["w"].numpy() for message in messages]
     for i in range(3):
@@ -497,7 +497,7 @@ def test_frozen_batchnorm_stays_in_eval_mode_and_does_not_drift(tmp_path):
 
 
 def test_store_slots_are_separate_files(tmp_path):
-    store = PersonalStateStore(tmp_path, "pfedsd")
+    store = PersonalStateStore(tmp_path, "pfedsd", round=1)
     store.save(3, {"a": torch.ones(2)})
     store.save(3, {"b": torch.zeros(1)}, slot=TEACHER)
     assert sorted(p.name for p in (tmp_path / "3").iterdir()) == ["personal.safetensors", "teacher.safetensors"]

@@ -265,9 +265,12 @@ def test_evaluate_leaves_personal_state_alone(fedlora_run):
     train, evaluate = _train_type(grid), _eval_type(grid)
     for server_round in range(1, ROUNDS + 1):
         after_train, after_eval = grid.personal[(server_round, train)], grid.personal[(server_round, evaluate)]
-        assert sorted(after_train) == [f"{pid}/personal.safetensors" for pid in range(NUM_CLIENTS)]
+        versions = ["personal.safetensors"] if server_round == 1 else ["personal.previous.safetensors", "personal.safetensors"]
+        assert sorted(after_train) == [f"{pid}/{name}" for pid in range(NUM_CLIENTS) for name in versions]
         assert after_eval == after_train
-    assert grid.personal[(1, train)] != grid.personal[(2, train)], "training rewrites τ every round"
+    first, second = grid.personal[(1, train)], grid.personal[(2, train)]
+    assert first["0/personal.safetensors"] != second["0/personal.safetensors"], "training rewrites τ every round"
+    assert second["0/personal.previous.safetensors"] == first["0/personal.safetensors"], "round 1's τ is kept for a resume"
 
 
 def test_same_seed_same_results(fedlora_run, tmp_path):
@@ -282,6 +285,14 @@ def test_same_seed_same_results(fedlora_run, tmp_path):
         tau_a, _ = _state(first_dir / "clients" / str(pid) / "personal.safetensors")
         tau_b, _ = _state(second_dir / "clients" / str(pid) / "personal.safetensors")
         assert _identical(tau_a, tau_b)
+
+
+def test_training_seeds_are_distinct_for_thousands_of_clients():
+    """The old seed*1_000_003 + round*1_009 + pid gave (round 1, client 1009) round 2's client 0 seed."""
+    seeds = {client_app.training_seed(seed, rnd, pid) for seed in (1, 2) for rnd in (1, 2, 3) for pid in range(5000)}
+    assert len(seeds) == 2 * 3 * 5000
+    assert client_app.training_seed(1, 1, 1009) != client_app.training_seed(1, 2, 0)
+    assert all(0 <= seed < 2**64 for seed in seeds)
 
 
 # --------------------------------------------------------------------------- baselines

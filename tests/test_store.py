@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora_flwr.store import PersonalStateStore, StateError
+from fedlora_flwr.store import PREVIOUS, PersonalStateStore, StateError
 
 FILENAME = "personal.safetensors"
 
@@ -31,7 +31,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def test_round_trip_is_exact(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     path = store.save(3, tensors)
     loaded = store.load(3, expected=tensors)
@@ -46,7 +46,7 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_file_location_and_no_temp_files_left(tmp_path):
-    store = PersonalStateStore(tmp_path / "clients", "fedlora")
+    store = PersonalStateStore(tmp_path / "clients", "fedlora", round=1)
     store.save(0, _tensors(0))
     store.save(0, _tensors(1))  # overwrite
     store.save(12, _tensors(2))
@@ -58,7 +58,7 @@ def test_file_location_and_no_temp_files_left(tmp_path):
 
 
 def test_save_copies_the_values(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     reference = {key: value.clone() for key, value in tensors.items()}
     store.save(0, tensors)
@@ -68,7 +68,7 @@ def test_save_copies_the_values(tmp_path):
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     old = _tensors(0)
     path = store.save(1, old)
     old_bytes = path.read_bytes()
@@ -88,7 +88,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("injected")))
     with pytest.raises(OSError):
         store.save(2, _tensors())
@@ -99,14 +99,14 @@ def test_failed_first_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_missing_file_is_none(tmp_path):
-    store = PersonalStateStore(tmp_path / "never-created", "fedlora")
+    store = PersonalStateStore(tmp_path / "never-created", "fedlora", round=1)
     assert store.load(0, expected=_tensors()) is None
     assert not (tmp_path / "never-created").exists(), "loading must not create folders"
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
 def test_corrupt_file_raises_state_error_naming_the_path(tmp_path, damage):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     path = store.save(0, _tensors())
     data = path.read_bytes()
     path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00not a safetensors file" * 3, "empty": b""}[damage])
@@ -117,7 +117,7 @@ def test_corrupt_file_raises_state_error_naming_the_path(tmp_path, damage):
 
 def test_flipped_byte_is_caught_by_the_checksum(tmp_path):
     """Same length, valid header, one data byte changed: safetensors alone would load it."""
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     path = store.save(0, _tensors())
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
@@ -132,20 +132,24 @@ def test_file_without_checksums_is_refused(tmp_path):
 
     path = tmp_path / "0" / FILENAME
     path.parent.mkdir()
-    save_file({k: v.contiguous() for k, v in _tensors().items()}, str(path), metadata={"method": "fedlora"})
+    save_file({k: v.contiguous() for k, v in _tensors().items()}, str(path), metadata={"method": "fedlora", "round": "1"})
     with pytest.raises(StateError, match="no checksum"):
-        PersonalStateStore(tmp_path, "fedlora").load(0, expected=_tensors())
+        PersonalStateStore(tmp_path, "fedlora", round=1).load(0, expected=_tensors())
+    save_file({k: v.contiguous() for k, v in _tensors().items()}, str(path), metadata={"method": "fedlora"})
+    with pytest.raises(StateError, match="records no round") as info:
+        PersonalStateStore(tmp_path, "fedlora", round=1).load(0, expected=_tensors())
+    assert str(path) in str(info.value)
 
 
 def test_wrong_method_tag(tmp_path):
-    PersonalStateStore(tmp_path, "local").save(0, _tensors())
+    PersonalStateStore(tmp_path, "local", round=1).save(0, _tensors())
     with pytest.raises(StateError, match="local") as info:
-        PersonalStateStore(tmp_path, "fedlora").load(0, expected=_tensors())
+        PersonalStateStore(tmp_path, "fedlora", round=1).load(0, expected=_tensors())
     assert str(tmp_path / "0" / FILENAME) in str(info.value)
 
 
 def test_missing_key(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     store.save(0, {k: v for k, v in tensors.items() if k != "fc.lora_B"})
     with pytest.raises(StateError, match=r"missing \['fc\.lora_B'\]"):
@@ -153,7 +157,7 @@ def test_missing_key(tmp_path):
 
 
 def test_extra_key(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     store.save(0, {**tensors, "fc.lora_C": torch.zeros(2)})
     with pytest.raises(StateError, match=r"unexpected \['fc\.lora_C'\]"):
@@ -161,7 +165,7 @@ def test_extra_key(tmp_path):
 
 
 def test_wrong_shape(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     store.save(0, {**tensors, "conv1.lora_A": torch.zeros(9, 12)})  # transposed: same numel
     with pytest.raises(StateError, match=r"conv1\.lora_A"):
@@ -169,8 +173,104 @@ def test_wrong_shape(tmp_path):
 
 
 def test_wrong_dtype(tmp_path):
-    store = PersonalStateStore(tmp_path, "fedlora")
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
     tensors = _tensors()
     store.save(0, {**tensors, "bn1.num_batches_tracked": torch.tensor(17.0)})  # float32 instead of int64
     with pytest.raises(StateError, match=r"bn1\.num_batches_tracked"):
         store.load(0, expected=tensors)
+
+
+# --------------------------------------------------------------------------- versions by round (resume)
+
+
+def _value(store: PersonalStateStore, partition_id: int = 0) -> float | None:
+    loaded = store.load(partition_id, expected={"w": torch.zeros(3)})
+    return None if loaded is None else float(loaded["w"][0])
+
+
+def _save(tmp_path: Path, server_round: int, value: float, partition_id: int = 0) -> None:
+    PersonalStateStore(tmp_path, "fedlora").at_round(server_round).save(partition_id, {"w": torch.full((3,), value)})
+
+
+def test_training_loads_the_newest_version_before_its_round(tmp_path):
+    store = PersonalStateStore(tmp_path, "fedlora")
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 2, 2.0)
+    assert _value(store.at_round(2, training=True)) == 1.0, "round 2's training starts from round 1's state"
+    assert _value(store.at_round(2)) == 2.0, "round 2's evaluation sees round 2's training"
+    assert _value(store.at_round(3, training=True)) == 2.0 and _value(store) == 2.0
+    assert _value(store.at_round(1, training=True)) is None
+    _save(tmp_path, 2, 2.5)  # round 2 again (a resumed run): the previous version stays round 1's
+    assert _value(store.at_round(2, training=True)) == 1.0 and _value(store.at_round(2)) == 2.5
+    _save(tmp_path, 4, 4.0)  # a non-participant of round 3
+    assert _files(tmp_path / "0") == [f"personal.{PREVIOUS}.safetensors", FILENAME], "at most two versions"
+    assert _value(store.at_round(4, training=True)) == 2.5 and _value(store.at_round(4)) == 4.0
+
+
+def test_state_saved_for_a_round_past_the_checkpoint_is_not_used(tmp_path):
+    """Checkpoint after round 1; client 0 and a new client 1 saved round 2 before the crash."""
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 2, 2.0)
+    _save(tmp_path, 2, 9.0, partition_id=1)
+    resumed = PersonalStateStore(tmp_path, "fedlora").at_round(2, training=True)
+    assert _value(resumed) == 1.0 and _value(resumed, 1) is None
+    assert resumed.stored_ids() == [0] and PersonalStateStore(tmp_path, "fedlora").stored_ids() == [0, 1]
+
+
+def test_corrupt_previous_version_stops_the_save_and_is_kept(tmp_path):
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 2, 2.0)
+    store = PersonalStateStore(tmp_path, "fedlora", round=3)
+    previous = store.previous_path(0)
+    data = bytearray(previous.read_bytes())
+    data[-1] ^= 0xFF
+    previous.write_bytes(bytes(data))
+    newest = store.path(0).read_bytes()
+    with pytest.raises(StateError, match="checksum") as info:
+        store.save(0, {"w": torch.full((3,), 3.0)})
+    assert str(previous) in str(info.value)
+    assert previous.read_bytes() == bytes(data) and store.path(0).read_bytes() == newest, "nothing is deleted"
+
+
+def test_save_needs_a_round(tmp_path):
+    with pytest.raises(ValueError, match="round"):
+        PersonalStateStore(tmp_path, "fedlora").save(0, _tensors())
+
+
+KILLED_WHILE_SAVING = """
+import os, sys, time
+import torch
+from fedlora_flwr.store import PersonalStateStore
+
+fsync = os.fsync
+def stall(fd):  # the temporary file is written and fsynced, not yet renamed over the state
+    fsync(fd)
+    print("saving", flush=True)
+    time.sleep(600)
+
+os.fsync = stall
+PersonalStateStore(sys.argv[1], "fedlora", round=int(sys.argv[2])).save(0, {"w": torch.full((3,), 7.0)})
+"""
+
+
+@pytest.mark.parametrize("server_round", [1, 2], ids=["same-round", "next-round"])
+def test_client_killed_while_saving_leaves_its_previous_state(tmp_path, server_round):
+    """SIGKILL mid-save, in the round of the existing state or in the next one (after the newest
+    version became the previous one): the state of round 1 loads intact; nothing is deleted (the
+    killed save's temporary file stays, and no load ever reads it)."""
+    import subprocess
+    import sys
+
+    _save(tmp_path, 1, 1.0)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_SAVING, str(tmp_path), str(server_round)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "saving"
+    finally:
+        child.kill()  # SIGKILL, by PID
+        child.wait(timeout=30)
+    store = PersonalStateStore(tmp_path, "fedlora")
+    assert _value(store.at_round(server_round, training=True)) == (1.0 if server_round == 2 else None)
+    assert _value(store.at_round(2, training=True)) == 1.0 and _value(store) == 1.0
+    temporary = [name for name in _files(tmp_path / "0") if name.startswith(".")]
+    assert len(temporary) == 1, _files(tmp_path / "0")

@@ -1,0 +1,245 @@
+"""Checkpoint and resume, in process (tests/inprocess.py): a run that crashed after a round and was
+resumed with ``resume = true`` ends exactly as the same run without the crash.
+
+The crash happens at the worst moment: round t's row is in ``metrics.jsonl`` and every client and
+the server have saved their round-t state, but round t's checkpoint is not written, so the resumed
+run must redo round t from the round-(t-1) state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import app_defaults
+from flwr.app import Context, RecordDict
+from flwr.common.logger import FLOWER_LOGGER
+from inprocess import InProcessGrid
+from safetensors import safe_open
+
+from fedlora_flwr import client_app, server_app
+from fedlora_flwr.results import CHECKPOINT_FILE, RunRecorder
+from fedlora_flwr.store import saved_round
+
+NUM_CLIENTS = 3
+ROUNDS = 3
+WALL_CLOCK = {"elapsed_s", "wall_seconds", "run_dir"}
+
+
+class Crash(RuntimeError):
+    """Stands for a SIGKILL of the server between a round's metrics row and its checkpoint."""
+
+
+def _config(output_dir: Path, run_name: str, method: str, **overrides) -> dict:
+    return {
+        **app_defaults(),
+        "method": method,
+        "dataset": "synthetic",
+        "model": "cnn",
+        "num-server-rounds": ROUNDS,
+        "local-epochs": 2,
+        "lora-epochs": 1,
+        "train-per-client": 16,
+        "test-per-client": 8,
+        "batch-size": 8,
+        "fraction-train": 0.67,  # 2 of 3 clients train each round: non-participants keep older state
+        "device": "cpu",
+        "output-dir": str(output_dir),
+        "run-name": run_name,
+        **overrides,
+    }
+
+
+@contextlib.contextmanager
+def _quiet_flower():
+    handlers = list(FLOWER_LOGGER.handlers)
+    levels = [handler.level for handler in handlers]
+    for handler in handlers:
+        handler.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for handler, level in zip(handlers, levels):
+            handler.setLevel(level)
+
+
+def _start(config: dict) -> InProcessGrid:
+    grid = InProcessGrid(client_app.app, NUM_CLIENTS, config)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    with _quiet_flower():
+        server_app.main(grid, context)
+    return grid
+
+
+def _crash_at(monkeypatch, crash_round: int) -> None:
+    save = RunRecorder.save_checkpoint
+
+    def save_or_crash(self, server_round, *args):
+        if server_round == crash_round:
+            raise Crash(f"killed before round {server_round}'s checkpoint")
+        save(self, server_round, *args)
+
+    monkeypatch.setattr(RunRecorder, "save_checkpoint", save_or_crash)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key not in WALL_CLOCK} for row in rows]
+
+
+def _summary(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {key: value for key, value in summary.items() if key not in WALL_CLOCK}
+
+
+def _state_files(run_dir: Path) -> dict[str, tuple[dict[str, bytes], dict[str, str]]]:
+    """Every per-client state file (both versions) and the final shared tensors: each tensor's
+    dtype, shape and bytes, and the metadata (safetensors orders its header keys arbitrarily)."""
+    files = [*run_dir.glob("clients/*/*.safetensors"), *run_dir.glob("server/*/*.safetensors"), run_dir / "shared.safetensors"]
+    contents = {}
+    for path in files:
+        with safe_open(path, framework="np") as handle:
+            tensors = {key: (str(handle.get_tensor(key).dtype), handle.get_tensor(key).shape, handle.get_tensor(key).tobytes())
+                       for key in handle.keys()}
+            contents[str(path.relative_to(run_dir))] = (tensors, handle.metadata())
+    return contents
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run per method, shared by the tests below."""
+    runs = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            config = _config(tmp_path_factory.mktemp(method), "run", method)
+            _start(config)
+            runs[method] = Path(config["output-dir"]) / "run"
+        return runs[method]
+
+    return run
+
+
+@pytest.mark.parametrize(("method", "crash_round"), [("fedlora", 2), ("fedamp", 1), ("fedcac", 3)])
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, uninterrupted, method, crash_round):
+    reference = uninterrupted(method)
+    config = _config(tmp_path, "run", method)
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _crash_at(patch, crash_round)
+        with pytest.raises(Crash):
+            _start(config)
+    assert len(_rows(run_dir)) == crash_round, "the crashed round's row was written"
+    stale = [path for path in run_dir.glob("*/*/*.safetensors") if saved_round(path) == crash_round]
+    assert stale, "clients (and the server) saved state for the round the checkpoint does not hold"
+
+    _start({**config, "resume": True})
+    assert _rows(run_dir) == _rows(reference)
+    assert _summary(run_dir) == _summary(reference)
+    assert _state_files(run_dir) == _state_files(reference)
+
+
+def test_resume_with_more_rounds_continues_a_finished_run(tmp_path, uninterrupted):
+    reference = uninterrupted("fedlora")
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 2})
+    _start(config)
+    _start({**config, "num-server-rounds": ROUNDS, "resume": True})
+    run_dir = tmp_path / "run"
+    assert _rows(run_dir) == _rows(reference)
+    assert _summary(run_dir) == _summary(reference)
+    assert json.loads((run_dir / "config.json").read_text())["num-server-rounds"] == ROUNDS
+
+
+def _error_lines(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+def _refused(config: dict, caplog) -> str:
+    caplog.clear()
+    with pytest.raises(SystemExit) as info:
+        _start(config)
+    assert info.value.code == 2
+    (line,) = _error_lines(caplog)
+    assert "\n" not in line
+    return line
+
+
+def test_resume_with_another_config_is_refused_in_one_line(tmp_path, caplog):
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 1})
+    _start(config)
+    run_dir = tmp_path / "run"
+    before = {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()}
+    line = _refused({**config, "resume": True, "seed": 2, "alpha": 0.5}, caplog)
+    assert "alpha (0.1 -> 0.5)" in line and "seed (1 -> 2)" in line and str(run_dir / "config.json") in line
+    line = _refused({**config, "resume": True, "num-server-rounds": 1, "method": "fedavg"}, caplog)
+    assert "method" in line
+    (run_dir / "config.json").write_text(json.dumps({**json.loads(before["config.json"]), "num-server-rounds": 2}))
+    line = _refused({**config, "resume": True}, caplog)
+    assert "num-server-rounds=1 is below the run's 2" in line
+    (run_dir / "config.json").write_bytes(before["config.json"])
+    assert {path.name: path.read_bytes() for path in run_dir.iterdir() if path.is_file()} == before
+
+
+def test_resume_of_a_missing_run_is_refused_in_one_line(tmp_path, caplog):
+    line = _refused(_config(tmp_path, "nope", "fedlora", resume=True), caplog)
+    assert "no run 'nope'" in line and str(tmp_path) in line
+    assert not (tmp_path / "nope").exists()
+    line = _refused(_config(tmp_path, "", "fedlora", resume=True), caplog)
+    assert "resume" in line and "run-name" in line
+
+
+def test_checkpoint_holds_the_round_and_the_next_rounds_arrays(uninterrupted):
+    from fedlora_flwr.results import load_checkpoint
+    from safetensors.torch import load_file
+
+    run_dir = uninterrupted("fedlora")
+    checkpoint = load_checkpoint(run_dir)
+    assert checkpoint.round == ROUNDS and checkpoint.strategy == {"aggregated_rounds": ROUNDS}
+    shared = load_file(run_dir / "shared.safetensors")
+    assert list(checkpoint.arrays.keys()) and set(checkpoint.arrays.keys()) == set(shared)
+    for key, tensor in checkpoint.arrays.to_torch_state_dict().items():
+        assert tensor.dtype == shared[key].dtype and tensor.equal(shared[key])
+    assert (run_dir / CHECKPOINT_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- a real crash
+
+
+@pytest.mark.e2e
+def test_resume_after_sigkill_of_the_superlink_equals_the_uninterrupted_run(tmp_path):
+    """``flwr run`` through a private SuperLink; SIGKILL to the SuperLink's process group and
+    everything below it once round 1 is recorded; a fresh SuperLink and ``resume = true`` finish
+    the run, which then equals an uninterrupted one (metrics rows without wall-clock fields,
+    summary accuracies, every per-client state file and the final shared tensors)."""
+    from conftest import REPO
+
+    from fedlora_flwr.superlink import LocalSuperLink
+
+    base = dict(dataset="synthetic", model="cnn", **{
+        "num-server-rounds": ROUNDS, "local-epochs": 1, "lora-epochs": 1, "lora-schedule": "simultaneous",
+        "train-per-client": 40, "test-per-client": 20, "output-dir": str(tmp_path), "data-dir": str(tmp_path / "data"),
+        "device": "cpu"})
+    run_dir = tmp_path / "crashed"
+    crashed = {**base, "run-name": "crashed"}
+    with LocalSuperLink() as link:
+        def crash_after_round_1(line: str) -> None:
+            if f"[fedlora-flwr] round 1/{ROUNDS}" in line:
+                link.kill()
+
+        link.run(REPO, crashed, num_supernodes=4, timeout=600, on_line=crash_after_round_1)
+    rows_at_crash = len(_rows(run_dir))
+    assert 1 <= rows_at_crash < ROUNDS and not (run_dir / "summary.json").exists()
+
+    with LocalSuperLink() as link:
+        code, log = link.run(REPO, {**crashed, "resume": True}, num_supernodes=4, timeout=600)
+        assert code == 0 and (run_dir / "summary.json").is_file(), log[-4000:]
+        assert "resuming" in log
+        code, log = link.run(REPO, {**base, "run-name": "reference"}, num_supernodes=4, timeout=600)
+        assert code == 0, log[-4000:]
+    reference = tmp_path / "reference"
+    assert _rows(run_dir) == _rows(reference)
+    assert _summary(run_dir) == _summary(reference)
+    assert _state_files(run_dir) == _state_files(reference)
