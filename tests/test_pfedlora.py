@@ -4,7 +4,6 @@ schedule's invariants (C.7), and a federation of all five architectures on the r
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
