@@ -194,7 +194,8 @@ def test_fedsa_lora_shares_a_and_keeps_b_and_head_per_client(fedsa_run):
         assert all(list(up) and all(peft_models.is_lora_a(k) for k in up) for up in uploads.values())
         received = list(grid.sent[(server_round, evaluate)].values())
         assert len(received) == NUM_CLIENTS and all(_identical(received[0], r) for r in received), "one Ā for all"
-        assert not _identical(uploads[0], uploads[1]), "A trained locally before the mean"
+        if server_round == 2:  # B starts at zero: round 1's single step gives A no gradient
+            assert not _identical(uploads[0], uploads[1]), "A trained locally before the mean"
     states = [_state(run_dir / "clients" / str(pid) / "personal.safetensors")[0] for pid in range(NUM_CLIENTS)]
     for tensors in states:
         assert tensors and all(peft_models.is_lora_b(k) or peft_models.is_head(k) for k in tensors)
