@@ -134,8 +134,8 @@ def test_tls_federation_with_node_auth(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
     for pid, state_dir in enumerate(state_dirs):
         assert sorted(p.relative_to(state_dir).as_posix() for p in state_dir.rglob("*.safetensors")) == [
-            f"deployed/{pid}/personal.safetensors"
-        ]
+            f"deployed/{pid}/personal.previous.safetensors", f"deployed/{pid}/personal.safetensors"
+        ]  # round 2's state and round 1's, kept for a resume (fedlora_flwr/store.py)
     assert not (run_dir / "clients").exists()  # deployment: state lives with the SuperNodes only
     # Flower logs its exit code 305 (SUPERNODE_CONNECTION_ERROR) and the process exits with 1
     assert refused != 0 and f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in intruder_log, intruder_log[-2000:]

@@ -36,7 +36,7 @@ class ShuffledNodesGrid(CapturingGrid):
 
 
 def _participation_run(tmp_path, name, node_seed, **overrides):
-    config = _run_config(tmp_path / "outputs", name, **{"fraction-train": 0.4, "num-server-rounds": 3, **overrides})
+    config = _run_config(tmp_path / "outputs", name, **{"fraction-train": 0.5, "num-server-rounds": 3, **overrides})
     grid = ShuffledNodesGrid(client_app.app, NUM_CLIENTS, config, node_seed=node_seed)
     _start(grid, config)
     return tmp_path / "outputs" / name, grid
