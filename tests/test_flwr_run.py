@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -119,7 +120,10 @@ def test_clients_past_the_round_timeout_are_counted_failures(superlink, tmp_path
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(1, rounds + 1))
     for m in metrics:
-        assert m["num_participants"] == clients - 6 and m["num_failures"] >= 6
+        faulty = {int(p) for p in np.random.default_rng([1, m["round"], 1]).choice(clients, size=6, replace=False)}
+        assert m["participants"] and not faulty & set(m["participants"]), "a timed-out reply was averaged"
+        # a healthy client slower than round-timeout on a loaded machine is a failure too
+        assert m["num_failures"] >= clients - m["num_participants"] >= 6
     _taus(run_dir, clients)
 
 
