@@ -25,6 +25,8 @@ from typing import Literal
 
 from torch import nn
 
+from fedlora_flwr.text_models import ModelError
+
 AdapterKind = Literal["lora", "rslora", "vera"]
 #: The classification heads: text models' (``TextClassifier``) and image models' (``models.IMAGE_HEAD``).
 HEADS = ("classifier", "fc")
@@ -58,8 +60,8 @@ def wrap(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 
     try:
         return get_peft_model(model, spec.peft_config())
-    except ValueError as err:  # e.g. a target module the model does not have
-        raise ValueError(f"lora-target-modules={','.join(spec.target_modules)!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:  # e.g. a target module the model does not have, VeRA on a Conv2d
+        raise ModelError(f"lora-target-modules={','.join(spec.target_modules)!r}: {str(err).splitlines()[0]}") from None
 
 
 def _segment(key: str, name: str) -> bool:

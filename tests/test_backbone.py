@@ -15,7 +15,7 @@ from test_federation import _arrays, _eval_type, _identical, _metrics, _run, _st
 from conftest import app_defaults
 from fedlora_flwr import data, models, peft_models
 from fedlora_flwr.client_app import ClientSession
-from fedlora_flwr.config import ConfigError, load_config
+from fedlora_flwr.config import PRETRAINED_METHODS, ConfigError, load_config
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.text_models import ModelError
 from strategies.base import ARRAYS
@@ -145,3 +145,20 @@ def test_backbone_only_for_adapter_methods_and_image_models(tmp_path, checkpoint
             load_config({**app_defaults(), "dataset": "synthetic", "model": "cnn", "method": "lora",
                          "backbone": str(checkpoint[0]), **overrides})
         assert "backbone=" in str(info.value) and expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_vera_on_convolutions_is_one_line(tmp_path, checkpoint):
+    """PEFT's VeRA adapts Linear layers only: fedsa-vera on the cnn (convolutions only) says so."""
+    client = METHODS["fedsa-vera"].client(_config(tmp_path, "fedsa-vera", checkpoint[0]))
+    with pytest.raises(ModelError) as info:
+        client.build_model(data.TaskSpec(10), 0)
+    assert "lora-target-modules='conv1,conv2,conv3'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_backbone_readers_are_the_adapter_methods():
+    from clients.adapters import AdapterClient
+
+    text = {**app_defaults(), "dataset": "agnews", "model": "minilm"}
+    readers = {name for name, method in METHODS.items()
+               if isinstance(method.client(load_config({**text, "method": name})), AdapterClient)}
+    assert readers == set(PRETRAINED_METHODS)
