@@ -3,11 +3,12 @@
 The base :class:`AdapterClient` builds the pretrained text model (``model=minilm`` or ``hf:<name>``)
 or an image model whose weights but the head ``fc`` come from ``backbone=<safetensors>`` (e.g. a
 fedavg run's ``shared.safetensors``; LoRA then on every Conv2d and Linear but ``fc``, PEFT's Conv2d
-LoRA: A a conv of the layer's kernel into r channels, B a 1×1 conv), wraps it with PEFT adapters (``fedlora_flwr.peft_models``) and trains every non-frozen tensor
-*jointly* for ``local-steps`` mini-batches per round with plain SGD (no momentum, no weight decay,
-``lr``; FedSA-LoRA's config: 10 steps of batch 128, lr 0.02; METHODS.md B.2). The backbone is the
-frozen group: never trained, stored or sent; its BatchNorm layers (all their tensors frozen) run in
-eval mode, so their running statistics stay the checkpoint's (``Phase.eval_groups``). The methods differ only in their partition:
+LoRA: A a conv of the layer's kernel into r channels, B a 1×1 conv), wraps it with PEFT adapters
+(``fedlora_flwr.peft_models``) and trains every non-frozen tensor *jointly* for ``local-steps``
+mini-batches per round with plain SGD (no momentum, no weight decay, ``lr``; FedSA-LoRA's config:
+10 steps of batch 128, lr 0.02; METHODS.md B.2). The backbone is the frozen group: never trained,
+stored or sent; its BatchNorm layers (all their tensors frozen) run in eval mode, so their running
+statistics stay the checkpoint's (``Phase.eval_groups``). The methods differ only in their partition:
 
 =================  =====================  ==========================  =====================
 method             shared (averaged)      personal (store)            frozen

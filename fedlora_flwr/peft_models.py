@@ -9,8 +9,8 @@ One reusable API for every method that fine-tunes a pretrained model with adapte
   per-layer vectors λ_d ∈ R^r, λ_b ∈ R^out: ΔW x = λ_b ⊙ B_v(λ_d ⊙ A_v x));
 - key predicates for :class:`fedlora_flwr.groups.ParameterPartition` rules, on PEFT's parameter
   names: :func:`is_lora_a`, :func:`is_lora_b`, :func:`is_vera_lambda_d`, :func:`is_vera_lambda_b`,
-  :func:`is_head` (a text model's ``classifier``, an image model's ``fc``), :func:`is_adapter` and :func:`is_backbone` (everything else:
-  the pretrained weights, VeRA's frozen projections).
+  :func:`is_head` (a text model's ``classifier``, an image model's ``fc``), :func:`is_adapter` and
+  :func:`is_backbone` (everything else: the pretrained weights, VeRA's frozen projections).
 
 LoRA factors start as PEFT initialises them (A Kaiming-uniform from the torch RNG, B zeros): seed
 torch before :func:`wrap` and every client starts from the same A (FedSA-LoRA, METHODS.md B.1).

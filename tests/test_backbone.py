@@ -73,7 +73,8 @@ def test_backbone_loaded_but_the_head_and_lora_on_every_conv(tmp_path, checkpoin
 def test_image_lora_targets_every_conv_and_hidden_linear_but_the_head():
     assert models.image_lora_targets(models.build_model("cnn-1", 10)) == ("conv1", "conv2", "fc1", "fc2")
     targets = models.image_lora_targets(models.build_model("resnet8", 10))
-    assert "layers.1.0.downsample.0" in targets and "fc" not in targets and len(targets) == 9  # stem + 2 per block + 2 downsamples
+    # the stem, 2 per block, 2 downsample convs
+    assert "layers.1.0.downsample.0" in targets and "fc" not in targets and len(targets) == 9
 
 
 def test_backbone_frozen_unchanged_by_training_never_sent_and_bn_in_eval(tmp_path, checkpoint):
@@ -135,7 +136,8 @@ def test_missing_file_missing_tensor_and_wrong_shape_are_one_line(tmp_path, chec
     partial = tmp_path / "partial.safetensors"
     save_file({k: v.contiguous() for k, v in saved.items() if k != "bn2.running_var"}, str(partial))
     assert "no tensor 'bn2.running_var'" in _build(tmp_path, partial)
-    assert "'conv1.weight' has shape (32, 3, 3, 3), model=resnet8 needs (64, 3, 7, 7)" in _build(tmp_path, path, "resnet8")
+    expected = "'conv1.weight' has shape (32, 3, 3, 3), model=resnet8 needs (64, 3, 7, 7)"
+    assert expected in _build(tmp_path, path, "resnet8")
 
 
 def test_backbone_only_for_adapter_methods_and_image_models(tmp_path, checkpoint):
