@@ -1,10 +1,14 @@
 """Adapter methods on a frozen pretrained model (FedSA-LoRA paper, arXiv 2410.01463; METHODS.md §B).
 
-The base :class:`AdapterClient` builds the pretrained text model (``model=minilm`` or ``hf:<name>``),
-wraps it with PEFT adapters (``fedlora_flwr.peft_models``) and trains every non-frozen tensor
-*jointly* for ``local-steps`` mini-batches per round with plain SGD (no momentum, no weight decay,
-``lr``; FedSA-LoRA's config: 10 steps of batch 128, lr 0.02; METHODS.md B.2). The backbone is the
-frozen group: never trained, stored or sent. The methods differ only in their partition:
+The base :class:`AdapterClient` builds the pretrained text model (``model=minilm`` or ``hf:<name>``)
+or an image model whose weights but the head ``fc`` come from ``backbone=<safetensors>`` (e.g. a
+fedavg run's ``shared.safetensors``; LoRA then on every Conv2d and Linear but ``fc``, PEFT's Conv2d
+LoRA: A a conv of the layer's kernel into r channels, B a 1×1 conv), wraps it with PEFT adapters
+(``fedlora_flwr.peft_models``) and trains every non-frozen tensor *jointly* for ``local-steps``
+mini-batches per round with plain SGD (no momentum, no weight decay, ``lr``; FedSA-LoRA's config:
+10 steps of batch 128, lr 0.02; METHODS.md B.2). The backbone is the frozen group: never trained,
+stored or sent; its BatchNorm layers (all their tensors frozen) run in eval mode, so their running
+statistics stay the checkpoint's (``Phase.eval_groups``). The methods differ only in their partition:
 
 =================  =====================  ==========================  =====================
 method             shared (averaged)      personal (store)            frozen
@@ -32,6 +36,7 @@ from torch import nn
 from clients.base import MethodClient, local_length
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, nothing
+from fedlora_flwr.models import image_backbone, image_lora_targets
 from fedlora_flwr.peft_models import (
     AdapterKind,
     AdapterSpec,
@@ -54,18 +59,25 @@ class AdapterClient(MethodClient):
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         config = self.config
-        if not is_text_model(config.model):
-            raise ModelError(f"method={config.method!r} fine-tunes a pretrained model: set model=minilm or hf:<name>")
-        model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
+        if is_text_model(config.model):
+            model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
+            default_targets = AdapterSpec.target_modules
+        elif config.backbone:
+            model = image_backbone(config.model, task.num_classes, config.backbone)
+            default_targets = image_lora_targets(model)
+        else:
+            raise ModelError(f"method={config.method!r} fine-tunes a pretrained model: set model=minilm or "
+                             "hf:<name>, or backbone=<safetensors> for an image model")
         if self.adapter is None:
             return model
         vera = self.adapter == "vera"
+        targets = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
         spec = AdapterSpec(
             kind=self.adapter,
             r=config.vera_r if vera else config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
-            target_modules=tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip()),
+            target_modules=targets or default_targets,
         )
         return wrap(model, spec)
 

@@ -124,7 +124,8 @@ class ClientSession:
         """The session a Flower message asks for, with the message's shared tensors loaded."""
         instructions = message.content["config"]
         # The server resolved the paths; a SuperNode may point at its own copy of the data.
-        overrides = {"data-dir": context.node_config.get("data-dir", instructions["data-dir"])}
+        overrides = {"data-dir": context.node_config.get("data-dir", instructions["data-dir"]),
+                     "backbone": instructions["backbone"]}
         config = load_config({**context.run_config, **overrides})
         run_dir = Path(str(instructions["run-dir"]))
         # Simulation: <run-dir>/clients/<pid>/. A SuperNode may keep its state elsewhere,

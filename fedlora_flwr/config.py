@@ -25,7 +25,7 @@ from fedlora_flwr.models import MODEL_FAMILIES, MODELS
 from fedlora_flwr.text import TEXT_DATASETS
 from fedlora_flwr.text_models import HF_PREFIX, is_text_model
 
-_PATH_KEYS = ("data-dir", "output-dir")
+_PATH_KEYS = ("data-dir", "output-dir", "backbone")
 
 #: Every registered method (``fedlora_flwr.methods.METHODS`` has exactly these keys, a test checks
 #: it). Named here so that the schema does not import the registry, which imports the strategies,
@@ -40,6 +40,8 @@ MethodName = Literal[
 #: The methods whose uploads do not depend on the client's architecture, so that clients of a
 #: ``model-family`` can be federated (a test checks their upload templates agree across a family).
 HETEROGENEOUS_METHODS = ("pfedlora", "fedavg-adapter", "local")
+#: The adapter methods on a frozen pretrained model (clients/adapters.py): the readers of ``backbone``.
+PRETRAINED_METHODS = ("fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "local-lora", "fedavg-head")
 
 
 class ConfigError(ValueError):
@@ -116,7 +118,10 @@ class RunConfig(BaseModel):
     lora_r: int = Field(8, ge=1, description="LoRA rank r (B.1)")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA α: scaling α/r, or α/√r with rsLoRA (B.1, B.5)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (B.1)")
-    lora_target_modules: str = Field("query,value", min_length=1, description="comma-separated module names")
+    lora_target_modules: str = Field("", description="comma-separated module names; \"\": query,value on a text "
+                                     "model, every Conv2d and Linear but the head fc on an image backbone")
+    backbone: str = Field("", description="safetensors of an image model's weights (e.g. a fedavg run's "
+                          "shared.safetensors): frozen under the adapter methods; \"\": none")
     vera_r: int = Field(256, ge=1, description="VeRA rank r_v of the shared random projections (B.5)")
     vera_lr: float = Field(0.01, gt=0, description="FedSA-VeRA AdamW learning rate (B.5: lr_c)")
 
@@ -181,6 +186,19 @@ class RunConfig(BaseModel):
     def _npz_file_exists(cls, value: str, info: ValidationInfo) -> str:
         if info.data.get("dataset") == "npz" and not Path(value).is_file():
             raise ValueError(f"no npz file at {value!r} (dataset='npz' needs the .npz file)")
+        return value
+
+    @field_validator("backbone")
+    @classmethod
+    def _image_backbone_for_adapters(cls, value: str, info: ValidationInfo) -> str:
+        if not value:
+            return value
+        method, model = info.data.get("method"), info.data.get("model")
+        if method is not None and method not in PRETRAINED_METHODS:
+            raise ValueError(f"method {method!r} trains from scratch; only {', '.join(PRETRAINED_METHODS)} "
+                             "fine-tune a backbone")
+        if model is not None and is_text_model(model):
+            raise ValueError(f"model={model!r} is pretrained already; backbone is for image models")
         return value
 
     @field_validator("lora_epochs")

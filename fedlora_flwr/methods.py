@@ -51,10 +51,11 @@ class Method:
 
 
 def local_lora(config: RunConfig) -> MethodClient:
-    """``local-lora``: on a pretrained text model the FedSA-LoRA paper's local baseline (PEFT LoRA +
-    head kept per client, backbone frozen); from scratch FedLoRA's Table 4 control (its decomposed
-    model trained jointly and kept)."""
-    return LocalAdapterClient(config) if is_text_model(config.model) else LocalLoRAClient(config)
+    """``local-lora``: on a pretrained text model or an image ``backbone`` the FedSA-LoRA paper's local
+    baseline (PEFT LoRA + head kept per client, backbone frozen); from scratch FedLoRA's Table 4
+    control (its decomposed model trained jointly and kept)."""
+    pretrained = is_text_model(config.model) or bool(config.backbone)
+    return LocalAdapterClient(config) if pretrained else LocalLoRAClient(config)
 
 
 METHODS: dict[str, Method] = {

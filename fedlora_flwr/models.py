@@ -17,14 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import functools
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from fedlora_flwr.text_models import HF_PREFIX, MINILM, text_classifier
+from fedlora_flwr.text_models import HF_PREFIX, MINILM, ModelError, text_classifier
 
 __all__ = ["MODELS", "MODEL_FAMILIES", "BasicBlock", "HeteroCNN", "ResNet", "SmallCNN", "build_model",
-           "family_member", "resnet8", "resnet10", "small_cnn"]
+           "family_member", "image_backbone", "image_lora_targets", "resnet8", "resnet10", "small_cnn"]
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -214,3 +215,40 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if name.startswith(HF_PREFIX):
         return text_classifier(name, num_classes)
     return MODELS[name](num_classes)
+
+
+#: The classification head of every image model (trained, never part of a pretrained backbone).
+IMAGE_HEAD = "fc"
+
+
+def image_backbone(name: str, num_classes: int, path: str) -> nn.Module:
+    """Image model ``name`` with every tensor but the head ``fc`` read from the safetensors file
+    ``path`` (e.g. a fedavg run's ``shared.safetensors``, whose keys are the model's state-dict
+    keys); the head comes from the torch RNG as the text track's ``classifier`` (seed first), so
+    the file's own ``fc`` is not read and a backbone serves any class count. A missing file or
+    tensor, or a tensor of another shape, is one line naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = build_model(name, num_classes)
+    if not Path(path).is_file():
+        raise ModelError(f"backbone={path!r}: no such file")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ModelError(f"backbone={path!r}: not a safetensors file ({type(err).__name__}: {err})") from None
+    wanted = {key: value for key, value in model.state_dict().items() if key.split(".", 1)[0] != IMAGE_HEAD}
+    for key, value in wanted.items():
+        if key not in tensors:
+            raise ModelError(f"backbone={path!r}: no tensor {key!r} for model={name}")
+        if tensors[key].shape != value.shape:
+            raise ModelError(f"backbone={path!r}: {key!r} has shape {tuple(tensors[key].shape)}, "
+                             f"model={name} needs {tuple(value.shape)}")
+    model.load_state_dict({key: tensors[key] for key in wanted}, strict=False)
+    return model
+
+
+def image_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """The layers LoRA adapts on an image backbone: every Conv2d and Linear but the head ``fc``."""
+    return tuple(name for name, module in model.named_modules()
+                 if isinstance(module, nn.Conv2d | nn.Linear) and name != IMAGE_HEAD)

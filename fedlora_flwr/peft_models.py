@@ -9,8 +9,8 @@ One reusable API for every method that fine-tunes a pretrained model with adapte
   per-layer vectors λ_d ∈ R^r, λ_b ∈ R^out: ΔW x = λ_b ⊙ B_v(λ_d ⊙ A_v x));
 - key predicates for :class:`fedlora_flwr.groups.ParameterPartition` rules, on PEFT's parameter
   names: :func:`is_lora_a`, :func:`is_lora_b`, :func:`is_vera_lambda_d`, :func:`is_vera_lambda_b`,
-  :func:`is_head` (the ``classifier``), :func:`is_adapter` and :func:`is_backbone` (everything else:
-  the pretrained weights, VeRA's frozen projections).
+  :func:`is_head` (a text model's ``classifier``, an image model's ``fc``), :func:`is_adapter` and
+  :func:`is_backbone` (everything else: the pretrained weights, VeRA's frozen projections).
 
 LoRA factors start as PEFT initialises them (A Kaiming-uniform from the torch RNG, B zeros): seed
 torch before :func:`wrap` and every client starts from the same A (FedSA-LoRA, METHODS.md B.1).
@@ -25,8 +25,11 @@ from typing import Literal
 
 from torch import nn
 
+from fedlora_flwr.text_models import ModelError
+
 AdapterKind = Literal["lora", "rslora", "vera"]
-HEAD = "classifier"
+#: The classification heads: text models' (``TextClassifier``) and image models' (``models.IMAGE_HEAD``).
+HEADS = ("classifier", "fc")
 VERA_PRNG_KEY = 0
 
 
@@ -57,8 +60,8 @@ def wrap(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 
     try:
         return get_peft_model(model, spec.peft_config())
-    except ValueError as err:  # e.g. a target module the model does not have
-        raise ValueError(f"lora-target-modules={','.join(spec.target_modules)!r}: {str(err).splitlines()[0]}") from None
+    except ValueError as err:  # e.g. a target module the model does not have, VeRA on a Conv2d
+        raise ModelError(f"lora-target-modules={','.join(spec.target_modules)!r}: {str(err).splitlines()[0]}") from None
 
 
 def _segment(key: str, name: str) -> bool:
@@ -82,7 +85,7 @@ def is_vera_lambda_b(key: str, _module: nn.Module | None = None) -> bool:
 
 
 def is_head(key: str, _module: nn.Module | None = None) -> bool:
-    return _segment(key, HEAD)
+    return any(_segment(key, head) for head in HEADS)
 
 
 def is_adapter(key: str, _module: nn.Module | None = None) -> bool:

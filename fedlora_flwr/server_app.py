@@ -50,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     initial = ArrayRecord(client.initial_download(model))
 
     strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
-    instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir})
+    instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir, "backbone": config.backbone})
     try:
         result = strategy.start(
             grid=grid,
