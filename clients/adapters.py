@@ -45,6 +45,11 @@ from fedlora_flwr.peft_models import (
 from fedlora_flwr.text_models import ModelError, is_text_model, text_classifier
 
 
+def lora_target_modules(config) -> tuple[str, ...]:
+    """The module names of ``lora-target-modules`` (comma-separated)."""
+    return tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
+
+
 class AdapterClient(MethodClient):
     """LoRA (``lora``: A, B and head averaged, the FedSA-LoRA paper's "LoRA" baseline)."""
 
@@ -65,7 +70,7 @@ class AdapterClient(MethodClient):
             r=config.vera_r if vera else config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
-            target_modules=tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip()),
+            target_modules=lora_target_modules(config),
         )
         return wrap(model, spec)
 
