@@ -19,9 +19,9 @@ x̄ arrives (D.5).
 
 from __future__ import annotations
 
-from torch import nn
-
 from collections.abc import Mapping
+
+from torch import nn
 
 from clients.adapters import lora_target_modules
 from clients.base import MethodClient, local_length
