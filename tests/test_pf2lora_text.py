@@ -94,3 +94,10 @@ def test_pf2lora_shares_common_adapter_and_head_and_keeps_client_adapters(pf2lor
     d_keys = [k for k in states[0] if peft_models.is_lora_b(k)]
     assert d_keys and all(not np.array_equal(states[0][k], states[1][k]) for k in d_keys), "distinct D_k"
     assert all(m["num_participants"] == NUM_CLIENTS and m["bytes_up"] > 0 for m in _metrics(run_dir))
+
+
+def test_unknown_target_module_is_one_line(tmp_path):
+    config = _config(tmp_path, "pf2lora", **{"lora-target-modules": "nosuchlayer"})
+    with pytest.raises(ValueError) as info:
+        _session(config, 0, tmp_path)
+    assert "lora-target-modules='nosuchlayer'" in str(info.value) and "\n" not in str(info.value)
