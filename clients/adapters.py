@@ -50,6 +50,16 @@ from fedlora_flwr.peft_models import (
 from fedlora_flwr.text_models import ModelError, is_text_model, text_classifier
 
 
+def lora_target_modules(config) -> tuple[str, ...]:
+    """The module names of ``lora-target-modules`` (comma-separated); ``""`` is the model's
+    default: ``query``/``value`` on a text model (PEFT's for BERT-like encoders), none otherwise
+    (an image backbone then adapts :func:`fedlora_flwr.models.image_lora_targets`)."""
+    names = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
+    if names or not is_text_model(config.model):
+        return names
+    return AdapterSpec.target_modules
+
+
 class AdapterClient(MethodClient):
     """LoRA (``lora``: A, B and head averaged, the FedSA-LoRA paper's "LoRA" baseline)."""
 
@@ -61,23 +71,20 @@ class AdapterClient(MethodClient):
         config = self.config
         if is_text_model(config.model):
             model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
-            default_targets = AdapterSpec.target_modules
         elif config.backbone:
             model = image_backbone(config.model, task.num_classes, config.backbone)
-            default_targets = image_lora_targets(model)
         else:
             raise ModelError(f"method={config.method!r} fine-tunes a pretrained model: set model=minilm or "
                              "hf:<name>, or backbone=<safetensors> for an image model")
         if self.adapter is None:
             return model
         vera = self.adapter == "vera"
-        targets = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
         spec = AdapterSpec(
             kind=self.adapter,
             r=config.vera_r if vera else config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
-            target_modules=targets or default_targets,
+            target_modules=lora_target_modules(config) or image_lora_targets(model),
         )
         return wrap(model, spec)
 

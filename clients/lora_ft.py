@@ -2,7 +2,8 @@
 
 One LoRA adapter (``fedlora_flwr.adapters``, rank ``rank-common``, scaling 2, LoRA init) on every
 conv/linear layer; as in PF2LoRA on these from-scratch image models, W0, BatchNorm and the head train
-with it, and everything is shared and averaged (FedAvg of the adapted model). Training: ``local-steps``
+with it, and everything is shared and averaged (FedAvg of the adapted model); on a pretrained text model
+the encoder is frozen and the adapter sits on ``lora-target-modules``, as in PF2LoRA. Training: ``local-steps``
 steps per round (0: ``local-epochs`` epochs) with PF2LoRA's upper-level optimizer (SGD lr ``lr-upper``,
 or AdamW with ``pf2lora-upper-optimizer``). Before each evaluation every client fine-tunes its own
 copy of the averaged model for the same number of steps with the same optimizer (its own mini-batch
@@ -15,19 +16,22 @@ from __future__ import annotations
 from torch import nn
 
 from clients.base import MethodClient, local_length
-from clients.pf2lora import upper_optimizer
-from fedlora_flwr.adapters import COMMON, add_lora_adapters
+from clients.pf2lora import adapted_model, frozen_backbone, upper_optimizer
+from fedlora_flwr.adapters import COMMON
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import Phase
-from fedlora_flwr.models import build_model
+from fedlora_flwr.groups import ParameterPartition, Phase
 
 FINE_TUNED = "fine-tuned"
 FINE_TUNING_STREAM = 1
 
 
 class LoRAFineTuneClient(MethodClient):
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.partition = ParameterPartition(frozen=frozen_backbone(config))
+
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
-        return add_lora_adapters(build_model(self.config.model, task.num_classes), {COMMON: self.config.rank_common})
+        return adapted_model(self.config, task.num_classes, {COMMON: self.config.rank_common})
 
     def schedule(self) -> list[Phase]:
         return [Phase(groups=("shared",), optimizer=upper_optimizer(self.config), **local_length(self.config))]

@@ -5,7 +5,11 @@ adapter x = (B, A), rank ``rank-common`` (8), shared and averaged; the client ad
 rank ``rank-client`` (2), personal (D.1). The image models here have no pretrained weights, so W0,
 BatchNorm and the head are trained from scratch with x and shared with it (the issue's "trained from
 scratch and shared"); ``pf2lora-head = "personal"`` keeps the head's own weight and bias with y instead
-(the head's adapters keep their levels). Local step (D.3), ``local-steps`` (10) per round (0: ``local-epochs``
+(the head's adapters keep their levels). On a pretrained text model (``model=minilm`` / ``hf:<name>``)
+W0 is what D.1 says: the whole encoder is frozen (group ``frozen``: never trained, stored or sent;
+loaded once per process and shared by every client as for the adapter methods, ``text_models``),
+both adapters go on ``lora-target-modules`` (default query, value) as in the LoRA methods, and the
+head (``classifier``, not adapted) is shared with x by default (D.1 REC). Local step (D.3), ``local-steps`` (10) per round (0: ``local-epochs``
 epochs): y⁺ = y − α∇_y f(x, y), x ← x − β·hypergradient (``fedlora_flwr.bilevel``), α = ``lr-lower``,
 β = ``lr-upper``; the upper level uses plain SGD (D.3 REC) or, labelled, AdamW(lr β, no weight decay)
 with ``pf2lora-upper-optimizer = "adamw"``. ``pf2lora-simultaneous``: the paper's App. F.2 ablation,
@@ -15,14 +19,19 @@ x̄ arrives (D.5).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import nn
 
+from clients.adapters import lora_target_modules
 from clients.base import MethodClient, local_length
 from clients.fedper import HEAD
 from fedlora_flwr.adapters import CLIENT, COMMON, add_lora_adapters, is_adapter_key
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase
+from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase, nothing
 from fedlora_flwr.models import build_model
+from fedlora_flwr.peft_models import is_adapter, is_backbone, is_head
+from fedlora_flwr.text_models import is_text_model, text_classifier
 
 HEAD_WEIGHTS = HEAD + "base_layer."
 
@@ -35,6 +44,25 @@ def is_client_adapter_or_head(key: str, module: nn.Module) -> bool:
     return is_client_adapter(key, module) or key.startswith(HEAD_WEIGHTS)
 
 
+def is_client_adapter_or_text_head(key: str, module: nn.Module) -> bool:
+    return is_client_adapter(key, module) or (is_head(key) and not is_adapter(key))
+
+
+def adapted_model(config, num_classes: int, ranks: Mapping[str, int]) -> nn.Module:
+    """The model with one LoRA adapter per ``{name: rank}``: on every conv/linear layer of an image
+    model, or on ``lora-target-modules`` of a pretrained text model whose encoder tensors are the
+    process's cached pretrained ones (frozen, never written)."""
+    if is_text_model(config.model):
+        model = text_classifier(config.model, num_classes, share_backbone=True)
+        return add_lora_adapters(model, ranks, lora_target_modules(config))
+    return add_lora_adapters(build_model(config.model, num_classes), ranks)
+
+
+def frozen_backbone(config):
+    """The frozen-group rule: the pretrained encoder of a text model; nothing on an image model."""
+    return is_backbone if is_text_model(config.model) else nothing
+
+
 def upper_optimizer(config) -> OptimizerSpec:
     """x's optimizer: SGD(lr β, no momentum) (D.3 REC) or AdamW(lr β, no weight decay)."""
     return OptimizerSpec(name=config.pf2lora_upper_optimizer, lr=config.lr_upper, momentum=0.0)
@@ -45,12 +73,12 @@ class PF2LoRAClient(MethodClient):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        personal = is_client_adapter_or_head if config.pf2lora_head == "personal" else is_client_adapter
-        self.partition = ParameterPartition(personal=personal)
+        with_head = is_client_adapter_or_text_head if is_text_model(config.model) else is_client_adapter_or_head
+        personal = with_head if config.pf2lora_head == "personal" else is_client_adapter
+        self.partition = ParameterPartition(personal=personal, frozen=frozen_backbone(config))
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
-        model = build_model(self.config.model, task.num_classes)
-        return add_lora_adapters(model, {COMMON: self.config.rank_common, CLIENT: self.config.rank_client})
+        return adapted_model(self.config, task.num_classes, {COMMON: self.config.rank_common, CLIENT: self.config.rank_client})
 
     def schedule(self) -> list[Phase]:
         update = BilevelUpdate(lower=("personal",), lr_lower=self.config.lr_lower, hypergradient=self.hypergradient)

@@ -1,4 +1,4 @@
-"""Named PEFT LoRA adapters on every conv and linear layer of an image model, all active at once.
+"""Named PEFT LoRA adapters on every conv and linear layer of a model (or on named target modules), all active at once.
 
 PF2LoRA (METHODS.md D.1) adapts each weight as W_k = W0 + B·A + D_k·C_k: a common adapter
 ("common", rank r) and a client adapter ("client", rank r̃), both PEFT LoRA adapters injected with
@@ -11,7 +11,8 @@ out × (in·k·k).
 Recommendations of METHODS.md D.1 (the paper is silent): scaling lora_alpha/r with lora_alpha = 2r
 (scaling 2 for every adapter), LoRA init (A and C Kaiming-uniform from the global torch RNG, B = D
 = 0, so the adapted model computes what the plain model computes), no LoRA dropout (the finite-
-difference checks of D.7 need a deterministic loss).
+difference checks of D.7 need a deterministic loss). On a pretrained text model the adapters go
+only on ``target_modules`` (PEFT's suffix match, e.g. BERT's ``query``/``value``), as for the LoRA methods.
 
 ``peft`` is imported when first needed: importing it (and transformers) takes tens of seconds,
 which the methods without adapters should not pay.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from torch import nn
 
@@ -37,23 +38,32 @@ def is_adapter_key(key: str, adapter: str) -> bool:
     return ".lora_" in key and adapter_key(adapter) in key
 
 
-def add_lora_adapters(model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
+def add_lora_adapters(model: nn.Module, ranks: Mapping[str, int], target_modules: Sequence[str] | None = None) -> nn.Module:
     """Inject one LoRA adapter per ``{name: rank}`` into every nn.Conv2d / nn.Linear of ``model``
-    (in place, in the mapping's order) and make them all active; returns ``model``."""
+    (or into the modules named ``target_modules``; in place, in the mapping's order) and make them
+    all active; returns ``model``."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    targets = [name for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to adapt")
-    pattern = "|".join(re.escape(name) for name in targets)  # a string: PEFT full-matches module names
+    if target_modules is None:
+        targets = [name for name, module in model.named_modules() if type(module) in (nn.Conv2d, nn.Linear)]
+        if not targets:
+            raise ValueError(f"{type(model).__name__} has no nn.Conv2d or nn.Linear layer to adapt")
+        pattern = "|".join(re.escape(name) for name in targets)  # a string: PEFT full-matches module names
+    else:
+        pattern = list(target_modules)  # a list: PEFT matches module-name suffixes
     for adapter, rank in ranks.items():
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank of adapter {adapter!r} must be an integer >= 1, got {rank!r}")
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=pattern)
         with warnings.catch_warnings():  # several adapters in one model is what we want
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-            model = inject_adapter_in_model(config, model, adapter_name=adapter)
+            try:
+                model = inject_adapter_in_model(config, model, adapter_name=adapter)
+            except ValueError as err:  # e.g. a target module the model does not have
+                if target_modules is None:
+                    raise
+                raise ValueError(f"lora-target-modules={','.join(pattern)!r}: {str(err).splitlines()[0]}") from None
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.set_adapter(list(ranks))

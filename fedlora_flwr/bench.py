@@ -49,10 +49,12 @@ from fedlora_flwr.methods import METHODS
 from fedlora_flwr.models import MODEL_FAMILIES
 from fedlora_flwr.store import write_atomic
 from fedlora_flwr.superlink import LocalSuperLink
+from fedlora_flwr.text_models import is_text_model
 from strategies.base import average_arrays
 
 APP_DIR = default_app_dir()
 DEFAULT_NPZ = APP_DIR.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+DEFAULT_AGNEWS = APP_DIR.parent / "shared" / "data" / "agnews"
 
 
 def _environment() -> dict[str, Any]:
@@ -265,24 +267,25 @@ def bench_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                                        "flops": "FlopCounterMode: matmul/conv forward+backward, 2 per multiply-add"}}
 
 
-BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm,
-              "cost": bench_cost}
-
-
 STEP_METHODS = ("lora-ft", "pf2lora-simultaneous", "pf2lora")
+TEXT_STEP_METHODS = ("lora-ft", "fedsa-lora", "pf2lora-simultaneous", "pf2lora")
 
 
 def bench_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Seconds per local step on one client, same model, data and batch size: a plain LoRA step
     (lora-ft's: one forward/backward, SGD), PF2LoRA's simultaneous ablation (the same work over
-    both adapters) and PF2LoRA's bilevel step (two forwards, two backwards, one double backward).
+    both adapters) and PF2LoRA's bilevel step (two forwards, two backwards, one double backward);
+    on a text model (``minilm``, on AG_NEWS at ``--max-seq-length``) also FedSA-LoRA's step.
     In-process ``ClientSession.run_schedule``; one untimed warm-up schedule first."""
     rows = []
     for model in args.step_models:
-        for method in STEP_METHODS:
+        text = is_text_model(model)
+        methods = TEXT_STEP_METHODS if text else STEP_METHODS
+        data = {"dataset": "agnews", "data-dir": str(args.text_data_dir), "max-seq-length": args.max_seq_length} if text else {}
+        for method in methods:
             config = load_config({**app_defaults(), **_base(args, work, **{
                 "method": method, "model": model, "local-steps": args.steps, "train-per-client": args.train_per_client,
-                "batch-size": args.batch_size})})
+                "batch-size": args.batch_size, **data})})
             session = ClientSession.create(config, 0, args.clients, work / method, server_round=1)
             schedule = session.method.schedule()
             session.run_schedule(schedule)  # warm-up
@@ -291,15 +294,15 @@ def bench_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             seconds = time.perf_counter() - started
             rows.append({"model": model, "method": method, "steps": stats.steps, "batch_size": args.batch_size,
                          "s_per_step": round(seconds / stats.steps, 4)})
-        plain = rows[-len(STEP_METHODS)]["s_per_step"]
-        for row in rows[-len(STEP_METHODS):]:
+        plain = rows[-len(methods)]["s_per_step"]
+        for row in rows[-len(methods):]:
             row["vs_lora_step"] = round(row["s_per_step"] / plain, 2)
     return {"rows": rows, "settings": {"threads": torch.get_num_threads(), "device": str(session.device),
                                        **_base(args, work)}}
 
 
 BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm,
-              "step": bench_step}
+              "cost": bench_cost, "step": bench_step}
 
 
 def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
@@ -341,5 +344,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 200, 1000], help="memory benchmark sizes")
     parser.add_argument("--steps", type=int, default=20, help="timed local steps per method (step benchmark)")
     parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size (step benchmark)")
-    parser.add_argument("--step-models", nargs="+", default=["cnn"], help="models for the step benchmark")
+    parser.add_argument("--step-models", nargs="+", default=["cnn"], help="models for the step benchmark (minilm: on AG_NEWS)")
+    parser.add_argument("--text-data-dir", type=Path, default=DEFAULT_AGNEWS, help="AG_NEWS for text models (default: %(default)s)")
+    parser.add_argument("--max-seq-length", type=int, default=32, help="tokens per sample for text models (step benchmark)")
     parser.set_defaults(func=run_benchmarks)

@@ -20,7 +20,11 @@ checkpointing, and a Hugging Face model must not be loaded with ``attn_implement
 fused kernel other than "sdpa"/"eager" (e.g. "flash_attention_2").
 
 BatchNorm running statistics move once per step, in the forward at (x, y) (as in one plain step);
-the forward at (x, y⁺) runs on copies of the buffers whose updates are discarded.
+the forward at (x, y⁺) runs on copies of the buffers whose updates are discarded. Dropout (a
+pretrained text encoder trains in train mode, e.g. MiniLM's hidden/attention dropout 0.1) is part
+of the sample ξ: every forward of a step starts from the same RNG state, so f(x, y) and f(x, y⁺)
+draw the same masks and h is exactly d/dx f(x, y − α∇_y f(x, y)) for that ξ; the RNG then stands
+where one forward leaves it (the next step draws new masks).
 """
 
 from __future__ import annotations
@@ -105,10 +109,16 @@ def batch_objective(
 ) -> Objective:
     """f(x, y) = ``loss_fn(model, xb, yb)`` with the named tensors substituted. When the substitutes
     are the ``live`` parameters themselves the model runs as is (its buffers update); otherwise it
-    runs on copies of its buffers (BatchNorm statistics move once per step)."""
+    runs on copies of its buffers (BatchNorm statistics move once per step). Every call starts from
+    the RNG state at creation: the same dropout masks in every forward."""
     wrapper = _BatchLoss(model, loss_fn)
+    cuda = xb.device.type == "cuda"
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(xb.device) if cuda else None
 
     def f(x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], xb.device)
         substitutes = {**x, **y}
         if all(substitutes[name] is live[name] for name in substitutes):
             return wrapper(xb, yb)
