@@ -11,6 +11,7 @@ import _thread
 import io
 import json
 import re
+import signal
 import threading
 import time
 import tomllib
@@ -342,8 +343,14 @@ def test_ctrl_c_while_waiting_cancels_running_runs(tmp_path):
             self.cancelled.set()
 
     fake = Blocking()
-    with pytest.raises(KeyboardInterrupt):
-        _run(_spec_file(tmp_path), tmp_path, fake, parallel=2)
+    # Python's own handler: a shell's background job starts with SIGINT ignored, and then
+    # interrupt_main() does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(_spec_file(tmp_path), tmp_path, fake, parallel=2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     experiment_dir = tmp_path / "out" / "tiny"
     statuses = _statuses(experiment_dir)
     assert sorted(fake.calls) == sorted(TINY_NAMES[:2])
