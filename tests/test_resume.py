@@ -8,17 +8,15 @@ run must redo round t from the round-(t-1) state.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
 
 import pytest
-from conftest import app_defaults
 from flwr.app import Context, RecordDict
-from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid
 from safetensors import safe_open
+from test_federation import _quiet_flower, _run_config
 
 from fedlora_flwr import client_app, server_app
 from fedlora_flwr.results import CHECKPOINT_FILE, RunRecorder
@@ -34,36 +32,10 @@ class Crash(RuntimeError):
 
 
 def _config(output_dir: Path, run_name: str, method: str, **overrides) -> dict:
-    return {
-        **app_defaults(),
-        "method": method,
-        "dataset": "synthetic",
-        "model": "cnn",
-        "num-server-rounds": ROUNDS,
-        "local-epochs": 2,
-        "lora-epochs": 1,
-        "train-per-client": 16,
-        "test-per-client": 8,
-        "batch-size": 8,
-        "fraction-train": 0.67,  # 2 of 3 clients train each round: non-participants keep older state
-        "device": "cpu",
-        "output-dir": str(output_dir),
-        "run-name": run_name,
-        **overrides,
-    }
-
-
-@contextlib.contextmanager
-def _quiet_flower():
-    handlers = list(FLOWER_LOGGER.handlers)
-    levels = [handler.level for handler in handlers]
-    for handler in handlers:
-        handler.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for handler, level in zip(handlers, levels):
-            handler.setLevel(level)
+    """test_federation's tiny run, 3 rounds, 2 of 3 clients training each round (non-participants
+    keep older state)."""
+    return _run_config(output_dir, run_name, method=method,
+                       **{"num-server-rounds": ROUNDS, "fraction-train": 0.67, **overrides})
 
 
 def _start(config: dict) -> InProcessGrid:
