@@ -7,7 +7,9 @@ this client's personal tensors from the on-disk store, then
 - ``train``: run the method's schedule, save the personal tensors, reply with what the method
   uploads (its shared tensors by default);
 - ``evaluate``: evaluate the model (received σ̄ + own τ_i for FedLoRA) on the client's own test
-  split, after aggregation (METHODS.md A.6).
+  split, after aggregation (METHODS.md A.6). With ``fused-evaluation`` a train message may name
+  the previous round (``evaluate-round``): the client first evaluates that round exactly as an
+  evaluate message would, then trains, and replies with both.
 
 The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent.
 
@@ -42,7 +44,7 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from strategies.base import ARRAYS, CLIENT_INFO, METRICS
+from strategies.base import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, METRICS
 
 app = ClientApp()
 
@@ -120,8 +122,9 @@ class ClientSession:
         )
 
     @classmethod
-    def open(cls, message: Message, context: Context) -> ClientSession:
-        """The session a Flower message asks for, with the message's shared tensors loaded."""
+    def open(cls, message: Message, context: Context, evaluate_round: int | None = None) -> ClientSession:
+        """The session a Flower message asks for, with the message's shared tensors loaded; with
+        ``evaluate_round``, the evaluation of that round a fused train message carries."""
         instructions = message.content["config"]
         # The server resolved the paths; a SuperNode may point at its own copy of the data.
         overrides = {"data-dir": context.node_config.get("data-dir", instructions["data-dir"]),
@@ -136,9 +139,10 @@ class ClientSession:
             partition_id=int(context.node_config["partition-id"]),
             num_partitions=int(context.node_config["num-partitions"]),
             store_root=Path(str(state_dir)) / run_dir.name if state_dir else run_dir / CLIENTS_DIR,
-            server_round=int(instructions["server-round"]),
+            server_round=evaluate_round or int(instructions["server-round"]),
         )
-        session.load(message.content[ARRAYS].to_torch_state_dict(), training=message.metadata.message_type.startswith("train"))
+        training = evaluate_round is None and message.metadata.message_type.startswith("train")
+        session.load(message.content[ARRAYS].to_torch_state_dict(), training=training)
         return session
 
     def load(self, received: Mapping[str, torch.Tensor], training: bool) -> None:
@@ -189,6 +193,10 @@ class ClientSession:
         x, y = self.tensors(train=False)
         return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict)
 
+    def evaluation_metrics(self) -> dict:
+        stats = self.evaluate()
+        return {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
+
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})
         group = self.method.client_group(self.partition_id)
@@ -221,13 +229,19 @@ def inject_fault(kind: str, upload: dict[str, torch.Tensor], round_timeout: floa
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
+    evaluate_round = message.content["config"].get(EVALUATE_ROUND)
+    evaluation = (ClientSession.open(message, context, evaluate_round=int(evaluate_round)).evaluation_metrics()
+                  if evaluate_round is not None else None)
     session = ClientSession.open(message, context)
     stats, upload = session.train()
     fault = message.content["config"].get("fault")
     if fault:
         upload = inject_fault(str(fault), upload, session.config.round_timeout)
     metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}
-    return session.reply(message, metrics, ArrayRecord(upload))
+    reply = session.reply(message, metrics, ArrayRecord(upload))
+    if evaluation is not None:
+        reply.content[EVALUATION] = MetricRecord(evaluation)
+    return reply
 
 
 @app.query()
@@ -243,5 +257,4 @@ def identify(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
-    stats = session.evaluate()
-    return session.reply(message, {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss})
+    return session.reply(message, session.evaluation_metrics())

@@ -86,6 +86,7 @@ class RunConfig(BaseModel):
     resume: bool = Field(False, description="continue run-name in output-dir from its last checkpoint")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     round_timeout: float = Field(3600.0, gt=0)
+    fused_evaluation: bool = Field(False, description="evaluate round t at the start of round t+1's train message")
     min_available_nodes: int = Field(0, ge=0, description="SuperNodes connected before round 1; 0 = num-partitions")
     node_wait_timeout: float = Field(600.0, gt=0, description="seconds to wait for them, then the run stops")
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")

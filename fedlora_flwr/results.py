@@ -91,12 +91,15 @@ class Checkpoint:
     arrays: ArrayRecord  # the arrays round + 1 starts from
     elapsed_s: float
     strategy: dict[str, Any]  # the strategy's own state (PersonalizedStrategy.checkpoint_state)
+    #: ``fused-evaluation``: the round's evaluation still waiting for the next round's train
+    #: replies (``strategies.base.PendingEvaluation``); its row is not in ``metrics.jsonl`` yet.
+    pending_evaluation: dict[str, Any] | None = None
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, method: str) -> None:
     """One atomic file: the arrays as tensors (key order kept), everything else in its metadata."""
     state = {"round": checkpoint.round, "elapsed_s": checkpoint.elapsed_s, "strategy": checkpoint.strategy,
-             "keys": list(checkpoint.arrays.keys())}
+             "pending_evaluation": checkpoint.pending_evaluation, "keys": list(checkpoint.arrays.keys())}
     tensors = checkpoint.arrays.to_torch_state_dict()
     write_safetensors_atomic(run_dir / CHECKPOINT_FILE, tensors, {"method": method, "checkpoint": json.dumps(state)})
 
@@ -109,7 +112,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     tensors, metadata, _ = read_verified(path)
     state = json.loads(metadata["checkpoint"])
     arrays = ArrayRecord({key: Array.from_numpy_ndarray(tensors[key].numpy()) for key in state["keys"]})
-    return Checkpoint(round=state["round"], arrays=arrays, elapsed_s=state["elapsed_s"], strategy=state["strategy"])
+    return Checkpoint(round=state["round"], arrays=arrays, elapsed_s=state["elapsed_s"], strategy=state["strategy"],
+                      pending_evaluation=state.get("pending_evaluation"))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -146,8 +150,10 @@ class RunRecorder:
 
     def _restore(self) -> None:
         """Keep the ``metrics.jsonl`` rows up to the checkpoint (each round appended one row, fsynced
-        before its checkpoint was written) and drop the rest, atomically."""
-        done = self.checkpoint.round if self.checkpoint else 0
+        before its checkpoint was written; with ``fused-evaluation`` the checkpoint's own row may
+        still be pending) and drop the rest, atomically."""
+        checkpoint = self.checkpoint
+        done = checkpoint.round - (1 if checkpoint.pending_evaluation else 0) if checkpoint else 0
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.is_file() else []
         try:
             rows = [json.loads(line) for line in lines[:done]]
@@ -161,13 +167,16 @@ class RunRecorder:
             self.client_ids.update(int(pid) for pid in row.get("acc_per_client", {}))
         if self.checkpoint:
             self.started -= self.checkpoint.elapsed_s
-        log(INFO, "[fedlora-flwr] resuming %s after round %d (%d later metrics rows dropped)", self.run_dir, done,
-            len(lines) - done)
+        log(INFO, "[fedlora-flwr] resuming %s after round %d (%d later metrics rows dropped)", self.run_dir,
+            checkpoint.round if checkpoint else 0, len(lines) - done)
 
-    def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any]) -> None:
-        """After a round's row: what the next round needs (see the module docstring)."""
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord, strategy_state: dict[str, Any],
+                        pending_evaluation: dict[str, Any] | None = None) -> None:
+        """After a round's row (or with its pending evaluation): what the next round needs (see the
+        module docstring)."""
         elapsed = round(time.monotonic() - self.started, 3)
-        save_checkpoint(self.run_dir, Checkpoint(server_round, arrays, elapsed, strategy_state), self.config.method)
+        checkpoint = Checkpoint(server_round, arrays, elapsed, strategy_state, pending_evaluation)
+        save_checkpoint(self.run_dir, checkpoint, self.config.method)
 
     @property
     def clients_dir(self) -> Path:

@@ -37,11 +37,13 @@ def main(grid: Grid, context: Context) -> None:
         config = load_config(context.run_config)
         task = task_spec(config.dataset, config.data_dir)  # no data read: a SuperLink holds none
         method = METHODS[config.method]
+        method.strategy.check(config)
         torch.manual_seed(config.seed)
         client = method.client(config)
         model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
         recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
+        strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     except (ConfigError, DatasetError, StateError, ModelError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
@@ -49,7 +51,6 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = ArrayRecord(client.initial_download(model))
 
-    strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     instructions = ConfigRecord({"run-dir": str(run_dir), "data-dir": config.data_dir, "backbone": config.backbone})
     try:
         result = strategy.start(

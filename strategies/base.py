@@ -42,6 +42,15 @@ With ``fault-fraction`` > 0 a seeded fraction of each round's participants is to
 message config) to fail as ``fault-kind`` says, so that failure handling can be tested and
 measured.
 
+With ``fused-evaluation`` the evaluation of round t rides on round t+1's train message: when
+round t is aggregated the strategy draws round t+1's participants, sends evaluate messages only
+to the other clients, and each participant evaluates σ̄_t + its personal state (as of round t)
+before it trains, replying with an ``evaluation`` record besides its upload. Round t's row and
+checkpoint are written once those replies are in; the last round evaluates everyone. The numbers
+are those of separate evaluate messages (a test compares them); a participant whose train
+message fails counts as round t's failure too. Not for ``per_client_messages`` strategies, whose
+evaluate and train arrays differ.
+
 Every train reply is checked against the method's upload template (keys, shapes, dtypes, finite
 values) before anything is averaged; a bad reply is logged with its client and reason, counted
 as a failure (``num_bad_updates`` too) and left out, never fatal to the run.
@@ -51,6 +60,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import ClassVar
 
@@ -62,7 +72,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from fedlora_flwr.config import RunConfig
+from fedlora_flwr.config import ConfigError, RunConfig
 from fedlora_flwr.results import RunRecorder
 from fedlora_flwr.store import PersonalStateStore
 
@@ -71,6 +81,10 @@ METRICS = "metrics"
 #: Optional reply record naming the client's ``group`` (its architecture in a ``model-family``
 #: run); the strategy then also records the mean accuracy per group (``acc_per_group``).
 CLIENT_INFO = "client-info"
+#: With ``fused-evaluation``: a train reply's evaluation of the previous round (accuracy,
+#: num-examples, eval-loss), and the train config key naming that round.
+EVALUATION = "evaluation"
+EVALUATE_ROUND = "evaluate-round"
 
 
 def average_arrays(records: list[ArrayRecord], weights: list[float]) -> ArrayRecord:
@@ -113,6 +127,29 @@ class FederationIncomplete(RuntimeError):
     """Fewer SuperNodes than ``min-available-nodes`` connected within ``node-wait-timeout``."""
 
 
+@dataclass
+class PendingEvaluation:
+    """A round's evaluation while part of it rides on the next round's train replies
+    (``fused-evaluation``); saved in the round's checkpoint until its row is written."""
+
+    round: int
+    row: dict  # the round's training figures
+    results: dict[int, tuple[float, int, str | None]]  # partition id -> (accuracy, examples, group)
+    deferred: set[int]  # partition ids that evaluate in their next train message
+    failed: set[int]  # partition ids that failed the round's training or evaluation
+    failed_unidentified: int = 0  # failed nodes that never named their partition id
+
+    def to_json(self) -> dict:
+        return {"round": self.round, "row": self.row, "results": {str(pid): list(r) for pid, r in self.results.items()},
+                "deferred": sorted(self.deferred), "failed": sorted(self.failed),
+                "failed_unidentified": self.failed_unidentified}
+
+    @classmethod
+    def from_json(cls, state: dict) -> PendingEvaluation:
+        return cls(state["round"], state["row"], {int(pid): tuple(r) for pid, r in state["results"].items()},
+                   set(state["deferred"]), set(state["failed"]), state["failed_unidentified"])
+
+
 class PersonalizedStrategy(FedAvg):
     """Shared-keys aggregation + per-round evaluation of every client + run recording."""
 
@@ -138,6 +175,10 @@ class PersonalizedStrategy(FedAvg):
         self._sent_train: set[int] = set()
         self._failed_train: set[int] = set()
         self._sent_evaluate: set[int] = set()
+        self._num_rounds = 0
+        self._next_participants: tuple[int, list[int]] | None = None  # (round, node ids), fused-evaluation
+        self._deferred: set[int] = set()  # node ids
+        self._pending: PendingEvaluation | None = None
         self.partition_ids: dict[int, int] = {}  # node id -> partition id, learned from replies
         self.federation_size = 0  # the largest num-partitions a node reported
         self._federation_ready = False
@@ -150,6 +191,15 @@ class PersonalizedStrategy(FedAvg):
         self.resumed_round = checkpoint.round if checkpoint else 0
         if checkpoint:
             self.restore(checkpoint.strategy)
+            if checkpoint.pending_evaluation:
+                self._pending = PendingEvaluation.from_json(checkpoint.pending_evaluation)
+
+    @classmethod
+    def check(cls, config: RunConfig) -> None:
+        """Refuse, in one line, a run config this strategy cannot honour (before any output is written)."""
+        if config.fused_evaluation and cls.per_client_messages:
+            raise ConfigError(f"fused-evaluation: method {config.method!r} sends each client its own arrays, so its "
+                              "evaluation cannot ride on the next train message; set fused-evaluation = false")
 
     # ------------------------------------------------------------------ hooks for methods
 
@@ -179,13 +229,14 @@ class PersonalizedStrategy(FedAvg):
 
     # ------------------------------------------------------------------ round logic
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, *args, **kwargs) -> Result:
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int, *args, **kwargs) -> Result:
         """Flower's round loop from ``initial_arrays`` (the seeded round-1 arrays, FedAMP's w⁰), or,
         when resuming, from the checkpoint's arrays with the checkpointed rounds skipped."""
         self.initial_arrays = initial_arrays
+        self._num_rounds = num_rounds
         checkpoint = self.recorder.checkpoint
         self._arrays = checkpoint.arrays if checkpoint else initial_arrays
-        result = super().start(grid, self._arrays, *args, **kwargs)
+        result = super().start(grid, self._arrays, num_rounds, *args, **kwargs)
         result.arrays = self._arrays  # Flower's last aggregate, or the start's if none was made
         return result
 
@@ -315,8 +366,13 @@ class PersonalizedStrategy(FedAvg):
         if server_round <= self.resumed_round:  # every hook passes the checkpointed rounds by
             log(INFO, "[fedlora-flwr] round %d is in the checkpoint: skipped", server_round)
             return []
-        node_ids = self.sample_participants(server_round, grid)
+        drawn = self._next_participants
+        node_ids = drawn[1] if drawn and drawn[0] == server_round else self.sample_participants(server_round, grid)
         config["server-round"] = server_round
+        if self._pending is not None:
+            config[EVALUATE_ROUND] = self._pending.round
+        elif EVALUATE_ROUND in config:
+            del config[EVALUATE_ROUND]
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         messages = list(self._construct_messages(record, node_ids, MessageType.TRAIN))
         log(INFO, "configure_train: partitions %s train (of %d known)", sorted(self.partition_ids[n] for n in node_ids),
@@ -350,6 +406,8 @@ class PersonalizedStrategy(FedAvg):
                 server_round, pid, message.metadata.src_node_id, reason)
         valid.sort(key=lambda message: int(message.content[METRICS]["partition-id"]))
         self._learn_partition_ids(valid)
+        if self._pending is not None:
+            self._finish_pending([message for message in answered if EVALUATION in message.content])
         self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         self._round.update(
             participants=[int(message.content[METRICS]["partition-id"]) for message in valid],
@@ -376,6 +434,12 @@ class PersonalizedStrategy(FedAvg):
             return []
         self._arrays = arrays
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self._deferred = set()
+        if self.config.fused_evaluation and server_round < self._num_rounds:
+            next_participants = self.sample_participants(server_round + 1, grid)
+            self._next_participants = (server_round + 1, next_participants)
+            self._deferred = set(next_participants)
+            messages = [message for message in messages if message.metadata.dst_node_id not in self._deferred]
         messages = self._personalize(messages, arrays, config, server_round, training=False)
         self._sent_evaluate = {message.metadata.dst_node_id for message in messages}
         self._round["bytes_down_evaluate"] = sum(message.content[ARRAYS].count_bytes() for message in messages)
@@ -384,38 +448,61 @@ class PersonalizedStrategy(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if server_round <= self.resumed_round:
             return None
-        replies = list(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=False)
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False)
         self._learn_partition_ids(valid)
-        per_client = {
-            int(message.content[METRICS]["partition-id"]): (
-                float(message.content[METRICS]["accuracy"]),
-                int(message.content[METRICS]["num-examples"]),
-            )
-            for message in valid
-        }
+        failed = self._failed_train | (self._sent_evaluate - {message.metadata.src_node_id for message in valid})
+        evaluation = PendingEvaluation(
+            server_round, dict(self._round), dict(_evaluation_result(message, METRICS) for message in valid),
+            deferred={self.partition_ids[node] for node in self._deferred},
+            failed={self.partition_ids[node] for node in failed if node in self.partition_ids},
+            failed_unidentified=len([node for node in failed if node not in self.partition_ids]),
+        )
+        if evaluation.deferred:  # fused-evaluation: the rest comes with round t+1's train replies
+            self._pending = evaluation
+            self.recorder.save_checkpoint(server_round, self._arrays, self.checkpoint_state(), evaluation.to_json())
+            return None
+        record = self._record_evaluation(evaluation)
+        self.recorder.save_checkpoint(server_round, self._arrays, self.checkpoint_state())
+        return MetricRecord({"acc-mean": record["acc_mean"]}) if evaluation.results else None
+
+    def _finish_pending(self, replies: list[Message]) -> None:
+        """Round t's evaluation, completed by the ``evaluation`` records of round t+1's train replies."""
+        pending, self._pending = self._pending, None
+        results = dict(_evaluation_result(message, EVALUATION) for message in replies)
+        pending.results.update(results)
+        pending.failed |= pending.deferred - set(results)
+        self._record_evaluation(pending)
+
+    def _record_evaluation(self, evaluation: PendingEvaluation) -> dict:
+        """Append the round's ``metrics.jsonl`` row; every statistic in partition-id order, so the
+        bits do not depend on the order replies arrived in."""
+        results = [evaluation.results[pid] for pid in sorted(evaluation.results)]
+        accuracies = np.array([acc for acc, _, _ in results], dtype=np.float64)
+        sizes = np.array([n for _, n, _ in results], dtype=np.float64)
         groups: dict[str, list[float]] = {}
-        for message in sorted(valid, key=lambda message: int(message.content[METRICS]["partition-id"])):
-            if CLIENT_INFO in message.content:
-                groups.setdefault(str(message.content[CLIENT_INFO]["group"]), []).append(
-                    float(message.content[METRICS]["accuracy"]))
-        ordered = [per_client[pid] for pid in sorted(per_client)]  # by partition id: the same bits whatever the arrival order
-        accuracies = np.array([acc for acc, _ in ordered], dtype=np.float64)
-        sizes = np.array([n for _, n in ordered], dtype=np.float64)
-        record = dict(self._round)
-        record.setdefault("round", server_round)
-        failed_evaluate = self._sent_evaluate - {message.metadata.src_node_id for message in valid}
+        for acc, _, group in results:
+            if group is not None:
+                groups.setdefault(group, []).append(acc)
+        record = dict(evaluation.row)
+        record.setdefault("round", evaluation.round)
         record.update(
             acc_mean=float(accuracies.mean()) if len(accuracies) else float("nan"),
             acc_weighted=float((accuracies * sizes).sum() / sizes.sum()) if sizes.sum() else float("nan"),
             acc_std=float(accuracies.std()) if len(accuracies) else float("nan"),
-            acc_per_client={str(pid): per_client[pid][0] for pid in sorted(per_client)},
-            num_failures=len(self._failed_train | failed_evaluate),
+            acc_per_client={str(pid): evaluation.results[pid][0] for pid in sorted(evaluation.results)},
+            num_failures=len(evaluation.failed) + evaluation.failed_unidentified,
             bytes_up=record.get("bytes_up", 0),
             bytes_down=record.get("bytes_down_train", 0) + record.get("bytes_down_evaluate", 0),
         )
         if groups:
             record["acc_per_group"] = {group: float(np.mean(accs)) for group, accs in sorted(groups.items())}
         self.recorder.record_round(record)
-        self.recorder.save_checkpoint(server_round, self._arrays, self.checkpoint_state())
-        return MetricRecord({"acc-mean": record["acc_mean"]}) if len(accuracies) else None
+        return record
+
+
+def _evaluation_result(message: Message, key: str) -> tuple[int, tuple[float, int, str | None]]:
+    """(partition id, (accuracy, examples, client group)) of an evaluate reply (``key`` = METRICS)
+    or of a fused train reply (``key`` = EVALUATION)."""
+    metrics = message.content[key]
+    group = str(message.content[CLIENT_INFO]["group"]) if CLIENT_INFO in message.content else None
+    return int(message.content[METRICS]["partition-id"]), (float(metrics["accuracy"]), int(metrics["num-examples"]), group)
