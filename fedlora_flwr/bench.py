@@ -5,8 +5,14 @@ Each benchmark runs real ``flwr run`` simulations through a private SuperLink
 script can compare between versions. Figures depend on the machine: every JSON records the CPU
 count, torch/flwr versions and the exact settings.
 
-- ``overhead``: wall time of a FedLoRA ``flwr run`` against the same federation (same clients,
-  data, schedule, seeds, personal-state store) run as a plain loop in one PyTorch process.
+- ``overhead``: a FedLoRA ``flwr run`` (with separate evaluate messages, and with
+  ``fused-evaluation``) against the same federation (same clients, data, schedule, seeds,
+  personal-state store) run as a plain loop in a fresh PyTorch process, side by side: wall time
+  from launch to exit, time in rounds, and the median steady round (round 1 carries Ray's and
+  the workers' start-up). ``shared_max_abs_diff`` compares the two runs' final shared tensors:
+  the plain process uses all cores in one process and the Ray workers one thread each, and
+  oneDNN's convolutions sum in another order with another thread count (bitwise equality at the
+  same thread count is tests/test_bench.py's).
 - ``throughput``: training samples per second per round, for 1, 2, … parallel client workers
   (Ray actors; ``client-resources-num-cpus`` = CPUs / workers), and fractional GPUs when present.
 - ``memory``: peak memory of the whole simulation process tree for 40, 200 and 1,000 clients
@@ -30,6 +36,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +47,7 @@ from typing import Any
 import psutil
 import torch
 from flwr.app import ArrayRecord
+from safetensors.torch import load_file, save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora_flwr.client_app import ClientSession
@@ -114,14 +123,16 @@ def _simulate(
     return result
 
 
-def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> tuple[float, dict[str, torch.Tensor]]:
+def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The same federation without Flower: one process, clients one after another.
 
     Same sessions as the ClientApp (seeded model, data split, schedule, on-disk personal store),
-    the strategy's own averaging, and every client evaluated each round. Returns the seconds
-    taken and the final shared tensors (equal to the Flower run's ``shared.safetensors``).
+    the strategy's own averaging, and every client evaluated each round. Returns the seconds of
+    each round (the first includes loading the data) and the final shared tensors (equal to the
+    Flower run's ``shared.safetensors``).
     """
     started = time.monotonic()
+    round_seconds = []
     method = METHODS[config.method]
     task = load_dataset(config.dataset, config.data_dir).spec
     torch.manual_seed(config.seed)
@@ -141,7 +152,30 @@ def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> t
             session = ClientSession.create(config, pid, num_clients, store_root, server_round)
             session.load(shared, training=False)
             session.evaluate()
-    return time.monotonic() - started, shared
+        round_seconds.append(time.monotonic() - started - sum(round_seconds))
+    return round_seconds, shared
+
+
+def plain_process(config: RunConfig, num_clients: int, work: Path) -> dict[str, Any]:
+    """:func:`plain_federation` in a fresh Python process, as a user's own PyTorch script would run
+    (imports and data loading included in its wall time); its final shared tensors are read back."""
+    config_file = work / "plain-config.json"
+    config_file.write_text(json.dumps(config.as_record()))
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "fedlora_flwr.bench", "plain", str(config_file), str(num_clients), str(work)],
+                   check=True)
+    wall = time.monotonic() - started
+    result = json.loads((work / "plain.json").read_text())
+    return {"wall_s": wall, "round_s": result["round_s"], "threads": result["threads"],
+            "shared": load_file(work / "plain-shared.safetensors")}
+
+
+def _plain_main(config_file: str, num_clients: str, work: str) -> None:
+    """Entry point of :func:`plain_process`'s child."""
+    config = load_config(json.loads(Path(config_file).read_text()))
+    round_seconds, shared = plain_federation(config, int(num_clients), Path(work) / "plain-clients")
+    save_file({key: value.contiguous() for key, value in shared.items()}, str(Path(work) / "plain-shared.safetensors"))
+    (Path(work) / "plain.json").write_text(json.dumps({"round_s": round_seconds, "threads": torch.get_num_threads()}))
 
 
 def _base(args: argparse.Namespace, work: Path, **overrides: Any) -> dict[str, Any]:
@@ -151,18 +185,33 @@ def _base(args: argparse.Namespace, work: Path, **overrides: Any) -> dict[str, A
 
 def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     overrides = _base(args, work, **{"method": "fedlora", "num-server-rounds": args.rounds,
-                                      "train-per-client": args.train_per_client, "run-name": "overhead"})
-    with LocalSuperLink() as link:
-        simulated = _simulate(link, overrides, args.clients, client_cpus=1)
-    config = load_config({**app_defaults(APP_DIR), **overrides, "run-name": "overhead-plain"})
-    threads = torch.get_num_threads()
-    plain_s, _ = plain_federation(config, args.clients, work / "overhead-plain" / "clients")
-    rows = [{
-        "clients": args.clients, "rounds": args.rounds, "flwr_wall_s": simulated["wall_s"],
-        "flwr_rounds_s": round(sum(simulated["round_s"]), 2), "plain_s": round(plain_s, 2),
-        "plain_threads": threads, "ratio_wall": round(simulated["wall_s"] / plain_s, 2),
-        "ratio_rounds": round(sum(simulated["round_s"]) / plain_s, 2),
-    }]
+                                      "train-per-client": args.train_per_client})
+    plain_config = load_config({**app_defaults(APP_DIR), **overrides, "run-name": "overhead-plain"})
+    plain = plain_process(plain_config, args.clients, work)
+    plain_rounds = sum(plain["round_s"])
+    rows = []
+    for evaluation in ("separate", "fused"):
+        name = f"overhead-{evaluation}"
+        with LocalSuperLink() as link:
+            simulated = _simulate(link, {**overrides, "run-name": name, "fused-evaluation": evaluation == "fused"},
+                                  args.clients, client_cpus=1)
+        flower_shared = load_file(work / name / "shared.safetensors")
+        difference = max((value.double() - plain["shared"][key].double()).abs().max().item()
+                         for key, value in flower_shared.items())
+        flwr_rounds = sum(simulated["round_s"])
+        steady_flwr, steady_plain = (statistics.median(seconds[1:] or seconds)
+                                     for seconds in (simulated["round_s"], plain["round_s"]))
+        rows.append({
+            "clients": args.clients, "rounds": args.rounds, "evaluation": evaluation,
+            "flwr_wall_s": simulated["wall_s"], "flwr_rounds_s": round(flwr_rounds, 2),
+            "flwr_round_1_s": simulated["round_s"][0], "flwr_steady_round_s": round(steady_flwr, 2),
+            "plain_wall_s": round(plain["wall_s"], 2), "plain_rounds_s": round(plain_rounds, 2),
+            "plain_steady_round_s": round(steady_plain, 2), "plain_threads": plain["threads"],
+            "ratio_wall": round(simulated["wall_s"] / plain["wall_s"], 2),
+            "ratio_rounds": round(flwr_rounds / plain_rounds, 2),
+            "ratio_steady_round": round(steady_flwr / steady_plain, 2),
+            "shared_max_abs_diff": float(f"{difference:.3g}"),
+        })
     return {"rows": rows, "settings": overrides}
 
 
@@ -348,3 +397,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--text-data-dir", type=Path, default=DEFAULT_AGNEWS, help="AG_NEWS for text models (default: %(default)s)")
     parser.add_argument("--max-seq-length", type=int, default=32, help="tokens per sample for text models (step benchmark)")
     parser.set_defaults(func=run_benchmarks)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["plain"] or len(sys.argv) != 5:
+        sys.exit("usage: python -m fedlora_flwr.bench plain CONFIG_JSON NUM_CLIENTS WORK_DIR (bench overhead's child)")
+    _plain_main(*sys.argv[2:])
