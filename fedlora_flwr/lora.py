@@ -236,9 +236,10 @@ def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
         for name, child in parent._modules.items():
             if child is not None:
                 slots.setdefault(id(child), []).append((parent, name))
-    kept = [f"{name}." if name else "" for name, module in model.named_modules() if not getattr(module, "decomposable", True)]
-    for name, module in list(model.named_modules()):  # deduplicated: a shared module stays shared
-        if any(f"{name}.".startswith(prefix) for prefix in kept):
+    full_rank = [f"{path}." if path else "" for path, module in model.named_modules()
+                 if not getattr(module, "decomposable", True)]
+    for path, module in list(model.named_modules()):  # deduplicated: a shared module stays shared
+        if any(f"{path}.".startswith(prefix) for prefix in full_rank):
             continue
         new = _to_lora(module, rank_conv, rank_linear)
         if new is not None:

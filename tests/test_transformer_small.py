@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -135,7 +134,7 @@ def test_a_missing_tokenizer_package_is_one_line(monkeypatch):
     assert f"model={MODEL}" in message and text_models.MINILM_PACKAGE in message and "\n" not in message
 
 
-def test_transformer_small_needs_a_text_dataset_and_fine_tuning_methods_refuse_it(tmp_path):
+def test_transformer_small_needs_a_text_dataset_and_fine_tuning_methods_refuse_it():
     with pytest.raises(ConfigError) as info:
         load_config({**app_defaults(), "dataset": "synthetic", "model": MODEL})
     assert "vision model" in str(info.value) and "\n" not in str(info.value)
