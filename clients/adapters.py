@@ -47,15 +47,15 @@ from fedlora_flwr.peft_models import (
     is_vera_lambda_b,
     wrap,
 )
-from fedlora_flwr.text_models import ModelError, is_text_model, text_classifier
+from fedlora_flwr.text_models import ModelError, is_pretrained_text_model, text_classifier
 
 
 def lora_target_modules(config) -> tuple[str, ...]:
     """The module names of ``lora-target-modules`` (comma-separated); ``""`` is the model's
-    default: ``query``/``value`` on a text model (PEFT's for BERT-like encoders), none otherwise
+    default: ``query``/``value`` on a pretrained text model (PEFT's for BERT-like encoders), none otherwise
     (an image backbone then adapts :func:`fedlora_flwr.models.image_lora_targets`)."""
     names = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
-    if names or not is_text_model(config.model):
+    if names or not is_pretrained_text_model(config.model):
         return names
     return AdapterSpec.target_modules
 
@@ -69,7 +69,7 @@ class AdapterClient(MethodClient):
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         config = self.config
-        if is_text_model(config.model):
+        if is_pretrained_text_model(config.model):
             model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
         elif config.backbone:
             model = image_backbone(config.model, task.num_classes, config.backbone)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +40,8 @@ class FedRoDClient(MethodClient):
         return model
 
     def begin_training(self, session) -> None:
-        labels = torch.as_tensor(session.dataset.y_train[session.split.train], device=session.device)
+        # np.asarray: the labels are a numpy array (images) or a CPU tensor (token ids).
+        labels = torch.as_tensor(np.asarray(session.dataset.y_train)[session.split.train], device=session.device)
         counts = torch.bincount(labels, minlength=session.dataset.num_classes).to(torch.float32)
         self.log_prior = torch.where(counts > 0, counts.log(), torch.full_like(counts, LOG_ZERO))
 

@@ -31,7 +31,7 @@ from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase, nothing
 from fedlora_flwr.models import build_model
 from fedlora_flwr.peft_models import is_adapter, is_backbone, is_head
-from fedlora_flwr.text_models import is_text_model, text_classifier
+from fedlora_flwr.text_models import is_pretrained_text_model, text_classifier
 
 HEAD_WEIGHTS = HEAD + "base_layer."
 
@@ -49,18 +49,18 @@ def is_client_adapter_or_text_head(key: str, module: nn.Module) -> bool:
 
 
 def adapted_model(config, num_classes: int, ranks: Mapping[str, int]) -> nn.Module:
-    """The model with one LoRA adapter per ``{name: rank}``: on every conv/linear layer of an image
-    model, or on ``lora-target-modules`` of a pretrained text model whose encoder tensors are the
-    process's cached pretrained ones (frozen, never written)."""
-    if is_text_model(config.model):
+    """The model with one LoRA adapter per ``{name: rank}``: on every conv/linear layer of a model
+    trained from scratch, or on ``lora-target-modules`` of a pretrained text model whose encoder
+    tensors are the process's cached pretrained ones (frozen, never written)."""
+    if is_pretrained_text_model(config.model):
         model = text_classifier(config.model, num_classes, share_backbone=True)
         return add_lora_adapters(model, ranks, lora_target_modules(config))
     return add_lora_adapters(build_model(config.model, num_classes), ranks)
 
 
 def frozen_backbone(config):
-    """The frozen-group rule: the pretrained encoder of a text model; nothing on an image model."""
-    return is_backbone if is_text_model(config.model) else nothing
+    """The frozen-group rule: the encoder of a pretrained text model; nothing on a model trained from scratch."""
+    return is_backbone if is_pretrained_text_model(config.model) else nothing
 
 
 def upper_optimizer(config) -> OptimizerSpec:
@@ -73,7 +73,7 @@ class PF2LoRAClient(MethodClient):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        with_head = is_client_adapter_or_text_head if is_text_model(config.model) else is_client_adapter_or_head
+        with_head = is_client_adapter_or_text_head if is_pretrained_text_model(config.model) else is_client_adapter_or_head
         personal = with_head if config.pf2lora_head == "personal" else is_client_adapter
         self.partition = ParameterPartition(personal=personal, frozen=frozen_backbone(config))
 

@@ -199,7 +199,7 @@ class RunConfig(BaseModel):
             raise ValueError(f"method {method!r} trains from scratch; only {', '.join(PRETRAINED_METHODS)} "
                              "fine-tune a backbone")
         if model is not None and is_text_model(model):
-            raise ValueError(f"model={model!r} is pretrained already; backbone is for image models")
+            raise ValueError(f"model={model!r} is a text model; backbone is for image models")
         return value
 
     @field_validator("lora_epochs")

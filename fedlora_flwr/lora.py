@@ -216,7 +216,9 @@ def _to_lora(module: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
 
 
 def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Module:
-    """Replace, in place, every nn.Conv2d / nn.Linear (any depth) by its LoRA version.
+    """Replace, in place, every nn.Conv2d / nn.Linear (any depth) by its LoRA version, except inside
+    a module whose class sets ``decomposable = False`` (the Transformer's feed-forward blocks: FedLoRA
+    decomposes its self-attention and classifier only, paper App. E); those layers stay full-rank σ.
 
     Ratios follow METHODS A.2 (conv R = int(rank_conv·O), linear r = round(rank_linear·min(in,out))).
     σ is copied, B = 0, so outputs are unchanged; ``lora_A`` is drawn from the global torch RNG in
@@ -234,7 +236,11 @@ def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
         for name, child in parent._modules.items():
             if child is not None:
                 slots.setdefault(id(child), []).append((parent, name))
-    for _, module in list(model.named_modules()):  # deduplicated: a shared module stays shared
+    full_rank = [f"{path}." if path else "" for path, module in model.named_modules()
+                 if not getattr(module, "decomposable", True)]
+    for path, module in list(model.named_modules()):  # deduplicated: a shared module stays shared
+        if any(f"{path}.".startswith(prefix) for prefix in full_rank):
+            continue
         new = _to_lora(module, rank_conv, rank_linear)
         if new is not None:
             for parent, name in slots[id(module)]:

@@ -35,7 +35,7 @@ from clients.pfedgate import PFedGateClient
 from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from clients.pfedsd import PFedSDClient
 from fedlora_flwr.config import RunConfig
-from fedlora_flwr.text_models import is_text_model
+from fedlora_flwr.text_models import is_pretrained_text_model
 from strategies.base import PersonalizedStrategy
 from strategies.fedamp import FedAMPStrategy
 from strategies.fedavg import FedAvgStrategy
@@ -54,7 +54,7 @@ def local_lora(config: RunConfig) -> MethodClient:
     """``local-lora``: on a pretrained text model or an image ``backbone`` the FedSA-LoRA paper's local
     baseline (PEFT LoRA + head kept per client, backbone frozen); from scratch FedLoRA's Table 4
     control (its decomposed model trained jointly and kept)."""
-    pretrained = is_text_model(config.model) or bool(config.backbone)
+    pretrained = is_pretrained_text_model(config.model) or bool(config.backbone)
     return LocalAdapterClient(config) if pretrained else LocalLoRAClient(config)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fedlora_flwr.text_models import HF_PREFIX, MINILM, ModelError, text_classifier
+from fedlora_flwr.text_models import HF_PREFIX, MINILM, TRANSFORMER_SMALL, ModelError, text_classifier, transformer_small
 
 __all__ = ["MODELS", "MODEL_FAMILIES", "BasicBlock", "HeteroCNN", "ResNet", "SmallCNN", "build_model",
            "family_member", "image_backbone", "image_lora_targets", "resnet8", "resnet10", "small_cnn"]
@@ -187,8 +187,10 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet8": resnet8,
     "resnet10": resnet10,
     "cnn": small_cnn,
-    # Text (token-id input; fedlora_flwr.text_models): the pretrained MiniLM-L6; "hf:<name>" also builds.
+    # Text (token-id input; fedlora_flwr.text_models): the pretrained MiniLM-L6 ("hf:<name>" also
+    # builds) and FedLoRA's Table 6 Transformer, trained from scratch.
     MINILM: functools.partial(text_classifier, MINILM),
+    TRANSFORMER_SMALL: transformer_small,
     **{name: (lambda num_classes, c=conv2, w=fc1: HeteroCNN(c, w, num_classes)) for name, (conv2, fc1) in HETERO_CNNS.items()},
 }
 

@@ -502,7 +502,7 @@ def test_shipped_specs_cover_the_paper():
     assert {"table1-cpu", "table1-cifar10", "table1-cifar100", "table1-tiny-imagenet", "table2-ranks",
             "fig4-lora-epochs", "table3-alternating", "table3-alternating-cifar100",
             "table3-alternating-tiny-imagenet", "table4-cpu", "table4-capacity-cifar10",
-            "table4-capacity-cifar100", "table5-participation"} <= names
+            "table4-capacity-cifar100", "table5-participation", "table6-agnews", "table6-agnews-cpu"} <= names
 
 
 def test_cpu_table1_spec(real_npz):
@@ -515,6 +515,16 @@ def test_cpu_table1_spec(real_npz):
         "fedavg": 60.39, "local": 81.91, "fedper": 84.43, "fedrep": 84.59, "fedbn": 83.55, "fedrod": 86.23,
         "fedamp": 84.99, "pfedsd": 86.34, "pfedgate": 87.25, "fedcac": 86.82, "fedlora": 85.47,
     }
+
+
+def test_table6_agnews_specs():
+    full, cpu = (expand(load_spec(REPO / "experiments" / "grids" / f"{name}.toml", cwd=REPO), cwd=REPO)
+                 for name in ("table6-agnews", "table6-agnews-cpu"))
+    assert all(run.config["model"] == "transformer-small" and run.config["alpha"] == 1.0 for run in full + cpu)
+    assert {run.params["method"]: run.paper["acc"] for run in full} == {
+        "fedavg": 89.36, "fedper": 90.76, "fedrod": 91.38, "fedlora": 91.79}
+    assert len(full) == 12 and all(run.config["train-per-client"] == 3000 for run in full)
+    assert {run.params["method"] for run in cpu} == {"fedavg", "local", "fedlora"}
 
 
 # --------------------------------------------------------------------------- end to end

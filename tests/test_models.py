@@ -24,7 +24,8 @@ def test_output_shapes(name, classes):
 
 
 def test_registry_and_unknown_name():
-    assert set(MODELS) == {"resnet8", "resnet10", "cnn", "cnn-1", "cnn-2", "cnn-3", "cnn-4", "cnn-5", "minilm"}  # minilm: tests/test_text.py
+    assert set(MODELS) == {"resnet8", "resnet10", "cnn", "cnn-1", "cnn-2", "cnn-3", "cnn-4", "cnn-5", "minilm",
+                           "transformer-small"}  # minilm: tests/test_text.py; transformer-small: tests/test_transformer_small.py
     assert isinstance(build_model("cnn", 3), SmallCNN)
     assert isinstance(build_model("resnet8", 3), ResNet)
     with pytest.raises(ValueError, match=r"unknown model 'resnet18'; choose one of .*resnet8"):
