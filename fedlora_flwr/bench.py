@@ -255,8 +255,8 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             row.update(actors_at_once=at_once, gpu_mem_peak_mib=result["gpu_peak_mib"],
                        gpu_mem_per_actor_mib=round(result["gpu_peak_mib"] / at_once, 1))
         rows.append(row)
-    return {"rows": rows, "settings": {"clients": args.clients, "rounds": args.rounds,
-                                       **_base(args, work, model=args.model, **_on_device(args))}}
+    settings = {key: value for key, value in overrides.items() if key != "run-name"}
+    return {"rows": rows, "settings": {"clients": args.clients, **settings}}
 
 
 def paper_protocol(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], int]:

@@ -107,32 +107,66 @@ def test_train_samples_per_round_counts_every_clients_split(tmp_path):
     assert bench.train_samples_per_round(config, 4) == 3 * sum(len(split.train) for split in splits) > 0
 
 
-@pytest.mark.e2e
-def test_overhead_with_resnet8_and_throughput_on_cpu(tmp_path, monkeypatch):
-    """The CPU paths of the new options through real `flwr run`s, at toy size."""
-    tiny = ["--dataset", "synthetic", "--clients", "2", "--rounds", "2", "--train-per-client", "8", "--workers", "2",
-            "--out", str(tmp_path / "out")]
-    assert cli.main(["bench", "overhead", "--model", "resnet8", *tiny]) == 0
-    overhead = json.loads((tmp_path / "out" / "overhead.json").read_text())
-    assert overhead["settings"]["model"] == "resnet8" and overhead["settings"]["device"] == "cpu"
-    row = overhead["rows"][0]
-    assert (row["model"], row["client_cpus"], row["client_gpus"]) == ("resnet8", max((os.cpu_count() or 1) // 2, 1), 0.0)
-    assert row["flwr_wall_s"] > row["flwr_rounds_s"] > 0 and row["plain_s"] > 0
+class InProcessLink:
+    """Stands in for the benchmarks' LocalSuperLink: runs the `flwr run` it is asked for in this
+    process (the real ServerApp and ClientApp on tests/inprocess.py's grid, with the app's defaults
+    under the overrides, as Flower merges them) and records the client resources it was given."""
 
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 1)  # one setup: 1 worker with the one CPU
-    assert cli.main(["bench", "throughput", *tiny]) == 0
-    throughput = json.loads((tmp_path / "out" / "throughput.json").read_text())
-    [row] = throughput["rows"]
-    assert (row["workers"], row["client_cpus"], row["client_gpus"]) == (1, 1, 0.0) and "gpu_mem_per_actor_mib" not in row
-    config = load_config({**app_defaults(), **throughput["settings"], "train-per-client": 8})
+    runs: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def run(self, app_dir, run_config, num_supernodes, client_cpus, client_gpus):
+        config = {**app_defaults(), **run_config}
+        InProcessLink.runs.append({"num_supernodes": num_supernodes, "client_cpus": client_cpus,
+                                   "client_gpus": client_gpus, **run_config})
+        server_app.main(InProcessGrid(client_app.app, num_supernodes, config),
+                        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        return 0, ""
+
+
+@pytest.fixture
+def in_process_link(monkeypatch):
+    InProcessLink.runs = []
+    monkeypatch.setattr(bench, "LocalSuperLink", InProcessLink)
+    return InProcessLink
+
+
+TINY = ["--dataset", "synthetic", "--clients", "2", "--rounds", "2", "--train-per-client", "8", "--workers", "2"]
+
+
+def test_overhead_with_resnet8_on_cpu(tmp_path, in_process_link):
+    assert cli.main(["bench", "overhead", "--model", "resnet8", *TINY, "--rounds", "1", "--out", str(tmp_path)]) == 0
+    [run] = in_process_link.runs
+    expected_cpus = max((os.cpu_count() or 1) // 2, 1)
+    assert (run["model"], run["device"], run["client_cpus"], run["client_gpus"]) == ("resnet8", "cpu", expected_cpus, 0.0)
+    overhead = json.loads((tmp_path / "overhead.json").read_text())
+    assert overhead["settings"]["model"] == "resnet8"
+    [row] = overhead["rows"]
+    assert (row["model"], row["device"], row["client_cpus"], row["client_gpus"]) == ("resnet8", "cpu", expected_cpus, 0.0)
+    assert row["flwr_wall_s"] >= row["flwr_rounds_s"] > 0 and row["plain_s"] > 0
+
+
+def test_throughput_on_cpu_sweeps_the_divisors_of_the_cpu_count(tmp_path, in_process_link, monkeypatch):
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    assert cli.main(["bench", "throughput", *TINY, "--out", str(tmp_path)]) == 0
+    assert [(run["client_cpus"], run["client_gpus"]) for run in in_process_link.runs] == [(2, 0.0), (1, 0.0)]
+    throughput = json.loads((tmp_path / "throughput.json").read_text())
+    assert [row["workers"] for row in throughput["rows"]] == [1, 2]
+    config = load_config({**app_defaults(), **{k: v for k, v in throughput["settings"].items() if k != "clients"}})
     samples = bench.train_samples_per_round(config, 2)
-    assert row["train_samples_per_s"] * row["median_round_s"] == pytest.approx(samples, rel=0.02)
+    for row in throughput["rows"]:
+        assert "gpu_mem_per_actor_mib" not in row
+        assert row["train_samples_per_s"] * row["median_round_s"] == pytest.approx(samples, rel=0.02)
 
 
-@pytest.mark.e2e
-def test_paper_reports_the_steady_round_and_the_300_round_time(tmp_path, monkeypatch, real_npz):
-    """`bench paper` end to end with the paper's protocol swapped for a 2-client toy one (its real
-    size takes hours on this CPU; test_the_paper_protocol_is_the_papers_cifar10_setup checks it)."""
+def test_paper_reports_the_steady_round_and_the_300_round_time(tmp_path, in_process_link, monkeypatch, real_npz):
+    """`bench paper` with the paper's protocol swapped for a 2-client toy one (its real size takes
+    hours on this CPU; test_the_paper_protocol_is_the_papers_cifar10_setup checks the real one)."""
     real_protocol = bench.paper_protocol
 
     def toy_protocol(args, work):
@@ -141,8 +175,11 @@ def test_paper_reports_the_steady_round_and_the_300_round_time(tmp_path, monkeyp
                 "lora-epochs": 1}, 2
 
     monkeypatch.setattr(bench, "paper_protocol", toy_protocol)
-    assert cli.main(["bench", "paper", "--rounds", "3", "--data-dir", str(real_npz), "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "paper", "--rounds", "3", "--workers", "2", "--data-dir", str(real_npz),
+                     "--out", str(tmp_path)]) == 0
+    [run] = in_process_link.runs
+    assert (run["dataset"], run["data-dir"], run["num-server-rounds"], run["num_supernodes"]) == ("npz", str(real_npz), 3, 2)
     [row] = json.loads((tmp_path / "paper.json").read_text())["rows"]
     assert (row["rounds"], row["clients"], row["device"]) == (3, 2, "cpu") and row["steady_s_per_round"] > 0
     hours = (row["wall_s"] + 297 * row["steady_s_per_round"]) / 3600
-    assert row["extrapolated_300_rounds_h"] == pytest.approx(hours, abs=0.006)  # from the unrounded seconds
+    assert row["extrapolated_300_rounds_h"] == pytest.approx(hours, abs=0.006)  # bench rounds the unrounded seconds
