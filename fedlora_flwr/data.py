@@ -781,6 +781,9 @@ def make_augment(
     normalised value of a black pixel, as in the reference (PIL, fill 0, before
     Normalize). Randomness comes from ``generator`` when given (the global torch
     RNG is left untouched), so an epoch is reproducible from the generator.
+
+    This is the ``per-sample`` backend (run config ``augment-backend``; ``auto`` picks it on CPU,
+    so CPU runs keep these draws); :func:`make_batched_augment` is the ``batched`` one (CUDA).
     """
     from torchvision.transforms import v2  # lazy: ~3 s import
 

@@ -3,12 +3,18 @@ on the CPU paths (tests/test_gpu.py runs the CUDA ones where a GPU is visible)."
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import app_defaults
+from flwr.app import Context, RecordDict
+from inprocess import InProcessGrid
+from safetensors.torch import load_file
 
-from fedlora_flwr import client_app
+from fedlora_flwr import client_app, server_app
 from fedlora_flwr.config import BILEVEL_METHODS, ConfigError, load_config
 from fedlora_flwr.groups import ParameterPartition, Phase
 from fedlora_flwr.methods import METHODS
@@ -116,3 +122,20 @@ def test_device_cuda_without_a_gpu_is_one_line():
         client_app.pick_device("cuda")
     assert "\n" not in str(err.value)
     assert client_app.pick_device("auto") == torch.device("cpu")
+
+
+def test_a_fedlora_round_in_bf16_on_cpu(tmp_path):
+    """The real client path (FedLoRA's decomposed model, store, upload) under bf16 autocast."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        config = {**app_defaults(), "dataset": "synthetic", "model": "cnn", "num-server-rounds": 1, "local-epochs": 1,
+                  "lora-epochs": 1, "train-per-client": 16, "test-per-client": 8, "batch-size": 8, "device": "cpu",
+                  "precision": precision, "output-dir": str(tmp_path), "run-name": precision}
+        server_app.main(InProcessGrid(client_app.app, 2, config),
+                        Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+        [metrics] = [json.loads(line) for line in (tmp_path / precision / "metrics.jsonl").read_text().splitlines()]
+        assert metrics["num_failures"] == 0 and math.isfinite(metrics["train_loss"])
+        losses[precision] = metrics["train_loss"]
+        for path in (tmp_path / precision).rglob("*.safetensors"):
+            assert all(t.dtype in (torch.float32, torch.int64) for t in load_file(path).values()), path
+    assert losses["bf16"] != losses["fp32"]
