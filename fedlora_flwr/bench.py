@@ -12,9 +12,15 @@ count, torch/flwr versions and the exact settings.
   the workers' start-up). ``shared_max_abs_diff`` compares the two runs' final shared tensors:
   the plain process uses all cores in one process and the Ray workers one thread each, and
   oneDNN's convolutions sum in another order with another thread count (bitwise equality at the
-  same thread count is tests/test_bench.py's).
+  same thread count is tests/test_bench.py's). For ``--model`` on ``--device`` (cuda:
+  ``--workers`` client actors share the GPU, each ``client-resources-num-gpus`` = 1 / workers,
+  against the plain loop on the same GPU).
 - ``throughput``: training samples per second per round, for 1, 2, … parallel client workers
-  (Ray actors; ``client-resources-num-cpus`` = CPUs / workers), and fractional GPUs when present.
+  (Ray actors; ``client-resources-num-cpus`` = CPUs / workers); with ``--device cuda`` for
+  ``--actors-per-gpu`` k = 1, 2, 4, 8, 16 actors on one GPU (``client-resources-num-gpus`` = 1/k),
+  with the GPU memory per actor: the peak rise of the memory in use on the device during the run
+  (``torch.cuda.mem_get_info``, sampled every 0.5 s: the actors' CUDA contexts, allocator caches
+  and tensors together) divided by the actors running at once.
 - ``memory``: peak memory of the whole simulation process tree for 40, 200 and 1,000 clients
   (personal state lives on disk, so it should stay nearly flat).
 - ``comm``: bytes up and down per round for each method and model.
@@ -27,6 +33,11 @@ count, torch/flwr versions and the exact settings.
 
 - ``step``: seconds per local step of PF2LoRA's bilevel step, its simultaneous ablation and a
   plain LoRA step (lora-ft) on the same model and batch (PF2LoRA's extra cost, issue 10).
+- ``paper``: the FedLoRA paper's CIFAR-10 protocol (``experiments/fedlora-cifar10-paper.toml``:
+  ResNet-8, 40 clients × 500 training samples, E = 5, B = 100; real CIFAR-10 npz) for ``--rounds``
+  rounds: seconds per steady round (the median after round 1) and the 300-round time it implies.
+
+``--device cuda`` needs one visible GPU (``CUDA_VISIBLE_DEVICES`` picks it on a bigger machine).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +64,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import RunConfig, load_config
-from fedlora_flwr.data import load_dataset
+from fedlora_flwr.data import PartitionConfig, load_dataset, partition_dataset
 from fedlora_flwr.grid import app_defaults, default_app_dir
 from fedlora_flwr.methods import METHODS
 from fedlora_flwr.models import MODEL_FAMILIES
@@ -64,6 +76,10 @@ from strategies.base import average_arrays
 APP_DIR = default_app_dir()
 DEFAULT_NPZ = APP_DIR.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
 DEFAULT_AGNEWS = APP_DIR.parent / "shared" / "data" / "agnews"
+PAPER_PROTOCOL = APP_DIR / "experiments" / "fedlora-cifar10-paper.toml"
+PAPER_CLIENTS = 40  # FedLoRA §4.1: N = 40, a federation setting (num-supernodes), not a run-config key
+PAPER_ROUNDS = 300  # T
+RAY_RESOURCE_UNITS = 10_000  # Ray keeps a fractional resource to 4 decimal places
 
 
 def _environment() -> dict[str, Any]:
@@ -79,37 +95,48 @@ def _environment() -> dict[str, Any]:
     }
 
 
+def _gpu_used() -> int:
+    """Bytes in use on the current GPU, by every process."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
 def _simulate(
     link: LocalSuperLink, overrides: dict[str, Any], num_clients: int, client_cpus: int, client_gpus: float = 0.0,
-    sample_memory: bool = False,
+    sample_memory: bool = False, sample_gpu: bool = False,
 ) -> dict[str, Any]:
-    """One ``flwr run``; returns wall time, per-round metrics and (optionally) the peak memory."""
+    """One ``flwr run``; returns wall time, per-round metrics and (optionally) the peak memory of
+    the process tree, or the peak rise of the GPU memory in use."""
     out = Path(overrides["output-dir"]) / overrides["run-name"]
-    peak = {"rss": 0, "pss": 0}
+    peak = {"rss": 0, "pss": 0, "gpu": 0}
+    baseline = _gpu_used() if sample_gpu else 0
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            link.record_tree()
-            rss = pss = 0
-            for proc in list(link.tree.values()):
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
+            if sample_gpu:
+                peak["gpu"] = max(peak["gpu"], _gpu_used() - baseline)
+            if sample_memory:
+                link.record_tree()
+                rss = pss = 0
+                for proc in list(link.tree.values()):
+                    try:
+                        info = proc.memory_full_info()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    rss += info.rss
+                    pss += getattr(info, "pss", info.rss)
+                peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
             time.sleep(0.5)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    if sample_memory:
+    if sample_memory or sample_gpu:
         sampler.start()
     started = time.monotonic()
     code, log = link.run(APP_DIR, overrides, num_supernodes=num_clients, client_cpus=client_cpus, client_gpus=client_gpus)
     wall = time.monotonic() - started
     done.set()
-    if sample_memory:
+    if sample_memory or sample_gpu:
         sampler.join()
     if code != 0 or not (out / "summary.json").is_file():
         raise RuntimeError(f"benchmark run {out.name} failed (exit {code}):\n{log[-3000:]}")
@@ -120,7 +147,28 @@ def _simulate(
     if sample_memory:
         result["peak_rss_mib"] = round(peak["rss"] / 2**20, 1)
         result["peak_pss_mib"] = round(peak["pss"] / 2**20, 1)
+    if sample_gpu:
+        result["gpu_peak_mib"] = round(peak["gpu"] / 2**20, 1)
     return result
+
+
+def client_resources(device: str, workers: int, cpus: int | None = None) -> tuple[int, float]:
+    """(``client-resources-num-cpus``, ``client-resources-num-gpus``) for ``workers`` client actors
+    at once: the CPUs split evenly (at least one each) and, on ``cuda``, 1/workers of the GPU each,
+    rounded down to Ray's resource unit so that ``workers`` actors fit on it."""
+    cpus = cpus or os.cpu_count() or 1
+    client_gpus = (RAY_RESOURCE_UNITS // workers) / RAY_RESOURCE_UNITS if device == "cuda" else 0.0
+    return max(cpus // workers, 1), client_gpus
+
+
+def train_samples_per_round(config: RunConfig, num_clients: int) -> int:
+    """Training samples one round processes: every client's split (the Dirichlet protocol may leave
+    a client a few short of ``train-per-client``) times its epochs (FedLoRA: E, E_lora included)."""
+    splits = partition_dataset(config.dataset, config.data_dir, PartitionConfig(
+        num_clients=num_clients, scheme=config.partition, alpha=config.alpha,
+        classes_per_client=config.classes_per_client, train_per_client=config.train_per_client,
+        test_per_client=config.test_per_client, seed=config.seed))
+    return sum(len(split.train) for split in splits) * config.local_epochs
 
 
 def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -183,9 +231,20 @@ def _base(args: argparse.Namespace, work: Path, **overrides: Any) -> dict[str, A
     return {**data, "model": "cnn", "output-dir": str(work), **overrides}
 
 
+def _on_device(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys of ``--device`` and ``--precision``."""
+    return {"device": args.device, "precision": args.precision}
+
+
+def _steady(round_s: list[float]) -> float:
+    """Seconds of a steady round: the median after round 1 (which starts the actors), or round 1 alone."""
+    return statistics.median(round_s[1:] or round_s)
+
+
 def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    overrides = _base(args, work, **{"method": "fedlora", "num-server-rounds": args.rounds,
-                                      "train-per-client": args.train_per_client})
+    overrides = _base(args, work, **{"method": "fedlora", "model": args.model, "num-server-rounds": args.rounds,
+                                      "train-per-client": args.train_per_client, **_on_device(args)})
+    client_cpus, client_gpus = client_resources(args.device, args.workers)
     plain_config = load_config({**app_defaults(APP_DIR), **overrides, "run-name": "overhead-plain"})
     plain = plain_process(plain_config, args.clients, work)
     plain_rounds = sum(plain["round_s"])
@@ -194,15 +253,15 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         name = f"overhead-{evaluation}"
         with LocalSuperLink() as link:
             simulated = _simulate(link, {**overrides, "run-name": name, "fused-evaluation": evaluation == "fused"},
-                                  args.clients, client_cpus=1)
+                                  args.clients, client_cpus=client_cpus, client_gpus=client_gpus)
         flower_shared = load_file(work / name / "shared.safetensors")
         difference = max((value.double() - plain["shared"][key].double()).abs().max().item()
                          for key, value in flower_shared.items())
         flwr_rounds = sum(simulated["round_s"])
-        steady_flwr, steady_plain = (statistics.median(seconds[1:] or seconds)
-                                     for seconds in (simulated["round_s"], plain["round_s"]))
+        steady_flwr, steady_plain = _steady(simulated["round_s"]), _steady(plain["round_s"])
         rows.append({
-            "clients": args.clients, "rounds": args.rounds, "evaluation": evaluation,
+            "model": args.model, "device": args.device, "clients": args.clients, "rounds": args.rounds,
+            "evaluation": evaluation, "client_cpus": client_cpus, "client_gpus": client_gpus,
             "flwr_wall_s": simulated["wall_s"], "flwr_rounds_s": round(flwr_rounds, 2),
             "flwr_round_1_s": simulated["round_s"][0], "flwr_steady_round_s": round(steady_flwr, 2),
             "plain_wall_s": round(plain["wall_s"], 2), "plain_rounds_s": round(plain_rounds, 2),
@@ -216,28 +275,66 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """CPU: every divisor of the CPU count as parallel workers. CUDA: ``--actors-per-gpu`` actors
+    sharing the GPU, with the GPU memory per actor."""
     cpus = os.cpu_count() or 1
-    setups = [(workers, cpus // workers, 0.0) for workers in range(1, cpus + 1) if cpus % workers == 0]
-    if torch.cuda.is_available():
-        setups += [(workers, max(cpus // workers, 1), round(1 / workers, 3)) for workers in (1, 2, 4)]
+    cuda = args.device == "cuda"
+    counts = args.actors_per_gpu if cuda else [workers for workers in range(1, cpus + 1) if cpus % workers == 0]
     rows = []
-    for workers, client_cpus, client_gpus in setups:
-        name = f"throughput-w{workers}-c{client_cpus}-g{client_gpus}"
-        overrides = _base(args, work, **{"method": "fedlora", "num-server-rounds": args.rounds,
-                                          "train-per-client": args.train_per_client, "run-name": name})
-        if client_gpus:
-            overrides["device"] = "cuda"
+    for workers in counts:
+        client_cpus, client_gpus = client_resources(args.device, workers, cpus)
+        overrides = _base(args, work, **{"method": "fedlora", "model": args.model, "num-server-rounds": args.rounds,
+                                          "train-per-client": args.train_per_client,
+                                          "run-name": f"throughput-w{workers}-c{client_cpus}-g{client_gpus}",
+                                          **_on_device(args)})
         with LocalSuperLink() as link:
-            result = _simulate(link, overrides, args.clients, client_cpus=client_cpus, client_gpus=client_gpus)
-        samples = args.clients * args.train_per_client * 5  # local-epochs default E = 5
-        steady = result["round_s"][1:] or result["round_s"]
-        rows.append({
-            "workers": workers, "client_cpus": client_cpus, "client_gpus": client_gpus,
-            "median_round_s": round(statistics.median(steady), 2),
-            "train_samples_per_s": round(samples / statistics.median(steady), 1),
+            result = _simulate(link, overrides, args.clients, client_cpus=client_cpus, client_gpus=client_gpus,
+                               sample_gpu=cuda)
+        samples = train_samples_per_round(load_config({**app_defaults(APP_DIR), **overrides}), args.clients)
+        row = {
+            ("actors_per_gpu" if cuda else "workers"): workers, "client_cpus": client_cpus, "client_gpus": client_gpus,
+            "median_round_s": round(_steady(result["round_s"]), 2),
+            "train_samples_per_s": round(samples / _steady(result["round_s"]), 1),
             "first_round_s": result["round_s"][0],
-        })
-    return {"rows": rows, "settings": {"clients": args.clients, "rounds": args.rounds, **_base(args, work)}}
+        }
+        if cuda:
+            at_once = min(workers, cpus // client_cpus, args.clients)
+            row.update(actors_at_once=at_once, gpu_mem_peak_mib=result["gpu_peak_mib"],
+                       gpu_mem_per_actor_mib=round(result["gpu_peak_mib"] / at_once, 1))
+        rows.append(row)
+    settings = {key: value for key, value in overrides.items() if key != "run-name"}
+    return {"rows": rows, "settings": {"clients": args.clients, **settings}}
+
+
+def paper_protocol(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], int]:
+    """The FedLoRA paper's CIFAR-10 run (§4.1, METHODS.md A.7–A.8: ``PAPER_PROTOCOL``) on the real
+    CIFAR-10 npz for ``--rounds`` rounds, on ``--device``; and its number of clients."""
+    with PAPER_PROTOCOL.open("rb") as handle:
+        protocol = tomllib.load(handle)
+    return {**protocol, "dataset": "npz", "data-dir": str(args.data_dir), "num-server-rounds": args.rounds,
+            "output-dir": str(work), "run-name": "paper", **_on_device(args)}, PAPER_CLIENTS
+
+
+def extrapolate(wall_s: float, round_s: list[float], total_rounds: int = PAPER_ROUNDS) -> float:
+    """Seconds a ``total_rounds`` run would take: this run's wall time plus a steady round for every
+    round it did not run (evaluation is part of every round)."""
+    return wall_s + (total_rounds - len(round_s)) * _steady(round_s)
+
+
+def bench_paper(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    overrides, clients = paper_protocol(args, work)
+    client_cpus, client_gpus = client_resources(args.device, args.workers)
+    with LocalSuperLink() as link:
+        result = _simulate(link, overrides, clients, client_cpus=client_cpus, client_gpus=client_gpus)
+    total = extrapolate(result["wall_s"], result["round_s"])
+    rows = [{
+        "device": args.device, "precision": args.precision, "clients": clients, "rounds": len(result["round_s"]),
+        "client_cpus": client_cpus, "client_gpus": client_gpus, "wall_s": result["wall_s"],
+        "first_round_s": result["round_s"][0], "steady_s_per_round": round(_steady(result["round_s"]), 2),
+        f"extrapolated_{PAPER_ROUNDS}_rounds_h": round(total / 3600, 2),
+        "acc_mean_last": round(result["metrics"][-1]["acc_mean"], 4),
+    }]
+    return {"rows": rows, "settings": {**overrides, "num_clients": clients, "protocol": str(PAPER_PROTOCOL)}}
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -334,7 +431,7 @@ def bench_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for method in methods:
             config = load_config({**app_defaults(), **_base(args, work, **{
                 "method": method, "model": model, "local-steps": args.steps, "train-per-client": args.train_per_client,
-                "batch-size": args.batch_size, **data})})
+                "batch-size": args.batch_size, **data, **_on_device(args)})})
             session = ClientSession.create(config, 0, args.clients, work / method, server_round=1)
             schedule = session.method.schedule()
             session.run_schedule(schedule)  # warm-up
@@ -351,7 +448,7 @@ def bench_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 BENCHMARKS = {"overhead": bench_overhead, "throughput": bench_throughput, "memory": bench_memory, "comm": bench_comm,
-              "cost": bench_cost, "step": bench_step}
+              "cost": bench_cost, "step": bench_step, "paper": bench_paper}
 
 
 def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
@@ -364,6 +461,13 @@ def _print_table(name: str, rows: list[dict[str, Any]]) -> None:
 
 
 def run_benchmarks(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and torch.cuda.device_count() != 1:
+        print(f"bench: --device cuda needs one visible CUDA GPU, torch sees {torch.cuda.device_count()} "
+              "(set CUDA_VISIBLE_DEVICES to one GPU, or use --device cpu)")
+        return 2
+    if args.which == "paper" and args.dataset != "npz":
+        print("bench: paper runs the paper's protocol on the real CIFAR-10 npz (--dataset npz, --data-dir)")
+        return 2
     if args.dataset == "npz" and not args.data_dir.is_file():
         print(f"bench: --data-dir {args.data_dir}: no npz file there (use --dataset synthetic to run without it)")
         return 2
@@ -381,7 +485,8 @@ def run_benchmarks(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("bench", help="framework overhead, throughput, memory, communication and pFedLoRA cost benchmarks")
+    parser = subparsers.add_parser("bench", help="framework overhead, throughput, memory, communication, pFedLoRA cost, "
+                                   "PF2LoRA step and paper-protocol time benchmarks")
     parser.add_argument("which", choices=[*BENCHMARKS, "all"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), help="folder for <benchmark>.json")
     parser.add_argument("--dataset", choices=["npz", "synthetic"], default="npz",
@@ -396,6 +501,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--step-models", nargs="+", default=["cnn"], help="models for the step benchmark (minilm: on AG_NEWS)")
     parser.add_argument("--text-data-dir", type=Path, default=DEFAULT_AGNEWS, help="AG_NEWS for text models (default: %(default)s)")
     parser.add_argument("--max-seq-length", type=int, default=32, help="tokens per sample for text models (step benchmark)")
+    parser.add_argument("--model", choices=["cnn", "resnet8"], default="cnn", help="model for overhead/throughput")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where clients train (overhead, throughput, paper, step); cuda: client actors share one GPU")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="run-config precision for overhead, throughput, paper and step (bf16: image models' forward passes)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="client actors at once for overhead and paper: CPUs / workers each, and on cuda "
+                        "1 / workers of the GPU each (default: the CPU count, %(default)s)")
+    parser.add_argument("--actors-per-gpu", type=int, nargs="+", default=[1, 2, 4, 8, 16],
+                        help="throughput on cuda: actors sharing the GPU (client-resources-num-gpus = 1/k)")
     parser.set_defaults(func=run_benchmarks)
 
 

@@ -34,7 +34,8 @@ from torch import nn
 from clients.base import MethodClient
 from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import (
-    ClientSplit, DatasetError, ImageDataset, PartitionConfig, client_split, client_tensors, load_dataset, task_spec,
+    ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors, load_dataset,
+    task_spec,
 )
 from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import METHODS
@@ -50,6 +51,11 @@ app = ClientApp()
 
 
 def pick_device(choice: str) -> torch.device:
+    """The run config's ``device``; ``cuda`` is refused in one line where no GPU is visible (Ray hides
+    the GPUs from a simulated client unless ``client-resources-num-gpus`` > 0)."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA GPU is visible to this client; in a simulation set "
+                           "client-resources-num-gpus > 0 (e.g. 0.25: four clients share a GPU), or use device='auto'")
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -152,16 +158,18 @@ class ClientSession:
         self.method.load(self, received, training)
 
     def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """This client's training or test split on the device, in one transfer per call."""
         indices = self.split.train if train else self.split.test
         if isinstance(self.dataset, TokenizedText):
             x, y = self.dataset.tensors(indices, train)
-        else:
-            x, y = client_tensors(self.dataset, indices, train=train)
-        return x.to(self.device), y.to(self.device)
+            return x.to(self.device), y.to(self.device)
+        return client_tensors(self.dataset, indices, train=train, device=self.device)
 
     def run_schedule(self, schedule: Sequence[Phase], stream: int = 0) -> TrainStats:
         """Train the model on this client's training split with the method's partition and loss.
-        ``stream`` picks the mini-batch order: 0 for training, 1 for fine-tuning before evaluation."""
+        ``stream`` picks the mini-batch order: 0 for training, 1 for fine-tuning before evaluation.
+        The generator lives on the training device, so batch order and batched augmentation are
+        drawn there (on CUDA they differ from a CPU run's draws)."""
         x, y = self.tensors(train=True)
         config = self.config
         method = self.method
@@ -175,9 +183,10 @@ class ClientSession:
             batch_size=config.batch_size,
             lr=config.lr,
             momentum=config.momentum,
-            generator=torch.Generator().manual_seed(seed),
-            augment=self.dataset.augmentation(),
+            generator=torch.Generator(device=self.device).manual_seed(seed),
+            augment=self.dataset.augmentation(augment_backend(config.augment_backend, self.device)),
             loss_fn=method.loss,
+            precision=config.precision,
         )
 
     def train(self) -> tuple[TrainStats, dict[str, torch.Tensor]]:
@@ -191,7 +200,8 @@ class ClientSession:
     def evaluate(self) -> EvalStats:
         self.method.begin_evaluation(self)
         x, y = self.tensors(train=False)
-        return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict)
+        return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict,
+                              precision=self.config.precision)
 
     def evaluation_metrics(self) -> dict:
         stats = self.evaluate()

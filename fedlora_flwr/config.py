@@ -42,6 +42,9 @@ MethodName = Literal[
 HETEROGENEOUS_METHODS = ("pfedlora", "fedavg-adapter", "local")
 #: The adapter methods on a frozen pretrained model (clients/adapters.py): the readers of ``backbone``.
 PRETRAINED_METHODS = ("fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "local-lora", "fedavg-head")
+#: The methods whose schedule takes PF2LoRA's bilevel step (float32 only, METHODS.md D.8; a test
+#: checks this against the registry's schedules).
+BILEVEL_METHODS = ("pf2lora", "pf2lora-simultaneous")
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,10 @@ class RunConfig(BaseModel):
     run_name: str = ""
     resume: bool = Field(False, description="continue run-name in output-dir from its last checkpoint")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    augment_backend: Literal["auto", "per-sample", "batched"] = Field(
+        "auto", description="training augmentation: torchvision per image, or batched on the device; auto: batched on CUDA")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="forward passes of image models under bfloat16 autocast (bf16); state stays float32")
     round_timeout: float = Field(3600.0, gt=0)
     fused_evaluation: bool = Field(False, description="evaluate round t at the start of round t+1's train message")
     min_available_nodes: int = Field(0, ge=0, description="SuperNodes connected before round 1; 0 = num-partitions")
@@ -200,6 +207,18 @@ class RunConfig(BaseModel):
                              "fine-tune a backbone")
         if model is not None and is_text_model(model):
             raise ValueError(f"model={model!r} is a text model; backbone is for image models")
+        return value
+
+    @field_validator("precision")
+    @classmethod
+    def _bf16_where_tested(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fp32":
+            return value
+        method, model = info.data.get("method"), info.data.get("model")
+        if method in BILEVEL_METHODS:
+            raise ValueError(f"method {method!r} takes the bilevel step, which runs in float32 only (METHODS.md D.8); use fp32")
+        if model is not None and is_text_model(model):
+            raise ValueError(f"bf16 autocast is for the image models; model={model!r} is a text model; use fp32")
         return value
 
     @field_validator("lora_epochs")

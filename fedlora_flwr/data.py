@@ -11,8 +11,10 @@ actors, and loading the CIFAR-10 npz alone takes ~1.7 s):
    :class:`ClientSplit` (train/test index arrays) per client;
    ``client_split(name, data_dir, partition_id, cfg)`` loads, partitions and
    caches the whole federation and returns one client's split.
-3. ``client_tensors`` (float32 NCHW, normalised) and ``batches`` (a DataLoader
-   replacement without worker overhead, for ~500-sample clients).
+3. ``client_tensors`` (float32 NCHW, normalised, on the training device) and ``batches``
+   (a DataLoader replacement without worker overhead, for ~500-sample clients), with the
+   training augmentation per sample (torchvision, ``make_augment``) or batched on the
+   device (``make_batched_augment``; run config ``augment-backend``).
 
 The cached arrays are made read-only: they are shared by every client of the
 process, so a client that modified them in place would corrupt the others.
@@ -42,19 +44,25 @@ if TYPE_CHECKING:
     from fedlora_flwr.text import TextDataset
 
 __all__ = [
+    "AUGMENT_BACKENDS",
     "DATASETS",
     "SCHEMES",
+    "AugmentParams",
     "ClientSplit",
     "DatasetError",
     "ImageDataset",
     "PartitionConfig",
     "TaskSpec",
+    "apply_augment",
+    "augment_backend",
     "batches",
     "client_split",
     "client_tensors",
     "dirichlet_noniid",
+    "draw_augment_params",
     "load_dataset",
     "make_augment",
+    "make_batched_augment",
     "partition",
     "partition_dataset",
     "task_spec",
@@ -126,11 +134,18 @@ class ImageDataset:
         height, width, channels = self.x_train.shape[1:]
         return TaskSpec(num_classes=self.num_classes, image_shape=(int(channels), int(height), int(width)))
 
-    def augmentation(self) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
-        """The training augmentation as a batch function for :func:`batches` (None for none)."""
+    def augmentation(
+        self, backend: str = "per-sample"
+    ) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None:
+        """The training augmentation as a batch function for :func:`batches` (None for none), by
+        ``backend`` (``per-sample`` or ``batched``, see :func:`augment_backend`)."""
         if not self.train_augment:
             return None
-        return make_augment(self.train_augment, self.mean, self.std, size=int(self.x_train.shape[1]))
+        if backend == "batched":
+            return make_batched_augment(self.train_augment, self.mean, self.std)
+        if backend == "per-sample":
+            return make_augment(self.train_augment, self.mean, self.std, size=int(self.x_train.shape[1]))
+        raise ValueError(f"augmentation backend: {backend!r} is neither 'per-sample' nor 'batched'")
 
 
 def load_dataset(name: str, data_dir: str | Path = "") -> ImageDataset | TextDataset:
@@ -736,16 +751,19 @@ def client_split(name: str, data_dir: str | Path, partition_id: int, cfg: Partit
 # --------------------------------------------------------------------------- #
 
 
-def client_tensors(ds: ImageDataset, indices: np.ndarray, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def client_tensors(
+    ds: ImageDataset, indices: np.ndarray, train: bool, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``indices`` of the train (``train=True``) or test split as
-    (float32 N x C x H x W normalised with ``ds.mean``/``ds.std``, int64 labels)."""
+    (float32 N x C x H x W normalised with ``ds.mean``/``ds.std``, int64 labels) on ``device``.
+    The uint8 images cross to the device (a quarter of the float32 bytes) and are converted there."""
     x_all, y_all = (ds.x_train, ds.y_train) if train else (ds.x_test, ds.y_test)
     idx = np.asarray(indices, dtype=np.int64)
-    x = torch.from_numpy(x_all[idx]).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    mean = torch.tensor(ds.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(ds.std, dtype=torch.float32).view(1, -1, 1, 1)
+    x = torch.from_numpy(x_all[idx]).to(device).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    mean = torch.tensor(ds.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(ds.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     x = x.sub_(mean).div_(std).contiguous()
-    y = torch.from_numpy(y_all[idx].astype(np.int64))
+    y = torch.from_numpy(y_all[idx].astype(np.int64)).to(device)
     return x, y
 
 
@@ -763,6 +781,9 @@ def make_augment(
     normalised value of a black pixel, as in the reference (PIL, fill 0, before
     Normalize). Randomness comes from ``generator`` when given (the global torch
     RNG is left untouched), so an epoch is reproducible from the generator.
+
+    This is the ``per-sample`` backend (run config ``augment-backend``; ``auto`` picks it on CPU,
+    so CPU runs keep these draws); :func:`make_batched_augment` is the ``batched`` one (CUDA).
     """
     from torchvision.transforms import v2  # lazy: ~3 s import
 
@@ -779,6 +800,113 @@ def make_augment(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return torch.stack([tf(img) for img in xb])
+
+    return apply
+
+
+#: How the training augmentation is applied (run config ``augment-backend``): ``per-sample``
+#: (torchvision v2, one image at a time: the reference path), ``batched`` (:func:`make_batched_augment`,
+#: tensor ops on the batch's device) or ``auto`` (batched on CUDA, per-sample elsewhere).
+AUGMENT_BACKENDS: tuple[str, ...] = ("auto", "per-sample", "batched")
+
+
+def augment_backend(choice: str, device: torch.device) -> str:
+    """The backend ``choice`` (one of :data:`AUGMENT_BACKENDS`) stands for on ``device``: ``auto``
+    is ``batched`` on CUDA and ``per-sample`` on CPU, so CPU runs keep torchvision's random draws."""
+    if choice not in AUGMENT_BACKENDS:
+        raise ValueError(f"augment-backend: unknown {choice!r}; choose one of {', '.join(AUGMENT_BACKENDS)}")
+    if choice == "auto":
+        return "batched" if device.type == "cuda" else "per-sample"
+    return choice
+
+
+CROP_PADDING = 4  # RandomCrop(size, padding=4)
+ROTATION_DEGREES = 15.0  # RandomRotation(15): an angle uniform in [-15, 15]
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """One batch's per-sample augmentation parameters, each of length N: the crop window's corner
+    (``top``, ``left``, int64 in [0, 2 * CROP_PADDING]) in the image padded by CROP_PADDING
+    (CROP_PADDING, CROP_PADDING: no shift), a horizontal ``flip`` (bool) and the rotation ``angle``
+    in degrees (float32, counter-clockwise as torchvision's ``rotate``)."""
+
+    top: torch.Tensor
+    left: torch.Tensor
+    flip: torch.Tensor
+    angle: torch.Tensor
+
+
+def draw_augment_params(
+    name: str, n: int, generator: torch.Generator | None, device: torch.device | str
+) -> AugmentParams:
+    """Random parameters of augmentation ``name`` for ``n`` samples, drawn with ``generator`` (the
+    global RNG of ``device`` when None) on the generator's device and returned on ``device``.
+    Distributions as torchvision's: uniform crop corner, flip with probability 0.5, angle uniform in
+    [-15, 15); ``flip-rotate`` does not crop."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    on = generator.device if generator is not None else torch.device(device)
+    if name == "crop-flip-rotate":
+        top = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=on)
+        left = torch.randint(0, 2 * CROP_PADDING + 1, (n,), generator=generator, device=on)
+    else:
+        top = left = torch.full((n,), CROP_PADDING, dtype=torch.int64, device=on)
+    flip = torch.rand(n, generator=generator, device=on) < 0.5
+    angle = torch.rand(n, generator=generator, device=on) * (2 * ROTATION_DEGREES) - ROTATION_DEGREES
+    return AugmentParams(*(t.to(device, non_blocking=True) for t in (top, left, flip, angle)))
+
+
+def apply_augment(xb: torch.Tensor, params: AugmentParams, fill: Sequence[float]) -> torch.Tensor:
+    """Crop, flip and rotate every image of the N x C x H x W batch ``xb`` with its own parameters,
+    in three batched tensor ops (no loop over samples): the crop window of the image padded with
+    ``fill`` (one value per channel) is gathered with the flip folded into its column index, then
+    the rotation about the image centre samples it with nearest interpolation (``grid_sample`` on
+    the per-sample grid torchvision's ``rotate`` builds), ``fill`` outside. For the same parameters
+    this equals torchvision's ``pad`` + ``crop`` + ``horizontal_flip`` + ``rotate`` per image."""
+    n, c, h, w = xb.shape
+    device = xb.device
+    fill_img = torch.tensor(list(fill), dtype=xb.dtype, device=device).view(1, c, 1, 1)
+    pad = CROP_PADDING
+    padded = fill_img.expand(n, c, h + 2 * pad, w + 2 * pad).clone()
+    padded[:, :, pad : pad + h, pad : pad + w] = xb
+    rows = params.top[:, None] + torch.arange(h, device=device)
+    cols = params.left[:, None] + torch.arange(w, device=device)
+    cols = torch.where(params.flip[:, None], cols.flip(-1), cols)
+    cropped = padded[torch.arange(n, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    cropped = cropped.permute(0, 3, 1, 2)  # the gather puts the channel last
+
+    # torchvision's rotate: inverse affine matrix for -angle about the centre, grid over pixel centres.
+    rot = torch.deg2rad(-params.angle.to(torch.float64))
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([cos, sin, zero, -sin, cos, zero], dim=1).to(xb.dtype).view(n, 2, 3)
+    base = torch.empty(1, h, w, 3, dtype=xb.dtype, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scale = torch.tensor([0.5 * w, 0.5 * h], dtype=xb.dtype, device=device)
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2).div(scale)).view(n, h, w, 2)
+    with_mask = torch.cat([cropped, torch.ones(n, 1, h, w, dtype=xb.dtype, device=device)], dim=1)
+    sampled = torch.nn.functional.grid_sample(with_mask, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    image, mask = sampled[:, :c], sampled[:, c:]
+    return torch.where(mask < 0.5, fill_img, image)
+
+
+def make_batched_augment(
+    name: str, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
+    """Augmentation ``name`` as :func:`make_augment` (same operations, distributions and fill), for
+    the ``batched`` backend: parameters drawn per sample on the generator's device
+    (:func:`draw_augment_params`) and applied with tensor ops on the batch's device
+    (:func:`apply_augment`). Its random draws differ from the per-sample path's, so a run's
+    batches differ between backends; each is reproducible from its generator."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {', '.join(AUGMENTATIONS)}")
+    fill = tuple(float(-m / s) for m, s in zip(mean, std))
+
+    def apply(xb: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return apply_augment(xb, draw_augment_params(name, len(xb), generator, xb.device), fill)
 
     return apply
 

@@ -40,6 +40,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def federation_config(num_supernodes: int, client_cpus: int = 1, client_gpus: float = 0.0, ray_cpus: int | None = None) -> str:
+    """``flwr run --federation-config`` for a simulation: Flower hands ``client-resources-num-gpus``
+    to Ray as each client actor's ``num_gpus`` (fractions share a GPU; Ray hides the GPUs from an
+    actor that asks for none); ``ray_cpus`` caps the Ray instance's CPUs (``init-args-num-cpus``)."""
+    federation = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
+        f"client-resources-num-gpus={client_gpus}"
+    )
+    if ray_cpus is not None:
+        federation += f" init-args-num-cpus={int(ray_cpus)}"
+    return federation
+
+
 @dataclass(frozen=True)
 class TlsFiles:
     """PEM files of a TLS SuperLink: the CA certificate clients trust, the server's certificate and key."""
@@ -201,13 +214,7 @@ class LocalSuperLink:
             handle.write(tomli_w.dumps(dict(run_config)))
         command = [str(BIN_DIR / "flwr"), "run", str(app_dir), self.CONNECTION, "--stream", "--run-config", config_file]
         if num_supernodes is not None:
-            federation = (
-                f"num-supernodes={num_supernodes} client-resources-num-cpus={client_cpus} "
-                f"client-resources-num-gpus={client_gpus}"
-            )
-            if ray_cpus is not None:
-                federation += f" init-args-num-cpus={int(ray_cpus)}"
-            command += ["--federation-config", federation]
+            command += ["--federation-config", federation_config(num_supernodes, client_cpus, client_gpus, ray_cpus)]
         lines: list[str] = []
         deadline = time.monotonic() + timeout if timeout else None
         with subprocess.Popen(

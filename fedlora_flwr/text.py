@@ -76,8 +76,8 @@ class TokenizedText:
     def spec(self) -> TaskSpec:
         return TaskSpec(num_classes=self.num_classes, modality="text")
 
-    def augmentation(self) -> None:
-        """Text samples are not augmented."""
+    def augmentation(self, backend: str = "per-sample") -> None:
+        """Text samples are not augmented (whatever the backend)."""
         return None
 
     def tensors(self, indices: np.ndarray, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,13 +7,23 @@ declaring phases, and *what is minimised or predicted* through two per-batch hoo
 ``predict``: FedRoD's balanced softmax, pFedSD's distillation, FedAMP's proximal term); they
 do not write loops. A phase with a :class:`~fedlora_flwr.groups.BilevelUpdate` replaces the
 per-batch optimizer step by PF2LoRA's bilevel step (``fedlora_flwr.bilevel``), on the same hook.
+
+No host synchronisation per step: the running loss sums (float64, on the model's device) are read
+once at the end. Adding each float32 batch loss to a float64 sum gives the same bits as the Python
+float sum it replaces, so CPU results are unchanged. ``precision="bf16"`` runs the forward passes
+(the loss hook in training, the predict hook in evaluation) under ``torch.autocast`` with
+bfloat16; parameters, buffers and optimizer state stay float32 and backward runs outside autocast
+(PyTorch's recommended mixed-precision recipe; bf16 needs no loss scaling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +37,17 @@ LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(model, x, y)``: the training loss of one mini-batch."""
 PredictHook = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 """``predict(model, x)``: the logits a method classifies with."""
+Precision = Literal["fp32", "bf16"]
+"""Forward-pass precision of the run config's ``precision`` key."""
+
+
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager:
+    """The context of a forward pass: bfloat16 autocast for ``bf16``, nothing at all for ``fp32``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"precision: unknown {precision!r}; choose fp32 or bf16")
 
 
 def plain_predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,11 +97,15 @@ def train_schedule(
     generator: torch.Generator,
     augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
     loss_fn: LossHook = cross_entropy,
+    precision: Precision = "fp32",
 ) -> TrainStats:
-    """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device."""
+    """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device.
+    ``precision`` applies to the plain step; the bilevel step always runs in float32 (METHODS.md
+    D.8; the run config refuses bf16 for the PF2LoRA methods)."""
     membership = partition.groups(model)
     trainable_before = {key: param.requires_grad for key, param in model.named_parameters()}
-    loss_total, samples, steps = 0.0, 0, 0
+    loss_total = torch.zeros((), dtype=torch.float64, device=x.device)
+    samples, steps = 0, 0
 
     def epoch_batches() -> Iterator:
         return batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment)
@@ -108,34 +133,39 @@ def train_schedule(
             for xb, yb in _phase_batches(phase, epoch_batches):
                 if phase.update is None:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model, xb, yb)
+                    with autocast(x.device, precision):
+                        loss = loss_fn(model, xb, yb)
                     loss.backward()
                     if phase.max_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
                     optimizer.step()
                 else:
                     loss = bilevel_step(phase.update, model, upper, lower, optimizer, loss_fn, xb, yb)
-                loss_total += loss.item()
+                loss_total += loss.detach().to(torch.float64)
                 samples += len(yb)
                 steps += 1
     finally:
         for key, param in model.named_parameters():
             param.requires_grad_(trainable_before[key])
         model.train()
-    return TrainStats(loss=loss_total / steps if steps else float("nan"), samples=samples, steps=steps)
+    return TrainStats(loss=loss_total.item() / steps if steps else float("nan"), samples=samples, steps=steps)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, predict: PredictHook = plain_predict
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, predict: PredictHook = plain_predict,
+    precision: Precision = "fp32",
 ) -> EvalStats:
-    """Accuracy and mean loss of ``predict(model, x)`` in eval mode (BN uses its running statistics)."""
+    """Accuracy and mean loss of ``predict(model, x)`` in eval mode (BN uses its running statistics);
+    the sums stay on the device until the end."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logits = predict(model, xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == yb).sum())
+        with autocast(x.device, precision):
+            logits = predict(model, xb)
+        loss_sum += F.cross_entropy(logits.float(), yb, reduction="sum").to(torch.float64)
+        correct += (logits.argmax(dim=1) == yb).sum()
     total = len(y)
-    return EvalStats(loss=loss_sum / total if total else float("nan"), correct=correct, total=total)
+    return EvalStats(loss=loss_sum.item() / total if total else float("nan"), correct=int(correct), total=total)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the app's default run config, the real CIFAR-10 subset, a private SuperLink."""
+"""Shared fixtures: the app's default run config, the real CIFAR-10 subset, a private SuperLink;
+the ``gpu`` marker's skip where no CUDA GPU is visible."""
 
 from __future__ import annotations
 
@@ -6,12 +7,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlora_flwr import grid
 from fedlora_flwr.superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``gpu``-marked tests, saying why, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 def app_defaults() -> dict:
