@@ -141,9 +141,12 @@ def _simulate(
     if code != 0 or not (out / "summary.json").is_file():
         raise RuntimeError(f"benchmark run {out.name} failed (exit {code}):\n{log[-3000:]}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    elapsed = [m["elapsed_s"] for m in metrics]
-    round_seconds = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
-    result = {"wall_s": round(wall, 2), "round_s": [round(s, 2) for s in round_seconds], "metrics": metrics}
+    # Round t lasts from round t-1's aggregation to its own (its train messages and the evaluation
+    # before them, fused or not); the last evaluation is in the total, elapsed_s of the last row.
+    aggregated = [m["train_elapsed_s"] for m in metrics]
+    round_seconds = [b - a for a, b in zip([0.0, *aggregated[:-1]], aggregated, strict=True)]
+    result = {"wall_s": round(wall, 2), "round_s": [round(s, 2) for s in round_seconds],
+              "rounds_s": metrics[-1]["elapsed_s"], "metrics": metrics}
     if sample_memory:
         result["peak_rss_mib"] = round(peak["rss"] / 2**20, 1)
         result["peak_pss_mib"] = round(peak["pss"] / 2**20, 1)
@@ -257,7 +260,7 @@ def bench_overhead(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         flower_shared = load_file(work / name / "shared.safetensors")
         difference = max((value.double() - plain["shared"][key].double()).abs().max().item()
                          for key, value in flower_shared.items())
-        flwr_rounds = sum(simulated["round_s"])
+        flwr_rounds = simulated["rounds_s"]
         steady_flwr, steady_plain = _steady(simulated["round_s"]), _steady(plain["round_s"])
         rows.append({
             "model": args.model, "device": args.device, "clients": args.clients, "rounds": args.rounds,

@@ -174,9 +174,12 @@ class RunRecorder:
                         pending_evaluation: dict[str, Any] | None = None) -> None:
         """After a round's row (or with its pending evaluation): what the next round needs (see the
         module docstring)."""
-        elapsed = round(time.monotonic() - self.started, 3)
-        checkpoint = Checkpoint(server_round, arrays, elapsed, strategy_state, pending_evaluation)
+        checkpoint = Checkpoint(server_round, arrays, self.elapsed(), strategy_state, pending_evaluation)
         save_checkpoint(self.run_dir, checkpoint, self.config.method)
+
+    def elapsed(self) -> float:
+        """Seconds since the run started (a resumed run goes on from its checkpoint's)."""
+        return round(time.monotonic() - self.started, 3)
 
     @property
     def clients_dir(self) -> Path:
@@ -185,7 +188,7 @@ class RunRecorder:
     def record_round(self, record: dict[str, Any]) -> None:
         """Append one round to ``metrics.jsonl`` (flushed and fsynced) and log the progress line."""
         record = {key: (_finite(value) if isinstance(value, float) else value) for key, value in record.items()}
-        record["elapsed_s"] = round(time.monotonic() - self.started, 3)
+        record["elapsed_s"] = self.elapsed()
         self.rounds.append(record)
         self.client_ids.update(int(pid) for pid in record.get("acc_per_client", {}))
         with self.metrics_path.open("a", encoding="utf-8") as handle:

@@ -410,6 +410,7 @@ class PersonalizedStrategy(FedAvg):
             self._finish_pending([message for message in answered if EVALUATION in message.content])
         self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         self._round.update(
+            train_elapsed_s=self.recorder.elapsed(),
             participants=[int(message.content[METRICS]["partition-id"]) for message in valid],
             num_bad_updates=bad,
             num_participants=len(valid),

@@ -24,7 +24,7 @@ from fedlora_flwr.store import saved_round
 
 NUM_CLIENTS = 3
 ROUNDS = 3
-WALL_CLOCK = {"elapsed_s", "wall_seconds", "run_dir"}
+WALL_CLOCK = {"elapsed_s", "train_elapsed_s", "wall_seconds", "run_dir"}
 
 
 class Crash(RuntimeError):
