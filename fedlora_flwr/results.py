@@ -9,8 +9,9 @@ same per-round numbers also go to TensorBoard event files in ``tensorboard/`` (a
 for viewing, written as rounds finish; ``metrics.jsonl`` stays the record other tools read).
 
 After every round the server writes ``checkpoint.safetensors`` (atomically, after that round's
-``metrics.jsonl`` row): the arrays the next round starts from and, in its metadata, the round,
-the elapsed time and the strategy's state. The per-client state on disk is versioned by round
+``metrics.jsonl`` row; with ``fused-evaluation`` the row may still be pending, and the checkpoint
+then carries the evaluation gathered so far): the arrays the next round starts from and, in its
+metadata, the round, the elapsed time and the strategy's state. The per-client state on disk is versioned by round
 (``fedlora_flwr.store``) and every random draw derives from (seed, round), so nothing else is
 needed. ``resume = true`` reopens the run: the config must match ``config.json`` except for a
 ``num-server-rounds`` at least as large; ``metrics.jsonl`` rows after the checkpoint are dropped

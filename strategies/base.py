@@ -45,8 +45,9 @@ measured.
 With ``fused-evaluation`` the evaluation of round t rides on round t+1's train message: when
 round t is aggregated the strategy draws round t+1's participants, sends evaluate messages only
 to the other clients, and each participant evaluates σ̄_t + its personal state (as of round t)
-before it trains, replying with an ``evaluation`` record besides its upload. Round t's row and
-checkpoint are written once those replies are in; the last round evaluates everyone. The numbers
+before it trains, replying with an ``evaluation`` record besides its upload. Round t's checkpoint,
+written as usual, carries the pending evaluation (so a resumed run asks for it again); its row is
+written once those replies are in. The last round evaluates everyone. The numbers
 are those of separate evaluate messages (a test compares them); a participant whose train
 message fails counts as round t's failure too. Not for ``per_client_messages`` strategies, whose
 evaluate and train arrays differ.
