@@ -11,16 +11,14 @@ from __future__ import annotations
 import logging
 
 import pytest
-from flwr.app import Context, MessageType, RecordDict
+from flwr.app import MessageType
 from inprocess import InProcessGrid
-from test_federation import _quiet_flower
 from test_resume import Crash, _config, _rows, _state_files, _summary
+from test_resume import _start as start_run
 
-from fedlora_flwr import client_app, server_app
 from fedlora_flwr.results import CHECKPOINT_FILE, load_checkpoint
 from strategies.base import PersonalizedStrategy
 
-NUM_CLIENTS = 3
 BYTES_SENT = {"bytes_down", "bytes_down_evaluate", "bytes_down_total"}
 
 
@@ -38,11 +36,7 @@ class CountingGrid(InProcessGrid):
 
 
 def _start(config: dict) -> CountingGrid:
-    grid = CountingGrid(client_app.app, NUM_CLIENTS, config)
-    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
-    with _quiet_flower():
-        server_app.main(grid, context)
-    return grid
+    return start_run(config, CountingGrid)
 
 
 def _without_bytes_sent(rows: list[dict] | dict):

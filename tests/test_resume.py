@@ -38,8 +38,8 @@ def _config(output_dir: Path, run_name: str, method: str, **overrides) -> dict:
                        **{"num-server-rounds": ROUNDS, "fraction-train": 0.67, **overrides})
 
 
-def _start(config: dict) -> InProcessGrid:
-    grid = InProcessGrid(client_app.app, NUM_CLIENTS, config)
+def _start(config: dict, grid_class: type[InProcessGrid] = InProcessGrid) -> InProcessGrid:
+    grid = grid_class(client_app.app, NUM_CLIENTS, config)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     with _quiet_flower():
         server_app.main(grid, context)
