@@ -33,7 +33,11 @@ from typing import ClassVar
 
 from torch import nn
 
+from pydantic import Field
+
 from clients.base import MethodClient, local_length
+from clients.params import LoRA, AdapterInput, LocalSteps
+from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, nothing
 from fedlora_flwr.models import image_backbone, image_lora_targets
@@ -54,7 +58,7 @@ def lora_target_modules(config) -> tuple[str, ...]:
     """The module names of ``lora-target-modules`` (comma-separated); ``""`` is the model's
     default: ``query``/``value`` on a pretrained text model (PEFT's for BERT-like encoders), none otherwise
     (an image backbone then adapts :func:`fedlora_flwr.models.image_lora_targets`)."""
-    names = tuple(name.strip() for name in config.lora_target_modules.split(",") if name.strip())
+    names = tuple(name.strip() for name in config.params.lora_target_modules.split(",") if name.strip())
     if names or not is_pretrained_text_model(config.model):
         return names
     return AdapterSpec.target_modules
@@ -63,12 +67,14 @@ def lora_target_modules(config) -> tuple[str, ...]:
 class AdapterClient(MethodClient):
     """LoRA (``lora``: A, B and head averaged, the FedSA-LoRA paper's "LoRA" baseline)."""
 
+    params = LoRA
+    requires = Requirements(pretrained="required", image_backbone=True)
     partition = ParameterPartition(personal=nothing, frozen=is_backbone)
     #: The PEFT adapter; None trains the head alone.
     adapter: ClassVar[AdapterKind | None] = "lora"
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
-        config = self.config
+        config, params = self.config, self.params
         if is_pretrained_text_model(config.model):
             model = text_classifier(config.model, task.num_classes, share_backbone=True)  # frozen: never written
         elif config.backbone:
@@ -81,9 +87,9 @@ class AdapterClient(MethodClient):
         vera = self.adapter == "vera"
         spec = AdapterSpec(
             kind=self.adapter,
-            r=config.vera_r if vera else config.lora_r,
-            alpha=config.lora_alpha,
-            dropout=config.lora_dropout,
+            r=params.vera_r if vera else params.lora_r,
+            alpha=0.0 if vera else params.lora_alpha,  # VeRA has no α
+            dropout=params.lora_dropout,
             target_modules=lora_target_modules(config) or image_lora_targets(model),
         )
         return wrap(model, spec)
@@ -115,6 +121,11 @@ def _personal_lambda_b_and_head(key: str, module: nn.Module) -> bool:
     return is_vera_lambda_b(key) or is_head(key)
 
 
+class VeRA(LocalSteps, AdapterInput):
+    vera_r: int = Field(256, ge=1, description="r_v: rank of VeRA's shared random projections")
+    vera_lr: float = Field(0.01, gt=0, description="FedSA-VeRA's AdamW learning rate (the official lr_c)")
+
+
 class FedSAVeRAClient(AdapterClient):
     """FedSA-VeRA (B.5): λ_d shared (the A-side vector), λ_b and head personal; A_v, B_v frozen.
 
@@ -122,11 +133,12 @@ class FedSAVeRAClient(AdapterClient):
     ``lr_c``) for λ and head, without its linear warm-up that restarts every round (B.6); the
     official code gives the adapter ``train.optimizer.lr`` and the head ``lr_c``."""
 
+    params = VeRA
     partition = ParameterPartition(personal=_personal_lambda_b_and_head, frozen=is_backbone)
     adapter = "vera"
 
     def optimizer(self) -> OptimizerSpec:
-        return OptimizerSpec(name="adamw", lr=self.config.vera_lr)
+        return OptimizerSpec(name="adamw", lr=self.params.vera_lr)
 
 
 def _backbone_or_lora_a(key: str, module: nn.Module) -> bool:
@@ -153,4 +165,5 @@ class LocalAdapterClient(AdapterClient):
 class FedAvgHeadClient(AdapterClient):
     """Linear probing with FedAvg: only the head trained (on the frozen backbone) and averaged."""
 
+    params = LocalSteps
     adapter = None

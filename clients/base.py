@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import decompose
 from fedlora_flwr.models import build_model, family_member
+from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.training import cross_entropy, plain_predict
 
 if TYPE_CHECKING:
@@ -37,20 +39,31 @@ if TYPE_CHECKING:
 
 def local_length(config: RunConfig) -> dict[str, int]:
     """A step-counted method's phase length: ``local-steps`` steps per round, or ``local-epochs``
-    epochs when it is 0 (``Phase(**local_length(config))``)."""
-    return {"steps": config.local_steps} if config.local_steps > 0 else {"epochs": config.local_epochs}
+    epochs when it is 0 (``Phase(**local_length(config))``; the method's params include
+    :class:`clients.params.LocalSteps`)."""
+    steps = config.params.local_steps
+    return {"steps": steps} if steps > 0 else {"epochs": config.local_epochs}
 
 
 class MethodClient:
-    """A method's client: its model, its parameter partition, its local schedule and hooks."""
+    """A method's client: its model, its parameter partition, its local schedule and hooks.
 
+    Subclasses declare ``params`` (the method's own run-config keys, read as ``self.params``) and
+    ``requires`` (what it needs from a model, ``fedlora_flwr.methods.Requirements``)."""
+
+    params: ClassVar[type[MethodParams]] = MethodParams
+    requires: ClassVar[Requirements] = Requirements()
     partition: ClassVar[ParameterPartition] = ParameterPartition()
     #: Decompose every conv/linear weight into σ + B·A (FedLoRA eqs. 2–5) with the run's
     #: ``rank-conv``/``rank-linear``; the partition then decides who owns σ and the LoRA factors.
     decomposed: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig) -> None:
+        if not isinstance(config.params, type(self).params):
+            raise TypeError(f"{type(self).__name__} reads {type(self).params.__name__}; the config holds "
+                            f"{type(config.params).__name__} (method={config.method!r})")
         self.config = config
+        self.params = config.params
 
     # ------------------------------------------------------------------ model and schedule
 
@@ -70,7 +83,7 @@ class MethodClient:
         ``partition_id`` picks the client's architecture in a ``model-family`` run (pFedLoRA)."""
         model = build_model(self.architecture(partition_id), task.num_classes)
         if self.decomposed:
-            model = decompose(model, rank_conv=self.config.rank_conv, rank_linear=self.config.rank_linear)
+            model = decompose(model, rank_conv=self.params.rank_conv, rank_linear=self.params.rank_linear)
         return model
 
     def schedule(self) -> list[Phase]:

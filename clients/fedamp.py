@@ -15,11 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
 from clients.base import MethodClient
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.groups import ParameterPartition, everything, load_group
 
 
+class FedAMPParams(MethodParams):
+    fedamp_alpha_k: float = Field(1.0, gt=0, description="α_K: attention weight and proximal step")
+    fedamp_lambda: float = Field(1.0, ge=0, description="λ: proximal strength, λ/(2α_K)·‖w − u_i‖²")
+    fedamp_sigma: float = Field(1.0, gt=0, description="σ: scale of the similarity e^{−‖w_i − w_j‖²/σ}/σ")
+
+
 class FedAMPClient(MethodClient):
+    params = FedAMPParams
     partition = ParameterPartition(personal=everything)
 
     def initial_download(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -38,7 +48,7 @@ class FedAMPClient(MethodClient):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         proximal = sum(((param - anchor) ** 2).sum() for param, anchor in zip(model.parameters(), self.anchor))
-        coefficient = self.config.fedamp_lambda / (2 * self.config.fedamp_alpha_k)
+        coefficient = self.params.fedamp_lambda / (2 * self.params.fedamp_alpha_k)
         return F.cross_entropy(model(x), y) + coefficient * proximal
 
     def upload(self, session) -> dict[str, torch.Tensor]:

@@ -6,6 +6,8 @@ official code has no such switch; this follows METHODS.md A.9's recommendation.
 """
 
 from clients.base import MethodClient
+from clients.params import Decomposition
+from fedlora_flwr.requirements import Requirements
 
 
 class FedAvgClient(MethodClient):
@@ -13,4 +15,6 @@ class FedAvgClient(MethodClient):
 
 
 class FedAvgLoRAClient(FedAvgClient):
+    params = Decomposition
+    requires = Requirements(decomposable=True)
     decomposed = True

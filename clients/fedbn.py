@@ -7,6 +7,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from clients.base import MethodClient
 from fedlora_flwr.groups import ParameterPartition
+from fedlora_flwr.requirements import Requirements
 
 
 def is_batchnorm(_key: str, module: nn.Module) -> bool:
@@ -14,4 +15,5 @@ def is_batchnorm(_key: str, module: nn.Module) -> bool:
 
 
 class FedBNClient(MethodClient):
+    requires = Requirements(batchnorm=True)
     partition = ParameterPartition(personal=is_batchnorm)

@@ -11,11 +11,18 @@ positive score, as Fling does). The masks travel with the model as uint8 tensors
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from clients.base import MethodClient
+from fedlora_flwr.config import MethodParams
 
 CRITICAL = "critical/"
+
+
+class FedCACParams(MethodParams):
+    fedcac_tau: float = Field(0.5, ge=0, le=1, description="τ: fraction of critical parameters (CIFAR-100: 0.4)")
+    fedcac_beta: int = Field(100, ge=1, description="β: growth of the collaboration threshold (CIFAR-100: 170)")
 
 
 def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torch.Tensor:
@@ -34,6 +41,7 @@ def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torc
 
 
 class FedCACClient(MethodClient):
+    params = FedCACParams
     def upload_template(self, model: nn.Module) -> dict[str, torch.Tensor]:
         masks = {CRITICAL + key: torch.zeros(param.shape, dtype=torch.uint8) for key, param in model.named_parameters()}
         return {**super().upload_template(model), **masks}
@@ -43,7 +51,7 @@ class FedCACClient(MethodClient):
 
     def upload(self, session) -> dict[str, torch.Tensor]:
         masks = {
-            CRITICAL + key: critical_mask(self.before[key], param.detach(), self.config.fedcac_tau)
+            CRITICAL + key: critical_mask(self.before[key], param.detach(), self.params.fedcac_tau)
             for key, param in session.model.named_parameters()
         }
         return {**super().upload(session), **masks}

@@ -5,6 +5,7 @@ from torch import nn
 
 from clients.base import MethodClient
 from fedlora_flwr.groups import ParameterPartition
+from fedlora_flwr.requirements import Requirements
 
 HEAD = "fc."
 
@@ -15,4 +16,5 @@ def is_head(key: str, _module: nn.Module) -> bool:
 
 
 class FedPerClient(MethodClient):
+    requires = Requirements(head=True)
     partition = ParameterPartition(personal=is_head)

@@ -4,16 +4,27 @@ then the body with the head frozen for ``fedrep-body-epochs`` (E_b). Defaults E_
 (METHODS.md's recommendation within E = 5); ``local-epochs`` is not used. Optimizers are rebuilt
 every phase and round (PFLlib keeps two persistent momentum-free SGDs: METHODS.md E.4)."""
 
+from pydantic import Field
+
 from clients.base import MethodClient
 from clients.fedper import is_head
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.groups import ParameterPartition, Phase
+from fedlora_flwr.requirements import Requirements
+
+
+class FedRepParams(MethodParams):
+    fedrep_head_epochs: int = Field(4, ge=0, description="E_h: epochs of the head, body frozen")
+    fedrep_body_epochs: int = Field(1, ge=0, description="E_b: epochs of the body, head frozen")
 
 
 class FedRepClient(MethodClient):
+    params = FedRepParams
+    requires = Requirements(head=True)
     partition = ParameterPartition(personal=is_head)
 
     def schedule(self) -> list[Phase]:
         return [
-            Phase(groups=("personal",), epochs=self.config.fedrep_head_epochs),
-            Phase(groups=("shared",), epochs=self.config.fedrep_body_epochs),
+            Phase(groups=("personal",), epochs=self.params.fedrep_head_epochs),
+            Phase(groups=("shared",), epochs=self.params.fedrep_body_epochs),
         ]

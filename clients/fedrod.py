@@ -21,6 +21,7 @@ from torch import nn
 from clients.base import MethodClient
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition
+from fedlora_flwr.requirements import Requirements
 
 PERSONAL_HEAD = "personal_head."
 #: log n_c for a class the client never saw: a large negative instead of −inf (METHODS.md E.6).
@@ -32,6 +33,7 @@ def is_personal_head(key: str, _module: nn.Module) -> bool:
 
 
 class FedRoDClient(MethodClient):
+    requires = Requirements(head=True)
     partition = ParameterPartition(personal=is_personal_head)
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:

@@ -5,12 +5,21 @@ model (σ + B·A) trained jointly for E epochs, without communication (METHODS.m
 """
 
 from clients.base import MethodClient
+from clients.params import LoRA, Decomposition
 from fedlora_flwr.groups import ParameterPartition, everything
+from fedlora_flwr.requirements import Requirements
 
 
 class LocalClient(MethodClient):
+    requires = Requirements(model_family=True)
     partition = ParameterPartition(personal=everything)
 
 
 class LocalLoRAClient(LocalClient):
+    params = Decomposition
+    requires = Requirements(decomposable=True)
     decomposed = True
+
+
+class LocalLoRAParams(Decomposition, LoRA):
+    """``local-lora``'s keys: the decomposition's from scratch, PEFT LoRA's on a pretrained model."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from clients.base import MethodClient, local_length
-from clients.pf2lora import adapted_model, frozen_backbone, upper_optimizer
+from clients.pf2lora import CommonAdapter, adapted_model, frozen_backbone, upper_optimizer
 from fedlora_flwr.adapters import COMMON
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase
@@ -26,12 +26,13 @@ FINE_TUNING_STREAM = 1
 
 
 class LoRAFineTuneClient(MethodClient):
+    params = CommonAdapter
     def __init__(self, config) -> None:
         super().__init__(config)
         self.partition = ParameterPartition(frozen=frozen_backbone(config))
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
-        return adapted_model(self.config, task.num_classes, {COMMON: self.config.rank_common})
+        return adapted_model(self.config, task.num_classes, {COMMON: self.params.rank_common})
 
     def schedule(self) -> list[Phase]:
         return [Phase(groups=("shared",), optimizer=upper_optimizer(self.config), **local_length(self.config))]

@@ -20,20 +20,40 @@ x̄ arrives (D.5).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
+from pydantic import Field
 from torch import nn
 
 from clients.adapters import lora_target_modules
 from clients.base import MethodClient, local_length
+from clients.params import LocalSteps, TargetModules
 from clients.fedper import HEAD
 from fedlora_flwr.adapters import CLIENT, COMMON, add_lora_adapters, is_adapter_key
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase, nothing
 from fedlora_flwr.models import build_model
 from fedlora_flwr.peft_models import is_adapter, is_backbone, is_head
+from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.text_models import is_pretrained_text_model, text_classifier
 
 HEAD_WEIGHTS = HEAD + "base_layer."
+
+
+class CommonAdapter(LocalSteps, TargetModules):
+    """The common adapter x = (B, A) and its optimizer (PF2LoRA and lora-ft)."""
+
+    rank_common: int = Field(8, ge=1, description="r: rank of the common adapter (B, A)")
+    lr_upper: float = Field(1e-3, ge=0, description="β: learning rate of the common adapter's optimizer")
+    pf2lora_upper_optimizer: Literal["sgd", "adamw"] = Field(
+        "sgd", description="the common adapter's optimizer: plain SGD, or AdamW (lr β, no weight decay; a labelled variant)")
+
+
+class PF2LoRAParams(CommonAdapter):
+    rank_client: int = Field(2, ge=1, description="r̃: rank of the client adapter (D_k, C_k)")
+    lr_lower: float = Field(1e-3, ge=0, description="α: SGD step of the client adapter")
+    pf2lora_head: Literal["shared", "personal"] = Field(
+        "shared", description="the head's own weights: shared with x (averaged) or personal with y (kept)")
 
 
 def is_client_adapter(key: str, _module: nn.Module) -> bool:
@@ -65,23 +85,26 @@ def frozen_backbone(config):
 
 def upper_optimizer(config) -> OptimizerSpec:
     """x's optimizer: SGD(lr β, no momentum) (D.3 REC) or AdamW(lr β, no weight decay)."""
-    return OptimizerSpec(name=config.pf2lora_upper_optimizer, lr=config.lr_upper, momentum=0.0)
+    return OptimizerSpec(name=config.params.pf2lora_upper_optimizer, lr=config.params.lr_upper, momentum=0.0)
 
 
 class PF2LoRAClient(MethodClient):
+    params = PF2LoRAParams
+    #: The bilevel step runs in float32 only (its Hessian-vector products).
+    requires = Requirements(bf16=False)
     hypergradient = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
         with_head = is_client_adapter_or_text_head if is_pretrained_text_model(config.model) else is_client_adapter_or_head
-        personal = with_head if config.pf2lora_head == "personal" else is_client_adapter
+        personal = with_head if config.params.pf2lora_head == "personal" else is_client_adapter
         self.partition = ParameterPartition(personal=personal, frozen=frozen_backbone(config))
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
-        return adapted_model(self.config, task.num_classes, {COMMON: self.config.rank_common, CLIENT: self.config.rank_client})
+        return adapted_model(self.config, task.num_classes, {COMMON: self.params.rank_common, CLIENT: self.params.rank_client})
 
     def schedule(self) -> list[Phase]:
-        update = BilevelUpdate(lower=("personal",), lr_lower=self.config.lr_lower, hypergradient=self.hypergradient)
+        update = BilevelUpdate(lower=("personal",), lr_lower=self.params.lr_lower, hypergradient=self.hypergradient)
         return [Phase(groups=("shared", "personal"), optimizer=upper_optimizer(self.config), update=update,
                       **local_length(self.config))]
 

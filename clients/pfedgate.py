@@ -18,14 +18,29 @@ non-block-wise path also zeroes a (1 − g_b) tail of each tensor, METHODS.md E.
 from __future__ import annotations
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 from torch.func import functional_call
 
 from clients.base import MethodClient
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase
+from fedlora_flwr.requirements import Requirements
 
 GATE = "gate."
+
+
+class PFedGateParams(MethodParams):
+    pfedgate_budget: float = Field(1.0, gt=0, le=1, description="s: sparsity budget (only 1: the minimal version)")
+    pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="gradient-norm clip of both passes")
+
+    @field_validator("pfedgate_budget")
+    @classmethod
+    def _full_budget_only(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError("only budget 1 is implemented (pFedGate's minimal version)")
+        return value
 
 
 class SwitchNorm2d(nn.Module):
@@ -102,13 +117,16 @@ def is_gate(key: str, _module: nn.Module) -> bool:
 
 
 class PFedGateClient(MethodClient):
+    params = PFedGateParams
+    #: The gate reads the input image (SwitchNorm2d over its channels).
+    requires = Requirements(modalities=("image",), pretrained="never")
     partition = ParameterPartition(personal=is_gate)
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         return GatedModel(super().build_model(task, partition_id), task.image_shape)
 
     def schedule(self) -> list[Phase]:
-        clip = self.config.pfedgate_max_grad_norm
+        clip = self.params.pfedgate_max_grad_norm
         gate_pass = Phase(groups=("personal",), epochs=1, max_grad_norm=clip, eval_groups=("shared", "frozen"))
         base_pass = Phase(groups=("shared",), epochs=1, max_grad_norm=clip, eval_groups=("personal", "frozen"))
         return [gate_pass, base_pass] * self.config.local_epochs

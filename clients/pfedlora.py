@@ -34,14 +34,27 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from clients.base import MethodClient
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, load_group
+from fedlora_flwr.requirements import Requirements
 
 LOCAL = "local."
 ADAPTER_SLOT = "adapter"
+
+
+class PFedLoRAParams(MethodParams):
+    pfedlora_rank: int = Field(16, ge=1, description="r: rank of the shared adapter θ = (A, B, b)")
+    pfedlora_mu: float = Field(0.5, ge=0, le=1, description="μ in z = μ·FC3_k(h) + (1−μ)·(B·A·h + b)")
+    pfedlora_local_epochs: int = Field(1, ge=0, description="E_1: epochs of the local model, adapter frozen")
+    pfedlora_adapter_epochs: int = Field(1, ge=0, description="E_2: epochs of the adapter, local model frozen")
+    pfedlora_lr: float = Field(0.01, gt=0, description="SGD learning rate of both phases")
+    pfedlora_weight_decay: float = Field(1e-3, ge=0, description="SGD weight decay")
+    pfedlora_max_grad_norm: float = Field(50.0, gt=0, description="gradient-norm clip")
 
 
 class LowRankAdapter(nn.Module):
@@ -78,27 +91,29 @@ def is_local_model(key: str, _module: nn.Module) -> bool:
 
 
 class PFedLoRAClient(MethodClient):
+    params = PFedLoRAParams
+    requires = Requirements(head=True, pretrained="never", model_family=True)
     partition = ParameterPartition(personal=is_local_model)
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         local = super().build_model(task, partition_id)
         generator = torch.Generator().manual_seed(self.config.seed)
-        adapter = LowRankAdapter(local.fc.in_features, task.num_classes, self.config.pfedlora_rank, generator)
-        return PFedLoRAModel(local, adapter, self.config.pfedlora_mu)
+        adapter = LowRankAdapter(local.fc.in_features, task.num_classes, self.params.pfedlora_rank, generator)
+        return PFedLoRAModel(local, adapter, self.params.pfedlora_mu)
 
     def phase(self, groups: tuple, epochs: int, eval_groups: tuple = ("frozen",)) -> Phase:
         """A phase with C.3's optimizer: SGD (``pfedlora-lr``, the run's momentum,
         ``pfedlora-weight-decay``), gradient norm clipped at ``pfedlora-max-grad-norm``."""
-        config = self.config
-        optimizer = OptimizerSpec(lr=config.pfedlora_lr, weight_decay=config.pfedlora_weight_decay)
-        return Phase(groups, epochs=epochs, optimizer=optimizer, max_grad_norm=config.pfedlora_max_grad_norm,
+        params = self.params
+        optimizer = OptimizerSpec(lr=params.pfedlora_lr, weight_decay=params.pfedlora_weight_decay)
+        return Phase(groups, epochs=epochs, optimizer=optimizer, max_grad_norm=params.pfedlora_max_grad_norm,
                      eval_groups=eval_groups)
 
     def schedule(self) -> list[Phase]:
         """Phase L: F_k with θ frozen (E_1); phase G: θ with F_k frozen and in eval mode (E_2)."""
         return [
-            self.phase(("personal",), self.config.pfedlora_local_epochs, eval_groups=("shared", "frozen")),
-            self.phase(("shared",), self.config.pfedlora_adapter_epochs, eval_groups=("personal", "frozen")),
+            self.phase(("personal",), self.params.pfedlora_local_epochs, eval_groups=("shared", "frozen")),
+            self.phase(("shared",), self.params.pfedlora_adapter_epochs, eval_groups=("personal", "frozen")),
         ]
 
     def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
@@ -118,4 +133,4 @@ class PFedLoRAClient(MethodClient):
 class FedAvgAdapterClient(PFedLoRAClient):
     def schedule(self) -> list[Phase]:
         """One joint phase of E_1 + E_2 epochs (FedAvg's schedule)."""
-        return [self.phase(("shared", "personal"), self.config.pfedlora_local_epochs + self.config.pfedlora_adapter_epochs)]
+        return [self.phase(("shared", "personal"), self.params.pfedlora_local_epochs + self.params.pfedlora_adapter_epochs)]

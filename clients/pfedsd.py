@@ -19,13 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field
+
 from clients.base import MethodClient
+from fedlora_flwr.config import MethodParams
 from fedlora_flwr.groups import load_group
 
 TEACHER = "teacher"
 
 
+class PFedSDParams(MethodParams):
+    pfedsd_lambda: float = Field(0.5, ge=0, description="λ: weight of the distillation term")
+    pfedsd_temperature: float = Field(3.0, gt=0, description="T: distillation temperature")
+
+
 class PFedSDClient(MethodClient):
+    params = PFedSDParams
     teacher: nn.Module | None = None
 
     def _stored_teacher(self, session) -> dict[str, torch.Tensor] | None:
@@ -54,10 +63,10 @@ class PFedSDClient(MethodClient):
             return loss
         with torch.no_grad():
             teacher_logits = self.teacher(x)
-        temperature = self.config.pfedsd_temperature
+        temperature = self.params.pfedsd_temperature
         kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.softmax(teacher_logits / temperature, dim=1),
                       reduction="batchmean")
-        return loss + self.config.pfedsd_lambda * temperature**2 * kd
+        return loss + self.params.pfedsd_lambda * temperature**2 * kd
 
     def save(self, session) -> None:
         session.store.save(session.partition_id, session.model.state_dict(), slot=TEACHER)

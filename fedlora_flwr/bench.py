@@ -66,7 +66,7 @@ from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import PartitionConfig, load_dataset, partition_dataset
 from fedlora_flwr.grid import app_defaults, default_app_dir
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import get_method, registry
 from fedlora_flwr.models import MODEL_FAMILIES
 from fedlora_flwr.store import write_atomic
 from fedlora_flwr.superlink import LocalSuperLink
@@ -184,7 +184,7 @@ def plain_federation(config: RunConfig, num_clients: int, store_root: Path) -> t
     """
     started = time.monotonic()
     round_seconds = []
-    method = METHODS[config.method]
+    method = get_method(config.method)
     task = load_dataset(config.dataset, config.data_dir).spec
     torch.manual_seed(config.seed)
     client = method.client(config)
@@ -362,7 +362,7 @@ def bench_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = []
     with LocalSuperLink() as link:
         for model in ("cnn", "resnet8"):
-            for method in sorted(METHODS):
+            for method in sorted(registry()):
                 overrides = _base(args, work, **{
                     "method": method, "model": model, "num-server-rounds": 1, "local-epochs": 1, "lora-epochs": 1,
                     "train-per-client": 20, "test-per-client": 10, "run-name": f"comm-{method}-{model}",
@@ -381,7 +381,7 @@ def training_cost(config: RunConfig, partition_id: int, num_clients: int, store_
     real session: FlopCounterMode around ``train()``, the upload's ArrayRecord bytes."""
     task = load_dataset(config.dataset, config.data_dir).spec
     torch.manual_seed(config.seed)
-    client = METHODS[config.method].client(config)
+    client = get_method(config.method).client(config)
     shared = client.initial_download(client.build_model(task, partition_id=0))
     session = ClientSession.create(config, partition_id, num_clients, store_root, server_round=1)
     session.load(shared, training=True)
@@ -401,7 +401,7 @@ def bench_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     rows = []
     for method, overrides in setups:
         config = load_config({**app_defaults(APP_DIR), **base, **overrides})
-        client = METHODS[method].client(config)
+        client = get_method(method).client(config)
         members = len(MODEL_FAMILIES[config.model_family]) if config.model_family else 1
         for pid in range(members):
             flops, bytes_up = training_cost(config, pid, members, work / f"cost-{method}")

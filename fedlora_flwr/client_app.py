@@ -38,7 +38,7 @@ from fedlora_flwr.data import (
     task_spec,
 )
 from fedlora_flwr.groups import Phase
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import get_method
 from fedlora_flwr.results import CLIENTS_DIR
 from fedlora_flwr.store import PersonalStateStore
 from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
@@ -88,7 +88,7 @@ class ClientSession:
         cls, config: RunConfig, partition_id: int, num_partitions: int, store_root: Path, server_round: int
     ) -> ClientSession:
         """Build the seeded model and find the client's data; call :meth:`load` next."""
-        method = METHODS[config.method].client(config)
+        method = get_method(config.method).client(config)
         dataset = load_dataset(config.dataset, config.data_dir)
         expected = task_spec(config.dataset, config.data_dir)  # what the server built its model for
         if dataset.spec != expected:

@@ -1,10 +1,24 @@
-"""The run configuration: every key of ``[tool.flwr.app.config]``, validated into one typed object.
+"""The run configuration: the core keys every run has, plus the keys of the run's method.
 
 Flower hands both apps the fused run config (pyproject defaults + ``--run-config`` overrides) as
 a flat ``{"kebab-key": value}`` mapping. :func:`load_config` turns it into a frozen
-:class:`RunConfig` or raises :class:`ConfigError` whose message is one line naming each bad key.
+:class:`RunConfig` or raises :class:`ConfigError` whose message is one line naming each bad key:
 
-Relative paths (``data-dir``, ``output-dir``) resolve against the working directory of the
+- the core keys (:class:`RunConfig`'s fields) are validated for every run;
+- a method's own keys are the fields of its :class:`MethodParams` model (declared by the method,
+  ``fedlora_flwr.methods``); only the run's method's keys are validated, into ``config.params``.
+  The keys of the other registered methods are accepted and not read (one WARNING line names those
+  set away from their defaults, :func:`unread_changes`); a key no one declares is refused;
+- a method from another package, whose keys are not in the app's ``[tool.flwr.app.config]``
+  (Flower refuses unknown ``--run-config`` keys), takes them in ``method-params``, a TOML
+  inline-table body (``method-params="fedprox-mu = 0.01"``);
+- then the method's model-independent requirements (``fedlora_flwr.methods.Requirements``).
+
+Every field says whether it changes results: :func:`operational` marks those that only change
+where or how long a run goes, or what it logs; :data:`OPERATIONAL_KEYS` lists them for the
+report's grouping and resume's checks.
+
+Relative paths (``data-dir``, ``output-dir``, ``backbone``) resolve against the working directory of the
 process that validates the config: for ``flwr run`` that is the SuperLink's working directory
 (the managed local SuperLink starts in the directory where ``flwr run`` first launched it).
 The ServerApp resolves them once, logs the absolute paths, records them in ``config.json`` and
@@ -14,37 +28,22 @@ sends them to the clients, so every process uses the same absolute paths.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedlora_flwr.data import DATASETS
 from fedlora_flwr.models import MODEL_FAMILIES, MODELS
 from fedlora_flwr.text import TEXT_DATASETS
-from fedlora_flwr.text_models import HF_PREFIX, is_text_model
+from fedlora_flwr.text_models import HF_PREFIX, is_pretrained_text_model, is_text_model
 
 _PATH_KEYS = ("data-dir", "output-dir", "backbone")
-
-#: Every registered method (``fedlora_flwr.methods.METHODS`` has exactly these keys, a test checks
-#: it). Named here so that the schema does not import the registry, which imports the strategies,
-#: which import this module.
-MethodName = Literal[
-    "fedlora", "fedavg", "local", "fedavg-lora", "local-lora",
-    "fedper", "fedrep", "fedbn", "fedrod", "fedamp", "pfedsd", "pfedgate", "fedcac",
-    "fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "fedavg-head",
-    "pfedlora", "fedavg-adapter",
-    "pf2lora", "pf2lora-simultaneous", "lora-ft",
-]
-#: The methods whose uploads do not depend on the client's architecture, so that clients of a
-#: ``model-family`` can be federated (a test checks their upload templates agree across a family).
-HETEROGENEOUS_METHODS = ("pfedlora", "fedavg-adapter", "local")
-#: The adapter methods on a frozen pretrained model (clients/adapters.py): the readers of ``backbone``.
-PRETRAINED_METHODS = ("fedsa-lora", "fedsa-rslora", "fedsa-vera", "lora", "ffa-lora", "local-lora", "fedavg-head")
-#: The methods whose schedule takes PF2LoRA's bilevel step (float32 only, METHODS.md D.8; a test
-#: checks this against the registry's schedules).
-BILEVEL_METHODS = ("pf2lora", "pf2lora-simultaneous")
+#: The longest run-name: the run folder's name must stay well within a file name's 255 bytes.
+MAX_RUN_NAME = 120
 
 
 class ConfigError(ValueError):
@@ -55,15 +54,41 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
-class RunConfig(BaseModel):
-    """One run of one method. Field docs give the paper symbol where there is one."""
+def operational(default: Any, description: str, **constraints: Any) -> Any:
+    """A field that does not change what a run computes (where it writes, how long it waits, what
+    it logs): runs that differ only in such keys are the same experiment, and resume may change them."""
+    return Field(default, description=description, json_schema_extra={"changes_results": False}, **constraints)
 
-    # strict: Flower passes typed TOML values; a bool or a string is not silently a number.
-    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, strict=True)
 
-    method: MethodName = Field("fedlora", description="registered method, see fedlora_flwr.methods")
+class Settings(BaseModel):
+    """Kebab-case keys, frozen, strict (Flower passes typed TOML values: a bool or a string is not
+    silently a number), finite floats (inf and NaN are refused for every float key)."""
+
+    model_config = ConfigDict(alias_generator=_kebab, populate_by_name=True, extra="forbid", frozen=True, strict=True,
+                              allow_inf_nan=False)
+
+    @classmethod
+    def keys(cls) -> set[str]:
+        """The run-config keys of this model."""
+        return {field.alias or name for name, field in cls.model_fields.items() if not field.exclude}
+
+
+class MethodParams(Settings):
+    """A method's own run-config keys (subclass it; document each field once, with its paper symbol).
+
+    :meth:`check` holds the rules that relate them to the core keys."""
+
+    def check(self, config: RunConfig) -> None:
+        """Raise ``ValueError("key=value: reason")`` when the keys do not fit ``config``."""
+
+
+class RunConfig(Settings):
+    """One run of one method: the core keys; the method's own keys are in ``params``."""
+
+    method: str = Field("fedlora", description="a registered method (fedlora_flwr.methods), built in or from an "
+                        "installed package's `fedlora_flwr.methods` entry point")
     dataset: str = "cifar10"
-    data_dir: str = "data"
+    data_dir: str = operational("data", "the dataset's folder or file")
     partition: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration α")
     classes_per_client: int = Field(2, ge=1, description="k for the pathological partition")
@@ -73,80 +98,41 @@ class RunConfig(BaseModel):
     model_family: str = Field("", description="when set, client k builds member k mod n of this family; `model` is unused")
     num_server_rounds: int = Field(3, ge=1, description="T")
     local_epochs: int = Field(5, ge=1, description="E")
-    lora_epochs: int = Field(2, ge=0, description="E_lora (FedLoRA, eq. 6)")
-    lora_schedule: Literal["alternating", "simultaneous"] = "alternating"
     batch_size: int = Field(100, ge=1, description="B")
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    rank_conv: float = Field(0.6, gt=0, le=1, description="R_c")
-    rank_linear: float = Field(0.6, gt=0, le=1, description="R_l")
     fraction_train: float = Field(1.0, gt=0, le=1)
     aggregation: Literal["auto", "mean", "weighted"] = "auto"
     partial_average: Literal["participants", "all-clients"] = "participants"
     seed: int = Field(1, ge=0, lt=2**32, description="numpy RandomState range")
-    output_dir: str = "outputs"
-    run_name: str = ""
-    resume: bool = Field(False, description="continue run-name in output-dir from its last checkpoint")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = operational("outputs", "where run folders are written")
+    run_name: str = operational("", "the run folder's name; \"\": <method>-<dataset>-<model>-a<alpha>-s<seed>-<time>")
+    resume: bool = operational(False, "continue run-name in output-dir from its last checkpoint")
+    device: Literal["auto", "cpu", "cuda"] = operational("auto", "cpu, cuda, or auto (CUDA when visible)")
     augment_backend: Literal["auto", "per-sample", "batched"] = Field(
         "auto", description="training augmentation: torchvision per image, or batched on the device; auto: batched on CUDA")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32", description="forward passes of image models under bfloat16 autocast (bf16); state stays float32")
-    round_timeout: float = Field(3600.0, gt=0)
-    fused_evaluation: bool = Field(False, description="evaluate round t at the start of round t+1's train message")
-    min_available_nodes: int = Field(0, ge=0, description="SuperNodes connected before round 1; 0 = num-partitions")
-    node_wait_timeout: float = Field(600.0, gt=0, description="seconds to wait for them, then the run stops")
+    round_timeout: float = operational(3600.0, "seconds to wait for one round's replies", gt=0)
+    fused_evaluation: bool = operational(False, "evaluate round t at the start of round t+1's train message "
+                                         "(the same numbers as separate evaluate messages)")
+    min_available_nodes: int = operational(0, "SuperNodes connected before round 1; 0 = num-partitions", ge=0)
+    node_wait_timeout: float = operational(600.0, "seconds to wait for them, then the run stops", gt=0)
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: Literal["raise", "timeout", "nan", "wrong-shape"] = Field("raise", description="how they fail")
-    tensorboard: bool = Field(False, description="also write per-round metrics to <run-dir>/tensorboard/")
+    tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
 
-    # Per-method hyperparameters (METHODS.md §E); each method reads only its own.
-    fedrep_head_epochs: int = Field(4, ge=0, description="FedRep E_h: head epochs, body frozen (E.4)")
-    fedrep_body_epochs: int = Field(1, ge=0, description="FedRep E_b: body epochs, head frozen (E.4)")
-    fedamp_alpha_k: float = Field(1.0, gt=0, description="FedAMP α_K: attention weight / prox step (E.7)")
-    fedamp_lambda: float = Field(1.0, ge=0, description="FedAMP λ: proximal strength (E.7)")
-    fedamp_sigma: float = Field(1.0, gt=0, description="FedAMP σ: scale of the similarity e^{−d²/σ} (E.7)")
-    pfedsd_lambda: float = Field(0.5, ge=0, description="pFedSD λ: weight of the distillation term (E.8)")
-    pfedsd_temperature: float = Field(3.0, gt=0, description="pFedSD τ: distillation temperature (E.8)")
-    pfedgate_budget: float = Field(1.0, gt=0, le=1, description="pFedGate sparsity budget s (E.9; only 1)")
-    pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="pFedGate gradient-norm clip (E.9)")
-    fedcac_tau: float = Field(0.5, ge=0, le=1, description="FedCAC τ: fraction of critical parameters (E.10)")
-    fedcac_beta: int = Field(100, ge=1, description="FedCAC β: collaboration threshold growth (E.10)")
-    pfedlora_rank: int = Field(16, ge=1, description="pFedLoRA adapter rank r (C.2)")
-    pfedlora_mu: float = Field(0.5, ge=0, le=1, description="pFedLoRA μ: weight of the local head FC3_k (C.2)")
-    pfedlora_local_epochs: int = Field(1, ge=0, description="pFedLoRA E_1: local model, adapter frozen (C.3)")
-    pfedlora_adapter_epochs: int = Field(1, ge=0, description="pFedLoRA E_2: adapter, local model frozen (C.3)")
-    pfedlora_lr: float = Field(0.01, gt=0, description="pFedLoRA SGD learning rate (C.3)")
-    pfedlora_weight_decay: float = Field(1e-3, ge=0, description="pFedLoRA SGD weight decay (C.3)")
-    pfedlora_max_grad_norm: float = Field(50.0, gt=0, description="pFedLoRA gradient-norm clip (C.3)")
-
-    # Text track and adapters on pretrained models (METHODS.md §B).
+    # Text data and pretrained image backbones (README "Text").
     max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
-    local_steps: int = Field(10, ge=0, description="local mini-batch steps per round of the adapter methods (B.2) and PF2LoRA's I (D.3); 0: local-epochs epochs")
-    lora_r: int = Field(8, ge=1, description="LoRA rank r (B.1)")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA α: scaling α/r, or α/√r with rsLoRA (B.1, B.5)")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input (B.1)")
-    lora_target_modules: str = Field("", description="comma-separated module names; \"\": query,value on a text "
-                                     "model, every Conv2d and Linear but the head fc on an image backbone")
     backbone: str = Field("", description="safetensors of an image model's weights (e.g. a fedavg run's "
-                          "shared.safetensors): frozen under the adapter methods; \"\": none")
-    vera_r: int = Field(256, ge=1, description="VeRA rank r_v of the shared random projections (B.5)")
-    vera_lr: float = Field(0.01, gt=0, description="FedSA-VeRA AdamW learning rate (B.5: lr_c)")
+                          "shared.safetensors), frozen under the methods that fine-tune a pretrained model; \"\": none")
+    method_params: str = Field("", description="the method's own keys as a TOML inline-table body, e.g. "
+                               "'fedprox-mu = 0.01, warmup = 2': for a method from another package, whose keys "
+                               "are not in the app's [tool.flwr.app.config]; recorded flat in config.json")
 
-    # PF2LoRA (METHODS.md §D) and its controls; lr-upper/lr-lower: rebuttal Table 2 (MNLI, SST-2, QQP, QNLI).
-    rank_common: int = Field(8, ge=1, description="r: rank of the common adapter (B, A) (D.1)")
-    rank_client: int = Field(2, ge=1, description="r̃: rank of the client adapter (D_k, C_k) (D.1)")
-    lr_lower: float = Field(1e-3, ge=0, description="α: SGD step of the client adapter (D.3)")
-    lr_upper: float = Field(1e-3, ge=0, description="β: step of the common adapter's optimizer (D.3)")
-    pf2lora_upper_optimizer: Literal["sgd", "adamw"] = Field("sgd", description="common adapter's optimizer (D.3 REC: sgd)")
-    pf2lora_head: Literal["shared", "personal"] = Field("shared", description="the head's own weights: with x or with y (D.1)")
 
-    @field_validator("pfedgate_budget")
-    @classmethod
-    def _full_budget_only(cls, value: float) -> float:
-        if value != 1.0:
-            raise ValueError("only budget 1 is implemented (pFedGate's minimal version, METHODS.md E.9)")
-        return value
+    #: The method's own keys, validated (set by :func:`load_config`).
+    params: MethodParams = Field(default_factory=MethodParams, exclude=True)
 
     @field_validator("dataset", "model")
     @classmethod
@@ -164,15 +150,9 @@ class RunConfig(BaseModel):
 
     @field_validator("model_family")
     @classmethod
-    def _family_for_heterogeneous_method(cls, value: str, info: ValidationInfo) -> str:
-        if not value:
-            return value
-        if value not in MODEL_FAMILIES:
+    def _known_family(cls, value: str) -> str:
+        if value and value not in MODEL_FAMILIES:
             raise ValueError(f"unknown model family {value!r}; choose one of {sorted(MODEL_FAMILIES)} or \"\"")
-        method = info.data.get("method")
-        if method is not None and method not in HETEROGENEOUS_METHODS:
-            raise ValueError(f"method {method!r} shares architecture-dependent tensors; "
-                             f"only {', '.join(HETEROGENEOUS_METHODS)} federate a model family")
         return value
 
     @field_validator("run_name")
@@ -180,6 +160,8 @@ class RunConfig(BaseModel):
     def _plain_name(cls, value: str) -> str:
         if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
+        if len(value) > MAX_RUN_NAME:
+            raise ValueError(f"is {len(value)} characters long; at most {MAX_RUN_NAME}")
         return value
 
     @field_validator("resume")
@@ -198,60 +180,156 @@ class RunConfig(BaseModel):
 
     @field_validator("backbone")
     @classmethod
-    def _image_backbone_for_adapters(cls, value: str, info: ValidationInfo) -> str:
-        if not value:
-            return value
-        method, model = info.data.get("method"), info.data.get("model")
-        if method is not None and method not in PRETRAINED_METHODS:
-            raise ValueError(f"method {method!r} trains from scratch; only {', '.join(PRETRAINED_METHODS)} "
-                             "fine-tune a backbone")
-        if model is not None and is_text_model(model):
+    def _image_backbone(cls, value: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if value and model is not None and is_text_model(model):
             raise ValueError(f"model={model!r} is a text model; backbone is for image models")
         return value
 
     @field_validator("precision")
     @classmethod
-    def _bf16_where_tested(cls, value: str, info: ValidationInfo) -> str:
-        if value == "fp32":
-            return value
-        method, model = info.data.get("method"), info.data.get("model")
-        if method in BILEVEL_METHODS:
-            raise ValueError(f"method {method!r} takes the bilevel step, which runs in float32 only (METHODS.md D.8); use fp32")
-        if model is not None and is_text_model(model):
+    def _bf16_for_image_models(cls, value: str, info: ValidationInfo) -> str:
+        model = info.data.get("model")
+        if value == "bf16" and model is not None and is_text_model(model):
             raise ValueError(f"bf16 autocast is for the image models; model={model!r} is a text model; use fp32")
         return value
 
-    @field_validator("lora_epochs")
+    @field_validator("method_params")
     @classmethod
-    def _within_local_epochs(cls, value: int, info: ValidationInfo) -> int:
-        local_epochs = info.data.get("local_epochs")
-        if local_epochs is not None and value > local_epochs:
-            raise ValueError(f"{value} exceeds local-epochs={local_epochs}")
+    def _toml_table(cls, value: str) -> str:
+        parse_method_params(value)
         return value
 
+    @property
+    def pretrained(self) -> bool:
+        """The run fine-tunes a pretrained model: a pretrained text encoder, or an image ``backbone``."""
+        return is_pretrained_text_model(self.model) or bool(self.backbone)
+
+    @property
+    def text(self) -> bool:
+        return self.dataset in TEXT_DATASETS
+
     def as_record(self) -> dict[str, Any]:
-        """The config as Flower run-config keys (kebab-case), e.g. for ``config.json``."""
-        return self.model_dump(by_alias=True)
+        """The config as Flower run-config keys (kebab-case), the method's keys flat beside the core
+        ones (``method-params`` spelled out), e.g. for ``config.json``; :func:`load_config` reads it back."""
+        record = self.model_dump(by_alias=True)
+        record["method-params"] = ""
+        return {**record, **self.params.model_dump(by_alias=True)}
+
+
+#: Core keys that do not change what a run computes (:func:`operational`).
+OPERATIONAL_KEYS = frozenset(
+    field.alias for field in RunConfig.model_fields.values()
+    if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("changes_results") is False
+)
+
+
+def flower_run_config(config: RunConfig, app_keys: Collection[str]) -> dict[str, Any]:
+    """``config`` as ``flwr run --run-config`` keys of an app whose ``[tool.flwr.app.config]`` has
+    ``app_keys``: the method's keys the app does not declare (a plugin's) go into ``method-params``."""
+    record = config.as_record()
+    extra = {key: value for key, value in record.items() if key not in app_keys}
+    values = {key: value for key, value in record.items() if key in app_keys}
+    values["method-params"] = ", ".join(tomli_w.dumps({key: value}).strip() for key, value in extra.items())
+    return values
+
+
+def parse_method_params(text: str) -> dict[str, Any]:
+    """``method-params``: a TOML inline-table body (``"a-key = 1, other = 'x'"``) as a dict."""
+    if not text.strip():
+        return {}
+    try:
+        return tomllib.loads(f"table = {{ {text} }}")["table"]
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"not a TOML inline-table body ({err})") from None
+
+
+def _problems(err: ValidationError, given: Mapping[str, Any]) -> list[str]:
+    problems = []
+    for error in err.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{key}={given.get(key, '<missing>')!r}: {message}")
+    return problems
 
 
 def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunConfig:
-    """Validate Flower's run config (kebab keys) into a :class:`RunConfig` with absolute paths.
+    """Validate Flower's run config (kebab keys) into a :class:`RunConfig` with absolute paths and
+    the method's validated keys in ``params``.
 
     Raises :class:`ConfigError` with one line listing every invalid key and why.
     """
+    from fedlora_flwr.methods import UnknownMethod, all_param_keys, get_method
+
     base = (base or Path.cwd()).resolve()
     values = dict(run_config)
     for key in _PATH_KEYS:
         values.setdefault(key, RunConfig.model_fields[key.replace("-", "_")].default)
         if isinstance(values[key], str) and values[key]:
             values[key] = str((base / Path(values[key]).expanduser()).resolve())
+    core_keys = RunConfig.keys()
+    core = {key: value for key, value in values.items() if key in core_keys}
+    problems: list[str] = []
+    bad_core: set[str] = set()
     try:
-        return RunConfig.model_validate(values)
+        config = RunConfig.model_validate(core)
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "config"
-            value = run_config.get(key, "<missing>")
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}={value!r}: {message}")
-        raise ConfigError("invalid run config: " + "; ".join(problems)) from None
+        problems += _problems(err, values)
+        bad_core = {str(error["loc"][0]) for error in err.errors() if error["loc"]}
+        config = None
+
+    method, method_values = None, {}
+    try:
+        method = get_method(str(values.get("method", RunConfig.model_fields["method"].default)))
+    except UnknownMethod as err:
+        problems.append(f"method={values.get('method')!r}: {err}")
+    try:
+        extra = parse_method_params(str(values.get("method-params", "")))
+    except ValueError:
+        extra = {}  # already named by RunConfig's validator
+    if method is not None:
+        declared = method.params.keys()
+        known = all_param_keys()
+        unknown = sorted(key for key in values if key not in core_keys and key not in known)
+        problems += [f"{key}={values[key]!r}: unknown key (no core key, and no registered method declares it)"
+                     for key in unknown]
+        problems += [f"method-params: {key!r} is not a key of method {method.name!r} (its keys: {sorted(declared)})"
+                     for key in extra if key not in declared]
+        problems += [f"method-params: {key!r} is also given as a key of its own; give it once" for key in extra
+                     if key in values and key in declared and values[key] != method.params.model_fields[key.replace('-', '_')].default]
+        method_values = {key: value for key, value in values.items() if key in declared}
+        method_values.update({key: value for key, value in extra.items() if key in declared})
+        try:
+            params = method.params.model_validate(method_values)
+        except ValidationError as err:
+            problems += _problems(err, method_values)
+            params = None
+        if params is not None:
+            # The cross-key rules also run when a core key is bad (on the valid ones, defaults for the
+            # bad ones), so that one line names every problem.
+            valid = {alias: value for alias, value in core.items() if alias not in bad_core}
+            checked = (config.model_copy(update={"params": params}) if config is not None else RunConfig.model_construct(
+                params=params, **{name: valid.get(field.alias, field.default)
+                                  for name, field in RunConfig.model_fields.items() if name != "params"}))
+            try:
+                params.check(checked)
+                if config is not None:
+                    method.requires.check_config(checked, method.name)
+                    config = checked
+            except ValueError as err:
+                problems.append(str(err))
+    if problems:
+        raise ConfigError("invalid run config: " + "; ".join(problems))
+    return config
+
+
+def unread_changes(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of other methods that ``run_config`` sets away from their defaults: the run does
+    not read them (the ServerApp names them in one WARNING line)."""
+    from fedlora_flwr.methods import all_param_defaults, get_method
+
+    method = get_method(str(run_config.get("method", RunConfig.model_fields["method"].default)))
+    read = RunConfig.keys() | method.params.keys()
+    defaults = all_param_defaults()
+    return {key: value for key, value in run_config.items()
+            if key not in read and key in defaults and value != defaults[key]}

@@ -70,7 +70,7 @@ from typing import Any, TextIO
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedlora_flwr.config import ConfigError, load_config
+from fedlora_flwr.config import ConfigError, flower_run_config, load_config
 from fedlora_flwr.store import write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository for an editable install
@@ -352,12 +352,11 @@ def expand(
             raw = {**defaults, **spec.base, **params, "seed": seed,
                    "output-dir": str(experiment_dir), "run-name": name}
             try:
-                record = load_config(raw, base=cwd).as_record()
+                config = flower_run_config(load_config(raw, base=cwd), defaults)
             except ConfigError as err:
                 origin = _origin(str(err), spec)
                 message = str(err).removeprefix("invalid run config: ") if origin else str(err)
                 raise SpecError(f"{source}: {origin}{message}") from None
-            config = {key: record[key] for key in defaults}
             paper = dict(spec.paper[matches[0]]) if matches else None
             runs.append(PlannedRun(name, experiment_dir / name, params, seed, config, paper))
     for number, hits in enumerate(paper_hits, start=1):

@@ -215,6 +215,16 @@ def _to_lora(module: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
     return None
 
 
+def decomposable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` of every nn.Conv2d / nn.Linear that :func:`decompose` replaces (exact types,
+    outside any module whose class sets ``decomposable = False``), in ``named_modules`` order, each
+    shared layer once."""
+    full_rank = [f"{path}." if path else "" for path, module in model.named_modules()
+                 if not getattr(module, "decomposable", True)]
+    return [(path, module) for path, module in model.named_modules()
+            if type(module) in (nn.Conv2d, nn.Linear) and not any(f"{path}.".startswith(p) for p in full_rank)]
+
+
 def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Module:
     """Replace, in place, every nn.Conv2d / nn.Linear (any depth) by its LoRA version, except inside
     a module whose class sets ``decomposable = False`` (the Transformer's feed-forward blocks: FedLoRA
@@ -236,13 +246,8 @@ def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
         for name, child in parent._modules.items():
             if child is not None:
                 slots.setdefault(id(child), []).append((parent, name))
-    full_rank = [f"{path}." if path else "" for path, module in model.named_modules()
-                 if not getattr(module, "decomposable", True)]
-    for path, module in list(model.named_modules()):  # deduplicated: a shared module stays shared
-        if any(f"{path}.".startswith(prefix) for prefix in full_rank):
-            continue
+    for _, module in decomposable_layers(model):
         new = _to_lora(module, rank_conv, rank_linear)
-        if new is not None:
-            for parent, name in slots[id(module)]:
-                setattr(parent, name, new)
+        for parent, name in slots[id(module)]:
+            setattr(parent, name, new)
     return model

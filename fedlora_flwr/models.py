@@ -254,3 +254,13 @@ def image_lora_targets(model: nn.Module) -> tuple[str, ...]:
     """The layers LoRA adapts on an image backbone: every Conv2d and Linear but the head ``fc``."""
     return tuple(name for name, module in model.named_modules()
                  if isinstance(module, nn.Conv2d | nn.Linear) and name != IMAGE_HEAD)
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The attribute name of ``model``'s classification head on top of its ``features()`` (None: none declared)."""
+    if not callable(getattr(model, "features", None)):
+        return None
+    for name in ("fc", "classifier"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None

@@ -49,6 +49,8 @@ from typing import Any
 
 import numpy as np
 
+from fedlora_flwr.config import OPERATIONAL_KEYS
+
 __all__ = [
     "IGNORED_KEYS",
     "PAPER_SOURCE",
@@ -189,13 +191,11 @@ PAPER_TABLE1: dict[tuple[str, str, float], tuple[float, float]] = {
 #: Keys of a ``[[paper]]`` entry that are not config keys.
 PAPER_META_KEYS = frozenset({"acc", "std", "source", "note", "table"})
 
-#: config.json keys that do not define an experiment: runs that differ only here are seeds of
-#: one row (device, the timeouts, min-available-nodes and tensorboard change where/how long a run may
-#: take or what it logs, not what it computes).
-IGNORED_KEYS = frozenset(
-    {"seed", "run-name", "run-dir", "output-dir", "data-dir", "device", "round-timeout", "tensorboard",
-     "min-available-nodes", "node-wait-timeout"}
-)
+#: config.json keys that do not define an experiment: runs that differ only here are seeds of one
+#: row. The seed, ``run-dir`` (written by the recorder) and the keys the config marks as not
+#: changing results (``fedlora_flwr.config.OPERATIONAL_KEYS``: where a run writes, how long it
+#: waits, what it logs, resume, fused evaluation).
+IGNORED_KEYS = frozenset({"seed", "run-dir", *OPERATIONAL_KEYS})
 
 #: Always part of a row's label, in this order.
 LABEL_KEYS = ("method", "dataset", "alpha")

@@ -35,15 +35,16 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
-from fedlora_flwr.config import ConfigError, RunConfig
+from fedlora_flwr.config import OPERATIONAL_KEYS, ConfigError, RunConfig
 from fedlora_flwr.store import StateError, read_verified, write_atomic, write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
 SHARED_FILE = "shared.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 TENSORBOARD_DIR = "tensorboard"
-#: Run-config keys a resumed run may change (``run-dir`` is recorded in config.json, not a key).
-RESUMABLE_CHANGES = ("resume", "num-server-rounds", "run-dir")
+#: Run-config keys a resumed run may change: more rounds, and the keys that do not change results
+#: (``run-dir`` is recorded in config.json, not a key).
+RESUMABLE_CHANGES = frozenset({"num-server-rounds", "run-dir", *OPERATIONAL_KEYS})
 
 
 def default_run_name(config: RunConfig) -> str:

@@ -13,16 +13,16 @@ code 3 after one error line.
 from __future__ import annotations
 
 import sys
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora_flwr.config import ConfigError, load_config
+from fedlora_flwr.config import ConfigError, load_config, unread_changes
 from fedlora_flwr.data import DatasetError, task_spec
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import PluginError, get_method
 from fedlora_flwr.results import RunRecorder, create_run_dir
 from fedlora_flwr.store import StateError
 from fedlora_flwr.text_models import ModelError
@@ -36,17 +36,22 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = load_config(context.run_config)
         task = task_spec(config.dataset, config.data_dir)  # no data read: a SuperLink holds none
-        method = METHODS[config.method]
+        method = get_method(config.method)
         method.strategy.check(config)
+        method.check_model(task, config)  # the plain model has what the method needs
         torch.manual_seed(config.seed)
         client = method.client(config)
         model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
         recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
         strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
-    except (ConfigError, DatasetError, StateError, ModelError) as err:
+    except (ConfigError, DatasetError, StateError, ModelError, PluginError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
+    unread = unread_changes(context.run_config)
+    if unread:
+        log(WARNING, "[fedlora-flwr] method %r does not read %s", config.method,
+            ", ".join(f"{key}={value!r}" for key, value in sorted(unread.items())))
     log(INFO, "[fedlora-flwr] %s on %s (%s), outputs in %s", config.method, config.dataset, config.data_dir, run_dir)
 
     initial = ArrayRecord(client.initial_download(model))

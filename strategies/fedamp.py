@@ -74,7 +74,7 @@ class FedAMPStrategy(PersonalizedStrategy):
         for index, pid in enumerate(partition_ids):
             if pid in column:
                 squared[index, column[pid]] = np.inf
-        xi, xi_self = attention_weights(np.maximum(squared, 0.0), self.config.fedamp_alpha_k, self.config.fedamp_sigma)
+        xi, xi_self = attention_weights(np.maximum(squared, 0.0), self.config.params.fedamp_alpha_k, self.config.params.fedamp_sigma)
 
         messages: list[dict[str, np.ndarray]] = [{} for _ in partition_ids]
         for key, reference in template.items():

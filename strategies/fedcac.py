@@ -67,7 +67,7 @@ class FedCACStrategy(PersonalizedStrategy):
         w_bar = {key: global_model[key].numpy() for key in model_keys}
         store = self.server_store.at_round(server_round)
         groups = collaborators(overlaps([np.concatenate([m.reshape(-1) for m in mask.values()]) for mask in masks]),
-                               server_round, self.config.fedcac_beta)
+                               server_round, self.config.params.fedcac_beta)
         for message, mask, group in zip(replies, masks, groups, strict=True):
             stored = {}
             for key in model_keys:

@@ -15,8 +15,8 @@ from test_federation import _arrays, _eval_type, _identical, _metrics, _run, _st
 from conftest import app_defaults
 from fedlora_flwr import data, models, peft_models
 from fedlora_flwr.client_app import ClientSession
-from fedlora_flwr.config import PRETRAINED_METHODS, ConfigError, load_config
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.config import ConfigError, load_config
+from fedlora_flwr.methods import registry
 from fedlora_flwr.text_models import ModelError
 from strategies.base import ARRAYS
 
@@ -56,7 +56,7 @@ def _plain(key: str) -> str:
 
 def test_backbone_loaded_but_the_head_and_lora_on_every_conv(tmp_path, checkpoint):
     path, saved = checkpoint
-    client = METHODS["fedsa-lora"].client(_config(tmp_path, "fedsa-lora", path))
+    client = registry()["fedsa-lora"].client(_config(tmp_path, "fedsa-lora", path))
     torch.manual_seed(0)
     model = client.build_model(data.TaskSpec(10), 0)
     frozen = client.partition.state(model, "frozen")
@@ -116,11 +116,11 @@ def test_every_adapter_method_runs_on_an_image_backbone(tmp_path, checkpoint, me
 def test_local_lora_on_an_image_backbone_is_the_adapter_baseline(tmp_path, checkpoint):
     from clients.adapters import LocalAdapterClient
 
-    assert type(METHODS["local-lora"].client(_config(tmp_path, "local-lora", checkpoint[0]))) is LocalAdapterClient
+    assert type(registry()["local-lora"].client(_config(tmp_path, "local-lora", checkpoint[0]))) is LocalAdapterClient
 
 
 def _build(tmp_path, backbone, model="cnn"):
-    client = METHODS["lora"].client(_config(tmp_path, "lora", backbone, model=model))
+    client = registry()["lora"].client(_config(tmp_path, "lora", backbone, model=model))
     with pytest.raises(ModelError) as info:
         client.build_model(data.TaskSpec(10), 0)
     message = str(info.value)
@@ -141,7 +141,7 @@ def test_missing_file_missing_tensor_and_wrong_shape_are_one_line(tmp_path, chec
 
 
 def test_backbone_only_for_adapter_methods_and_image_models(tmp_path, checkpoint):
-    for overrides, expected in [({"method": "fedavg"}, "trains from scratch"),
+    for overrides, expected in [({"method": "fedavg"}, "does not fine-tune an image backbone"),
                                 ({"dataset": "agnews", "model": "minilm"}, "backbone is for image models")]:
         with pytest.raises(ConfigError) as info:
             load_config({**app_defaults(), "dataset": "synthetic", "model": "cnn", "method": "lora",
@@ -151,7 +151,7 @@ def test_backbone_only_for_adapter_methods_and_image_models(tmp_path, checkpoint
 
 def test_vera_on_convolutions_is_one_line(tmp_path, checkpoint):
     """PEFT's VeRA adapts Linear layers only: fedsa-vera on the cnn (convolutions only) says so."""
-    client = METHODS["fedsa-vera"].client(_config(tmp_path, "fedsa-vera", checkpoint[0]))
+    client = registry()["fedsa-vera"].client(_config(tmp_path, "fedsa-vera", checkpoint[0]))
     with pytest.raises(ModelError) as info:
         client.build_model(data.TaskSpec(10), 0)
     assert "lora-target-modules='conv1,conv2,conv3'" in str(info.value) and "\n" not in str(info.value)
@@ -161,6 +161,7 @@ def test_the_backbone_readers_are_the_adapter_methods():
     from clients.adapters import AdapterClient
 
     text = {**app_defaults(), "dataset": "agnews", "model": "minilm"}
-    readers = {name for name, method in METHODS.items()
-               if isinstance(method.client(load_config({**text, "method": name})), AdapterClient)}
-    assert readers == set(PRETRAINED_METHODS)
+    readers = {name for name, method in registry().items() if "text" in method.requires.modalities
+               and method.requires.pretrained != "never"
+               and isinstance(method.client(load_config({**text, "method": name})), AdapterClient)}
+    assert readers == {name for name, method in registry().items() if method.requires.image_backbone}

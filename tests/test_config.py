@@ -7,11 +7,14 @@ from pathlib import Path
 import pytest
 from conftest import app_defaults
 
-from fedlora_flwr.config import ConfigError, RunConfig, load_config
+from clients.fedlora import FedLoRAParams
+from fedlora_flwr.config import OPERATIONAL_KEYS, ConfigError, RunConfig, load_config, unread_changes
+from fedlora_flwr.methods import all_param_keys, registry
 
 
 def _aliases() -> set[str]:
-    return {field.alias or name for name, field in RunConfig.model_fields.items()}
+    """The keys validated for the default method, fedlora: the core keys and FedLoRA's own."""
+    return RunConfig.keys() | FedLoRAParams.keys()
 
 
 def _error(tmp_path: Path, **overrides) -> str:
@@ -33,19 +36,19 @@ def test_pyproject_defaults_are_the_paper_cifar10_setup(tmp_path):
     # METHODS.md A.8: E=5, E_lora=2, B=100, SGD lr .1 m .9, (R_c, R_l)=(.6, .6) on CIFAR-10 ResNet-8,
     # α=.1, 500/100 samples per client (A.7), Dirichlet partition, method FedLoRA.
     assert config.local_epochs == 5
-    assert config.lora_epochs == 2
+    assert config.params.lora_epochs == 2
     assert config.batch_size == 100
     assert config.lr == pytest.approx(0.1)
     assert config.momentum == pytest.approx(0.9)
-    assert config.rank_conv == pytest.approx(0.6)
-    assert config.rank_linear == pytest.approx(0.6)
+    assert config.params.rank_conv == pytest.approx(0.6)
+    assert config.params.rank_linear == pytest.approx(0.6)
     assert config.alpha == pytest.approx(0.1)
     assert (config.train_per_client, config.test_per_client) == (500, 100)
     assert config.model == "resnet8"
     assert config.dataset == "cifar10"
     assert config.partition == "dirichlet"
     assert config.method == "fedlora"
-    assert config.lora_schedule == "alternating"
+    assert config.params.lora_schedule == "alternating"
     assert config.fraction_train == pytest.approx(1.0)  # full participation (A.8)
     assert config.partial_average == "participants"
 
@@ -53,7 +56,7 @@ def test_pyproject_defaults_are_the_paper_cifar10_setup(tmp_path):
 def test_pyproject_defaults_equal_the_model_defaults(tmp_path):
     """The field defaults of RunConfig and the pyproject table must not drift apart."""
     from_pyproject = load_config(app_defaults(), base=tmp_path).as_record()
-    from_fields = RunConfig().as_record()
+    from_fields = {**RunConfig().as_record(), **FedLoRAParams().model_dump(by_alias=True)}
     for key in ("data-dir", "output-dir"):  # resolved against the base only when given
         assert Path(from_pyproject.pop(key)) == (tmp_path / from_fields.pop(key)).resolve()
     assert from_pyproject == from_fields
@@ -64,17 +67,25 @@ def test_omitted_path_keys_are_resolved_too(tmp_path):
     assert Path(config.output_dir).is_absolute() and Path(config.data_dir).is_absolute()
 
 
-def test_every_pyproject_key_is_a_field_and_vice_versa():
+def test_every_pyproject_key_is_a_core_or_method_key_and_vice_versa():
     keys = set(app_defaults())
-    assert keys == _aliases(), (
-        f"only in pyproject: {sorted(keys - _aliases())}; only in RunConfig: {sorted(_aliases() - keys)}"
-    )
+    declared = RunConfig.keys() | all_param_keys()
+    assert keys == declared, f"only in pyproject: {sorted(keys - declared)}; only declared: {sorted(declared - keys)}"
 
 
-def test_as_record_uses_the_run_config_keys(tmp_path):
+def test_every_built_in_methods_defaults_are_the_pyproject_defaults(tmp_path):
+    defaults = app_defaults()
+    for name, method in registry().items():
+        for key, value in method.params().model_dump(by_alias=True).items():
+            assert defaults[key] == value, f"{name}: {key} defaults to {value!r}, pyproject says {defaults[key]!r}"
+
+
+def test_as_record_holds_the_core_keys_and_the_methods_own(tmp_path):
     record = load_config(app_defaults(), base=tmp_path).as_record()
-    assert set(record) == set(app_defaults())
+    assert set(record) == _aliases()
     assert record["rank-conv"] == pytest.approx(0.6) and record["lora-epochs"] == 2
+    assert "fedamp-lambda" not in record  # another method's key: not read, not recorded
+    assert load_config(record, base=tmp_path) == load_config(app_defaults(), base=tmp_path)
 
 
 def test_config_is_frozen(tmp_path):
@@ -119,8 +130,47 @@ def test_lora_epochs_above_local_epochs_is_rejected(tmp_path):
     message = _error(tmp_path, **{"local-epochs": 2, "lora-epochs": 3})
     assert "lora-epochs" in message
     # E_lora = E is allowed (σ never trained, METHODS.md A.4), and so is E_lora = 0 (FedAvg).
-    assert load_config({**app_defaults(), "local-epochs": 2, "lora-epochs": 2}, base=tmp_path).lora_epochs == 2
-    assert load_config({**app_defaults(), "lora-epochs": 0}, base=tmp_path).lora_epochs == 0
+    assert load_config({**app_defaults(), "local-epochs": 2, "lora-epochs": 2}, base=tmp_path).params.lora_epochs == 2
+    assert load_config({**app_defaults(), "lora-epochs": 0}, base=tmp_path).params.lora_epochs == 0
+
+
+@pytest.mark.parametrize("method", sorted(registry()))
+def test_every_method_starts_with_one_local_epoch_and_its_defaults(tmp_path, method):
+    """A key a method does not read never blocks it: lora-epochs=2 > local-epochs=1 stops only FedLoRA,
+    the one method that reads both (E_lora ≤ E, paper §3.4), with one line naming its key."""
+    text = registry()[method].requires.pretrained == "required"
+    values = {**app_defaults(), **({"dataset": "agnews", "model": "minilm"} if text else {}), "method": method,
+              "local-epochs": 1}
+    if method == "fedlora":
+        assert "lora-epochs=2: 2 exceeds local-epochs=1" in _error(tmp_path, **values)
+        values["lora-epochs"] = 1
+    assert load_config(values, base=tmp_path).method == method
+
+
+def test_keys_of_other_methods_are_not_validated_but_named_when_changed(tmp_path):
+    values = {**app_defaults(), "method": "fedavg", "fedamp-lambda": -1.0, "lora-epochs": 9}
+    assert load_config(values, base=tmp_path).params.keys() == set()
+    assert unread_changes(values) == {"fedamp-lambda": -1.0, "lora-epochs": 9}
+    assert "fedamp-lambda" in _error(tmp_path, method="fedamp", **{"fedamp-lambda": -1.0})
+
+
+def test_method_params_carries_a_methods_keys(tmp_path):
+    config = load_config({**app_defaults(), "method": "fedamp", "method-params": "fedamp-lambda = 0.25"}, base=tmp_path)
+    assert config.params.fedamp_lambda == 0.25 and config.as_record()["fedamp-lambda"] == 0.25
+    assert "not a key of method 'fedamp'" in _error(tmp_path, method="fedamp", **{"method-params": "lora-r = 4"})
+    assert "not a TOML inline-table body" in _error(tmp_path, **{"method-params": "a = = 1"})
+    assert "give it once" in _error(tmp_path, method="fedamp", **{"fedamp-lambda": 2.0, "method-params": "fedamp-lambda = 3.0"})
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("key", ["lr", "round-timeout", "alpha", "rank-conv"])
+def test_every_float_key_refuses_inf_and_nan(tmp_path, key, value):
+    assert key in _error(tmp_path, **{key: value})
+
+
+def test_operational_keys_are_marked_on_their_fields():
+    assert {"output-dir", "run-name", "data-dir", "device", "round-timeout", "tensorboard", "resume",
+            "fused-evaluation", "min-available-nodes", "node-wait-timeout"} == OPERATIONAL_KEYS
 
 
 def test_npz_dataset_needs_an_existing_file(tmp_path):
@@ -156,8 +206,11 @@ def test_seed_outside_numpy_range_is_rejected(tmp_path, seed):
 
 
 def test_several_bad_keys_are_all_named_in_one_line(tmp_path):
-    message = _error(tmp_path, **{"rank-conv": 0.0, "batch-size": 0, "method": "nope", "alpha": -1.0, "run-name": "a/b"})
-    for key in ("rank-conv", "batch-size", "method", "alpha", "run-name"):
+    message = _error(tmp_path, **{"rank-conv": 0.0, "batch-size": 0, "alpha": -1.0, "run-name": "a/b"})
+    for key in ("rank-conv", "batch-size", "alpha", "run-name"):
+        assert key in message, f"{key} missing from {message!r}"
+    message = _error(tmp_path, **{"method": "nope", "batch-size": 0})
+    for key in ("method", "batch-size"):
         assert key in message, f"{key} missing from {message!r}"
 
 

@@ -19,9 +19,11 @@ from flwr.common.logger import FLOWER_LOGGER
 from inprocess import InProcessGrid
 from safetensors import safe_open
 
-from clients.fedlora import FedLoRAClient
+from clients.fedavg import FedAvgLoRAClient
+from clients.fedlora import FedLoRAClient, FedLoRAParams
+from clients.local import LocalLoRAClient
 from fedlora_flwr import client_app, server_app
-from fedlora_flwr.config import load_config
+from fedlora_flwr.config import RunConfig, load_config
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.models import build_model
 from strategies.base import ARRAYS, METRICS, average_arrays
@@ -155,10 +157,10 @@ def fedlora_run(tmp_path_factory):
     return _run(tmp_path_factory.mktemp("fedlora"), "fedlora-3c")
 
 
-def test_config_json_has_every_run_config_key(fedlora_run):
+def test_config_json_has_every_key_the_run_reads(fedlora_run):
     run_dir, _, config = fedlora_run
     written = json.loads((run_dir / "config.json").read_text())
-    assert set(app_defaults()) <= set(written)
+    assert RunConfig.keys() | FedLoRAParams.keys() <= set(written)
     validated = load_config(config).as_record()
     for key, value in validated.items():
         assert written[key] == value, key
@@ -354,7 +356,7 @@ def test_fedavg_keeps_no_personal_state_and_weights_by_samples(tmp_path):
 def test_fedavg_lora_averages_sigma_and_tau(tmp_path):
     """Table 4's "FedAvg w/ LoRA": σ and the LoRA factors are uploaded and sample-weighted averaged."""
     run_dir, grid, config = _run(tmp_path, "fedavg-lora", method="fedavg-lora")
-    decomposed = list(FedLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
+    decomposed = list(FedAvgLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
     train, evaluate = _train_type(grid), _eval_type(grid)
     for server_round in range(1, ROUNDS + 1):
         uploads = grid.replies[(server_round, train)]
@@ -370,7 +372,7 @@ def test_local_lora_keeps_the_decomposed_model(tmp_path):
     """Table 4's "Local w/ LoRA": nothing sent; each client keeps σ and τ of its decomposed model."""
     run_dir, _, config = _run(tmp_path, "local-lora", method="local-lora")
     assert all(m["bytes_up"] == 0 for m in _metrics(run_dir))
-    decomposed = set(FedLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
+    decomposed = set(LocalLoRAClient(load_config(config)).build_model(TaskSpec(10), 0).state_dict())
     states = [_state(run_dir / "clients" / str(pid) / "personal.safetensors") for pid in range(NUM_CLIENTS)]
     for tensors, metadata in states:
         assert set(tensors) == decomposed and metadata.get("method") == "local-lora"

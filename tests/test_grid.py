@@ -22,6 +22,7 @@ import tomli_w
 from conftest import REAL_NPZ, REPO
 
 from fedlora_flwr import grid
+from fedlora_flwr.config import RunConfig
 from fedlora_flwr.cli import main
 from fedlora_flwr.grid import SpecError, expand, load_spec, parse_spec, run_grid
 
@@ -196,7 +197,8 @@ def test_expand_names_configs_and_order(tmp_path):
     for run in runs:
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run.run_name)  # RunConfig's run-name rule
         assert run.run_dir == (tmp_path / "out" / "tiny" / run.run_name)
-        assert set(run.config) == set(defaults)  # every [tool.flwr.app.config] key, nothing else
+        # the core keys and the method's own, all [tool.flwr.app.config] keys (Flower refuses others)
+        assert RunConfig.keys() <= set(run.config) <= set(defaults)
         assert run.config["run-name"] == run.run_name
         assert run.config["output-dir"] == str(tmp_path / "out" / "tiny")
         assert run.config["data-dir"] == str(tmp_path / "data" / "here")  # relative to cwd, made absolute

