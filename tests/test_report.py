@@ -160,6 +160,15 @@ def test_rows_group_seeds_and_label_varying_keys(tmp_path):
     assert report.ordering == ["ordering [dataset=synthetic alpha=0.1 rank-conv=0.6]: fedlora > fedavg (paper: n/a)"]
 
 
+def test_a_resumed_or_fused_evaluation_run_is_a_seed_of_the_same_row(tmp_path):
+    """resume and fused-evaluation change how a run went, not what it computed (config.OPERATIONAL_KEYS)."""
+    root = tmp_path / "runs"
+    fake_run(root, "s1", "fedlora", 1, 0.70)
+    fake_run(root, "s2", "fedlora", 2, 0.72, resume=True, **{"fused-evaluation": True, "round-timeout": 60.0})
+    groups, _ = group_runs(load_runs(root, echo=lambda _: None))
+    assert [(group.method, group.seeds) for group in groups] == [("fedlora", [1, 2])]
+
+
 def test_builtin_table1_numbers_and_missing_data_file(tmp_path, capsys):
     """dataset=npz with a cifar10.npz file is CIFAR-10 for the built-in Table 1 numbers; the
     partition plot is skipped with a reason when that file cannot be read."""
