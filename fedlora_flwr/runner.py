@@ -151,6 +151,8 @@ class FlwrRun:
                 if log.poll() is None:
                     log.kill()
             reader.join()
+        if log.returncode != 0:  # e.g. the connection broke: the run may still be going on
+            on_line(f"[fedlora-flwr run] flwr log exited {log.returncode}; asking the SuperLink for the run's status")
 
     def status(self, timeout: float | None = None) -> tuple[str, str]:
         """``flwr ls --run-id RUN_ID --format json``: (status, status details)."""
@@ -195,7 +197,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "run",
         help="flwr run, streamed, exiting with the run's status",
-        description=__doc__.split("\n\n")[0] + " Takes flwr run's arguments (logs are always streamed).",
+        description=(
+            "flwr run that exits with the run's status (flwr run --stream exits 0 whatever the run did). Takes "
+            "flwr run's arguments; logs are always streamed. Exit: 0 finished, 2 config error, 3 node-wait-timeout, "
+            "4 a round without a valid reply, 5 state error, 1 any other failure or a stopped run; 124 after "
+            "--timeout, 130 on Ctrl-C (the run goes on)."
+        ),
     )
     parser.add_argument("app", nargs="?", default=".", help="the Flower App folder (default: .)")
     parser.add_argument("superlink", nargs="?", help="SuperLink connection of $FLWR_HOME/config.toml (default: its default)")
