@@ -7,8 +7,9 @@
 ``run`` starts a SuperLink and ``--nodes`` SuperNodes on free ports of 127.0.0.1 (``insecure``;
 ``tls``: a test CA and server certificate; ``tls-auth``: TLS plus one registered key pair per
 SuperNode), each with node config ``partition-id``, ``num-partitions``, ``data-dir`` and its own
-``state-dir``, submits ``flwr run`` and streams it, then stops every process it started, by PID
-(on Ctrl-C too). Its exit code is ``flwr run``'s. Files live under ``--workdir``
+``state-dir``, submits the run and streams it as ``fedlora-flwr run`` does, then stops every
+process it started, by PID (on Ctrl-C too). Its exit code is the run's status, as ``fedlora-flwr
+run``'s (0: finished; see ``fedlora_flwr.exits``), or 124 after ``--timeout``. Files live under ``--workdir``
 (``superlink/``, ``nodes/<partition-id>/`` with each SuperNode's log and ``state/``, ``tls/``,
 ``keys/``). Relative ``data-dir``/``output-dir`` are taken from the current directory.
 

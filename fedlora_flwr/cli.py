@@ -1,6 +1,8 @@
-"""The ``fedlora-flwr`` console command: one subcommand per tool (``grid``, ``report``, ``bench``), each with ``--help``.
+"""The ``fedlora-flwr`` console command: one subcommand per tool (``run``, ``grid``, ``report``,
+``bench``), each with ``--help``.
 
-Single runs use Flower's own ``flwr run``; this command drives many of them and their outputs.
+``run`` is ``flwr run`` exiting with the run's status (``flwr run`` itself exits 0 whatever the
+run did); the others drive many runs and their outputs.
 """
 
 from __future__ import annotations
@@ -8,16 +10,16 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from fedlora_flwr import bench, grid, report
+from fedlora_flwr import bench, grid, report, runner
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedlora-flwr",
-        description="FedLoRA on Flower: experiment grids, reports and benchmarks (single runs: `flwr run .`).",
+        description="FedLoRA on Flower: single runs with their exit status, experiment grids, reports, benchmarks.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (grid, report, bench):
+    for module in (runner, grid, report, bench):
         module.register(subparsers)
     return parser
 

@@ -16,6 +16,11 @@ and ``state-dir`` (its own personal-state folder: ``<state-dir>/<run-name>/<part
 own ``FLWR_HOME``, a free Runtime API port and one torch thread (``OMP_NUM_THREADS=1``: several
 SuperNodes share this machine's cores). Every process is adopted by the
 :class:`~fedlora_flwr.superlink.LocalSuperLink` and stopped by PID with it.
+
+On one host everything listens on 127.0.0.1. Across hosts (``tests/test_netns_federation.py``:
+network namespaces) the SuperLink serves on ``host`` and ``launcher(role)`` gives the command
+prefix that runs a process on its host (``ip netns exec NAME``), for the roles ``superlink``,
+``cli`` (the ``flwr`` commands) and ``node-<partition-id>``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -122,12 +127,14 @@ class LocalFederation:
     ``workdir`` receives ``tls/`` (certificates), ``keys/`` (node key pairs), ``superlink/``
     (its FLWR_HOME and log) and ``nodes/<partition-id>/`` (each SuperNode's FLWR_HOME, log and
     ``state/``). ``data_dir`` goes into every SuperNode's node config (one machine, one copy of
-    the data; on real machines each SuperNode names its own).
+    the data; on real machines each SuperNode names its own). ``host`` (the SuperLink's address,
+    in its certificate) and ``launcher``: see the module docstring.
     """
 
     def __init__(
         self, workdir: Path, num_nodes: int, mode: str = "insecure", data_dir: Path | None = None,
-        startup_timeout: float = 60,
+        startup_timeout: float = 60, host: str = "127.0.0.1",
+        launcher: Callable[[str], Sequence[str]] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -135,10 +142,13 @@ class LocalFederation:
         self.num_nodes = num_nodes
         self.mode = mode
         self.data_dir = Path(data_dir).resolve() if data_dir else None
-        tls = make_tls(self.workdir / "tls") if mode != "insecure" else None
+        self.launcher = launcher or (lambda role: ())
+        hosts = LOOPBACK_NAMES if host in LOOPBACK_NAMES else (host,)
+        tls = make_tls(self.workdir / "tls", hosts=hosts) if mode != "insecure" else None
         self.link = LocalSuperLink(
             flwr_home=self.workdir / "superlink", startup_timeout=startup_timeout, simulation=False,
-            tls=tls, supernode_auth=mode == "tls-auth",
+            tls=tls, supernode_auth=mode == "tls-auth", host=host, launcher=self.launcher("superlink"),
+            cli_launcher=self.launcher("cli"),
         )
 
     def __enter__(self) -> LocalFederation:
@@ -168,9 +178,14 @@ class LocalFederation:
             self.stop()
             raise
 
-    def start_supernode(self, partition_id: int, private_key: Path | None = None, **flags: str) -> subprocess.Popen:
-        """One SuperNode for ``partition_id`` (its log: ``nodes/<id>/supernode.log``); extra
-        ``flags`` become ``--flag value`` (e.g. ``max_retries="0"``)."""
+    def start_supernode(
+        self, partition_id: int, private_key: Path | None = None, root_certificates: Path | None = None,
+        insecure: bool | None = None, **flags: str,
+    ) -> subprocess.Popen:
+        """One SuperNode for ``partition_id`` (its log: ``nodes/<id>/supernode.log``), on the host of
+        ``launcher("node-<id>")``. It trusts the SuperLink's CA, or speaks plaintext to an insecure
+        one, unless ``root_certificates`` (another CA) or ``insecure`` say otherwise (a test of a
+        misconfigured node). Extra ``flags`` become ``--flag value`` (e.g. ``max_retries="0"``)."""
         node = self.node_dir(partition_id)
         (node / "home").mkdir(parents=True, exist_ok=True)
         node_config: dict[str, Any] = {
@@ -180,11 +195,18 @@ class LocalFederation:
             node_config["data-dir"] = str(self.data_dir)
         (node / "node-config.toml").write_text(tomli_w.dumps(node_config))
         command = [
-            str(BIN_DIR / "flower-supernode"), "--superlink", self.link.address,
+            *self.launcher(f"node-{partition_id}"), str(BIN_DIR / "flower-supernode"), "--superlink", self.link.address,
             "--node-config", str(node / "node-config.toml"),
             "--host", "127.0.0.1", "--port", str(free_port()),
         ]
-        command += ["--insecure"] if self.link.tls is None else ["--root-certificates", str(self.link.tls.ca_cert)]
+        if insecure is None:
+            insecure = self.link.tls is None
+        if insecure:
+            command.append("--insecure")
+        elif root_certificates or self.link.tls:
+            command += ["--root-certificates", str(root_certificates or self.link.tls.ca_cert)]
+        else:
+            raise ValueError("insecure=False on an insecure SuperLink needs root_certificates")
         command += ["--auth-supernode-private-key", str(private_key)] if private_key else []
         for flag, value in flags.items():
             command += [f"--{flag.replace('_', '-')}", value]

@@ -37,11 +37,13 @@ runs get absolute paths.
 Run names are ``<name>__<key>_<value>__…__seed_<seed>`` with every [grid] key in spec order (keys are
 kebab-case, values never hold ``_``, so ``__`` and the first ``_`` split a name unambiguously).
 
-A run whose folder holds ``summary.json`` is finished and skipped, so re-running the command resumes
-an interrupted grid. A run folder without ``summary.json`` (interrupted) is renamed aside to
-``<run name>.incomplete-<UTC time>`` (never deleted) and the run starts again. A failed run (non-zero
-exit or no ``summary.json``) leaves the tail of its log in ``<run dir>.log``; the grid goes on and the
-command exits 1. ``<out>/<name>/grid.json`` lists every planned run with its grid values, seed, full
+A run whose folder holds a finished run's ``summary.json`` is skipped, so re-running the command
+resumes an interrupted grid. Any other run folder (interrupted: no ``summary.json``; failed: its
+``summary.json`` says ``"status": "failed"``) is renamed aside to ``<run name>.incomplete-<UTC time>``
+(never deleted) and the run starts again. Each run goes through ``fedlora-flwr run``'s
+:class:`~fedlora_flwr.runner.FlwrRun`, so its exit code is the run's status. A failed run (non-zero
+exit or no finished ``summary.json``) leaves the tail of its log in ``<run dir>.log``; the grid goes on
+and the command exits 1. ``<out>/<name>/grid.json`` lists every planned run with its grid values, seed, full
 config, the matching paper numbers and a status: ``skipped`` (finished before this invocation),
 ``done``, ``failed``, ``planned`` (not run yet), ``running`` or ``interrupted`` (Ctrl-C; redone on
 the next invocation).
@@ -71,11 +73,11 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedlora_flwr.config import ConfigError, flower_run_config, load_config
+from fedlora_flwr.results import SUMMARY_FILE, run_finished
 from fedlora_flwr.store import write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository for an editable install
 DEFAULT_OUT = Path("outputs") / "grids"
-SUMMARY_FILE = "summary.json"
 GRID_FILE = "grid.json"
 LOCK_FILE = ".grid.lock"  # held while a `fedlora-flwr grid` runs this grid
 LOG_TAIL_LINES = 400
@@ -264,7 +266,7 @@ class PlannedRun:
 
     @property
     def finished(self) -> bool:
-        return (self.run_dir / SUMMARY_FILE).is_file()
+        return run_finished(self.run_dir)
 
     @property
     def log_path(self) -> Path:
@@ -481,7 +483,7 @@ def _now() -> str:
 
 
 def move_aside(run: PlannedRun) -> Path | None:
-    """Rename an interrupted run folder (no summary.json) to ``<name>.incomplete-<UTC time>`` (and a
+    """Rename an unfinished run folder (interrupted or failed) to ``<name>.incomplete-<UTC time>`` (and a
     stale ``<name>.log`` beside it to ``<that>.log``). Returns the new folder path, or None."""
     if not run.run_dir.exists() and not run.log_path.exists():
         return None
@@ -642,7 +644,7 @@ def _print_plan(spec: ExperimentSpec, runs: list[PlannedRun], experiment_dir: Pa
         if run.finished:
             action, why = "skip", "(finished: summary.json)"
         elif run.run_dir.exists():
-            action, why = "redo", f"(incomplete: would move it to {run.run_name}.incomplete-<UTC time>)"
+            action, why = "redo", f"(unfinished: would move it to {run.run_name}.incomplete-<UTC time>)"
         else:
             action, why = "run", ""
         counts[action] += 1
@@ -750,7 +752,7 @@ def run_grid(
             elif outcome.code != 0:
                 reason = f"exit code {outcome.code}"
             else:
-                reason = f"exit code 0 but no {SUMMARY_FILE} in {run.run_dir}"
+                reason = f"exit code 0 but no finished {SUMMARY_FILE} in {run.run_dir}"
             lines = outcome.output.splitlines()[-LOG_TAIL_LINES:] if outcome.output else list(tails.get(run.run_name, ()))
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
             header = f"# {run.run_name}: {reason} ({_now()}); last {len(lines)} lines of its output\n"
@@ -875,7 +877,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run an experiment grid (configurations × seeds); resumable",
         description=(
             "Run every configuration × seed of an experiment spec (experiments/grids/*.toml) through a "
-            "private Flower SuperLink each, skipping runs whose folder already holds summary.json (so an "
+            "private Flower SuperLink each, skipping runs whose folder already holds a finished summary.json (so an "
             "interrupted grid resumes). Relative paths in the spec and --out resolve against the current "
             "working directory. Writes <out>/<name>/<run name>/ and <out>/<name>/grid.json. Exit code: "
             "0 when every run finished, 1 when a run failed, 2 for an invalid spec, 130 when interrupted."

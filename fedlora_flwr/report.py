@@ -279,7 +279,8 @@ def _read_run(path: Path) -> Run:
 
 def find_runs(root: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
     """Every run folder under ``root`` (recursively, ``root`` included): the finished runs, and
-    the skipped folders with why (unfinished: no summary.json; or unreadable).
+    the skipped folders with why (unfinished: no summary.json; failed: its summary.json says so;
+    or unreadable).
 
     A folder is a run folder when it holds ``summary.json`` or both ``config.json`` and
     ``metrics.jsonl``; its subfolders (``clients/``) are not searched.
@@ -302,9 +303,15 @@ def find_runs(root: str | Path) -> tuple[list[Run], list[tuple[Path, str]]]:
             skipped.append((path, why))
             continue
         try:
-            runs.append(_read_run(path))
+            run = _read_run(path)
         except (OSError, ValueError) as exc:
             skipped.append((path, f"unreadable ({exc})"))
+            continue
+        status = run.summary.get("status", "finished")  # fedlora_flwr.results: no status = finished before it existed
+        if status != "finished":
+            skipped.append((path, f"{status} ({run.summary.get('failure')}: {run.summary.get('reason')})"))
+            continue
+        runs.append(run)
     runs.sort(key=lambda run: str(run.path))
     skipped.sort(key=lambda item: str(item[0]))
     return runs, skipped

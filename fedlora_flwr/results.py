@@ -8,6 +8,11 @@ final aggregated shared tensors, e.g. FedLoRA's σ̄; written at the end) and
 same per-round numbers also go to TensorBoard event files in ``tensorboard/`` (append-only logs
 for viewing, written as rounds finish; ``metrics.jsonl`` stays the record other tools read).
 
+``summary.json`` (written atomically) says how the run ended: ``"status": "finished"``, or
+``"failed"`` with the ``failure`` (``fedlora_flwr.exits``), the ``exit_status`` of ``fedlora-flwr
+run`` and the ``reason``, once the run has written its ``config.json`` (a run refused before that,
+e.g. for its config, writes nothing). Only a finished run counts as done (:func:`run_finished`).
+
 After every round the server writes ``checkpoint.safetensors`` (atomically, after that round's
 ``metrics.jsonl`` row; with ``fused-evaluation`` the row may still be pending, and the checkpoint
 then carries the evaluation gathered so far): the arrays the next round starts from and, in its
@@ -36,9 +41,13 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.logger import log
 
 from fedlora_flwr.config import OPERATIONAL_KEYS, ConfigError, RunConfig
+from fedlora_flwr.exits import OTHER_FAILURE, RunFailure
 from fedlora_flwr.store import StateError, read_verified, write_atomic, write_safetensors_atomic
 
 CLIENTS_DIR = "clients"
+SUMMARY_FILE = "summary.json"
+#: ``summary.json``'s ``status``: the run's last round was recorded, or the run stopped on an error.
+FINISHED, FAILED = "finished", "failed"
 SHARED_FILE = "shared.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 TENSORBOARD_DIR = "tensorboard"
@@ -226,13 +235,30 @@ class RunRecorder:
         self.tensorboard.flush()
 
     def finish(self, shared: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        """Write ``shared.safetensors`` (the final aggregate) and ``summary.json``: best round
-        (ties go to the later round, METHODS.md A.6) and totals."""
+        """Write ``shared.safetensors`` (the final aggregate) and ``summary.json`` with
+        ``"status": "finished"``: best round (ties go to the later round, METHODS.md A.6) and totals."""
         write_safetensors_atomic(self.run_dir / SHARED_FILE, shared, {"method": self.config.method})
+        summary = self._write_summary({"status": FINISHED})
+        log(INFO, "[fedlora-flwr] finished: best acc_mean %s at round %s; outputs in %s",
+            summary["best_acc_mean"], summary["best_round"], self.run_dir)
+        return summary
+
+    def fail(self, error: Exception) -> dict[str, Any]:
+        """Write ``summary.json`` for a run stopped by ``error``: ``"status": "failed"``, the
+        ``failure`` (a :class:`~fedlora_flwr.exits.RunFailure`'s kind, else ``"error"``), the
+        ``exit_status`` of ``fedlora-flwr run`` and the ``reason``, with the rounds recorded so far."""
+        if isinstance(error, RunFailure):
+            failure = {"failure": error.kind, "exit_status": error.status, "reason": error.reason}
+        else:
+            failure = {"failure": "error", "exit_status": OTHER_FAILURE, "reason": f"{type(error).__name__}: {error}"}
+        return self._write_summary({"status": FAILED, **failure})
+
+    def _write_summary(self, status: dict[str, Any]) -> dict[str, Any]:
         scored = [r for r in self.rounds if r.get("acc_mean") is not None]
         best = max(reversed(scored), key=lambda r: r["acc_mean"], default=None)
         config = self.config
         summary = {
+            **status,
             "method": config.method,
             "dataset": config.dataset,
             "model": config.model_family or config.model,
@@ -249,9 +275,16 @@ class RunRecorder:
             "wall_seconds": round(time.monotonic() - self.started, 3),
             "run_dir": str(self.run_dir),
         }
-        write_json_atomic(self.run_dir / "summary.json", summary)
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self.tensorboard is not None:
             self.tensorboard.close()
-        log(INFO, "[fedlora-flwr] finished: best acc_mean %s at round %s; outputs in %s",
-            summary["best_acc_mean"], summary["best_round"], self.run_dir)
         return summary
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a finished run: a ``summary.json`` whose status is ``finished``
+    (summaries written before the status existed were only ever written by finished runs)."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text(encoding="utf-8")).get("status", FINISHED) == FINISHED

@@ -9,7 +9,9 @@ instead (SIGKILL to its process group and that tree), as the checkpoint-and-resu
 
 With ``simulation=False`` it is a deployment SuperLink that SuperNodes connect to
 (``fedlora_flwr.deployment`` starts them and hands them to :meth:`LocalSuperLink.adopt`, so that
-they are stopped the same way), optionally with TLS and SuperNode authentication.
+they are stopped the same way), optionally with TLS and SuperNode authentication, on ``host``
+(default 127.0.0.1) and, with a ``launcher`` such as ``ip netns exec NAME``, on another network
+host. Runs go through :class:`fedlora_flwr.runner.FlwrRun`: their exit code is the run's status.
 """
 
 from __future__ import annotations
@@ -19,11 +21,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,8 @@ from typing import Any
 import psutil
 import tomli_w
 
-BIN_DIR = Path(sys.executable).parent
+from fedlora_flwr.exits import OTHER_FAILURE
+from fedlora_flwr.runner import BIN_DIR, FlwrError, FlwrRun
 
 
 def free_port() -> int:
@@ -67,6 +68,8 @@ class LocalSuperLink:
 
     ``simulation=False``: a deployment SuperLink (SuperNodes connect to :attr:`address`), insecure
     or with ``tls``; ``supernode_auth`` (needs ``tls``) admits only keys passed to :meth:`register`.
+    ``host``: the address it serves on; ``launcher``: a command prefix for the SuperLink process,
+    ``cli_launcher`` one for the ``flwr`` commands (both empty: this host).
     """
 
     CONNECTION = "private"
@@ -78,6 +81,9 @@ class LocalSuperLink:
         simulation: bool = True,
         tls: TlsFiles | None = None,
         supernode_auth: bool = False,
+        host: str = "127.0.0.1",
+        launcher: Sequence[str] = (),
+        cli_launcher: Sequence[str] = (),
     ) -> None:
         if supernode_auth and tls is None:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
@@ -87,6 +93,9 @@ class LocalSuperLink:
         self.simulation = simulation
         self.tls = tls
         self.supernode_auth = supernode_auth
+        self.host = host
+        self.launcher = list(launcher)
+        self.cli_launcher = list(cli_launcher)
         self.address = ""
         self.process: subprocess.Popen | None = None
         self.adopted: list[subprocess.Popen] = []
@@ -108,12 +117,12 @@ class LocalSuperLink:
     def start(self) -> None:
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         http_port, control_port, fleet_port = free_port(), free_port(), free_port()
-        self.address = f"127.0.0.1:{http_port}"
+        self.address = f"{self.host}:{http_port}"
         # Flower 1.41 serves the Control, Fleet and Runtime APIs on this one HTTP(S) port; the
         # deprecated flags only move its legacy gRPC servers (else on 0.0.0.0:9092/9093) to free ports.
         connection: dict[str, Any] = {"address": self.address}
         flags = [
-            "--host", "127.0.0.1", "--port", str(http_port),
+            "--host", self.host, "--port", str(http_port),
             "--control-api-address", f"127.0.0.1:{control_port}", "--fleet-api-address", f"127.0.0.1:{fleet_port}",
         ]
         if self.tls is None:
@@ -131,7 +140,7 @@ class LocalSuperLink:
         self.log_path = self.flwr_home / "superlink.log"
         with self.log_path.open("w") as log:
             self.process = subprocess.Popen(
-                [str(BIN_DIR / "flower-superlink"), *flags, "--isolation", "subprocess",
+                [*self.launcher, str(BIN_DIR / "flower-superlink"), *flags, "--isolation", "subprocess",
                  "--disable-runtime-dependency-installation"],
                 cwd=self.flwr_home,
                 env=self.environment,
@@ -179,7 +188,8 @@ class LocalSuperLink:
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """One ``flwr`` CLI command against this SuperLink (e.g. ``"supernode", "register", key``)."""
         return subprocess.run(
-            [str(BIN_DIR / "flwr"), *args], env=self.environment, capture_output=True, text=True, timeout=timeout
+            [*self.cli_launcher, str(BIN_DIR / "flwr"), *args], env=self.environment, capture_output=True, text=True,
+            timeout=timeout,
         )
 
     def register(self, public_key: Path) -> None:
@@ -199,7 +209,8 @@ class LocalSuperLink:
         on_line: Callable[[str], None] | None = None,
         ray_cpus: int | None = None,
     ) -> tuple[int, str]:
-        """``flwr run <app_dir> --stream``; returns (exit code, whole output).
+        """``flwr run <app_dir>`` through :class:`~fedlora_flwr.runner.FlwrRun`, streamed; returns
+        (the run's exit status, whole output); a run Flower refused to start is (1, its message).
 
         ``run_config`` (run-config keys → values) is written to a TOML file for ``--run-config``
         (Flower takes one TOML file or ``k=v`` pairs; the file quotes every value correctly).
@@ -207,36 +218,24 @@ class LocalSuperLink:
         ``ray_cpus`` caps the CPUs of the run's Ray instance (``init-args-num-cpus``; default: all
         of the machine's), e.g. to run several simulations side by side.
         ``num_supernodes`` and the resources apply to simulation only (leave it None in deployment:
-        the SuperNodes that connected are the federation).
+        the SuperNodes that connected are the federation). TimeoutError after ``timeout`` seconds.
         """
         fd, config_file = tempfile.mkstemp(prefix="run-config-", suffix=".toml", dir=self.flwr_home)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(tomli_w.dumps(dict(run_config)))
-        command = [str(BIN_DIR / "flwr"), "run", str(app_dir), self.CONNECTION, "--stream", "--run-config", config_file]
+        federation = []
         if num_supernodes is not None:
-            command += ["--federation-config", federation_config(num_supernodes, client_cpus, client_gpus, ray_cpus)]
-        lines: list[str] = []
-        deadline = time.monotonic() + timeout if timeout else None
-        with subprocess.Popen(
-            command, env=self.environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as flwr_run:
-
-            def read() -> None:
-                for line in flwr_run.stdout:
-                    lines.append(line)
-                    if on_line:
-                        on_line(line.rstrip("\n"))
-
-            reader = threading.Thread(target=read, daemon=True)
-            reader.start()
-            while flwr_run.poll() is None:
-                self.record_tree()
-                if deadline and time.monotonic() > deadline:
-                    flwr_run.kill()
-                    raise TimeoutError(f"flwr run exceeded {timeout}s")
-                time.sleep(0.5)
-            reader.join()
-            return flwr_run.returncode, "".join(lines)
+            federation.append(federation_config(num_supernodes, client_cpus, client_gpus, ray_cpus))
+        run = FlwrRun(app_dir, self.CONNECTION, [config_file], federation, env=self.environment,
+                      launcher=self.cli_launcher)
+        try:
+            outcome = run(on_line=on_line, timeout=timeout, tick=self.record_tree)
+        except FlwrError as err:
+            message = f"flwr run {app_dir}: {err}"
+            if on_line:
+                on_line(message)
+            return OTHER_FAILURE, message + "\n"
+        return outcome.exit_code, outcome.output
 
     def kill(self) -> None:
         """Crash it: SIGKILL to the SuperLink's process group and to every process seen below it

@@ -54,7 +54,8 @@ evaluate and train arrays differ.
 
 Every train reply is checked against the method's upload template (keys, shapes, dtypes, finite
 values) before anything is averaged; a bad reply is logged with its client and reason, counted
-as a failure (``num_bad_updates`` too) and left out, never fatal to the run.
+as a failure (``num_bad_updates`` too) and left out; a round in which no reply is valid stops
+the run (:class:`~fedlora_flwr.exits.NoValidReplies`).
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora_flwr.config import ConfigError, RunConfig
+from fedlora_flwr.exits import FederationIncomplete, NoValidReplies
 from fedlora_flwr.results import RunRecorder
 from fedlora_flwr.store import PersonalStateStore
 
@@ -122,10 +124,6 @@ def mean_distance(records: list[ArrayRecord], center: ArrayRecord) -> float:
 
 
 SERVER_DIR = "server"
-
-
-class FederationIncomplete(RuntimeError):
-    """Fewer SuperNodes than ``min-available-nodes`` connected within ``node-wait-timeout``."""
 
 
 @dataclass
@@ -418,7 +416,7 @@ class PersonalizedStrategy(FedAvg):
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )
         if not valid:
-            return None, None
+            raise NoValidReplies(_no_valid_replies(server_round, len(self._sent_train), replies, bad))
         records = [message.content[ARRAYS] for message in valid]
         metrics = [message.content[METRICS] for message in valid]
         if self.aggregation == "mean":
@@ -500,6 +498,14 @@ class PersonalizedStrategy(FedAvg):
             record["acc_per_group"] = {group: float(np.mean(accs)) for group, accs in sorted(groups.items())}
         self.recorder.record_round(record)
         return record
+
+
+def _no_valid_replies(server_round: int, asked: int, replies: list[Message], bad: int) -> str:
+    """One line: how a round's train replies failed, with the first error's reason."""
+    errors = [message.error.reason for message in replies if message.has_error()]
+    first = f"; first error: {' '.join(errors[0].split())[:300]}" if errors else ""
+    return (f"round {server_round}: no client sent a valid reply ({asked} asked, {len(replies)} replied, "
+            f"{len(errors)} errors, {bad} bad updates){first}")
 
 
 def _evaluation_result(message: Message, key: str) -> tuple[int, tuple[float, int, str | None]]:

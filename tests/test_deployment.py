@@ -20,6 +20,7 @@ from test_federation import _metrics, _run_config, _start
 
 from fedlora_flwr import client_app
 from fedlora_flwr.deployment import LocalFederation, make_node_key, make_tls
+from fedlora_flwr.exits import FederationIncomplete
 from fedlora_flwr.superlink import LocalSuperLink
 from inprocess import InProcessGrid
 
@@ -59,9 +60,9 @@ def test_missing_nodes_stop_the_run_after_the_timeout(tmp_path, caplog):
     config = _run_config(tmp_path / "outputs", "missing", **{"node-wait-timeout": 2.0})
     grid = LateNodesGrid(client_app.app, NUM_NODES, config, never=(1,))
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as stop:
+    with caplog.at_level(logging.ERROR), pytest.raises(FederationIncomplete) as stop:
         _start(grid, config)
-    assert stop.value.code == 3 and time.monotonic() - started < 30
+    assert stop.value.exit_code == 903 and time.monotonic() - started < 30
     (line,) = [r.getMessage() for r in caplog.records if "node-wait-timeout" in r.getMessage()]
     assert "2 of 3 SuperNodes connected" in line and "[0, 2]" in line and "\n" not in line
     assert _metrics(tmp_path / "outputs" / "missing") == []  # no round started

@@ -128,9 +128,11 @@ def test_clients_past_the_round_timeout_are_counted_failures(superlink, tmp_path
 
 
 def test_invalid_config_stops_before_training(superlink, tmp_path):
+    """In simulation too the run fails with the config error's status (Flower: "Simulation failed")."""
     out = tmp_path / "outputs"
-    _, log = superlink.run(REPO, {"rank-conv": 0.0, "output-dir": str(out)}, num_supernodes=2)
+    code, log = superlink.run(REPO, {"rank-conv": 0.0, "output-dir": str(out)}, num_supernodes=2)
     lines = [line for line in log.splitlines() if "invalid run config" in line]
     assert lines and "rank-conv" in lines[0], log[-3000:]
+    assert code == 2 and "finished:failed: Simulation failed with exception: [fedlora-flwr exit 2]" in log
     assert "[ROUND 1" not in log
     assert not out.exists()

@@ -16,6 +16,7 @@ from inprocess import InProcessGrid
 from test_resume import Crash, _config, _rows, _state_files, _summary
 from test_resume import _start as start_run
 
+from fedlora_flwr.exits import RunConfigError
 from fedlora_flwr.results import CHECKPOINT_FILE, load_checkpoint
 from strategies.base import PersonalizedStrategy
 
@@ -108,9 +109,8 @@ def test_a_run_that_crashed_with_an_evaluation_pending_resumes_to_the_same_end(t
 
 def test_fused_evaluation_of_a_method_with_per_client_messages_is_refused_in_one_line(tmp_path, caplog):
     config = {**_config(tmp_path, "run", "fedamp"), "fused-evaluation": True}
-    with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+    with caplog.at_level(logging.ERROR), pytest.raises(RunConfigError):
         _start(config)
-    assert exit_info.value.code == 2
     lines = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert len(lines) == 1 and "fused-evaluation" in lines[0] and "fedamp" in lines[0]
     assert not (tmp_path / "run").exists(), "nothing written for a refused config"

@@ -249,18 +249,27 @@ def test_grid_runs_all_then_skips_finished(tmp_path):
 
 
 def test_interrupted_run_folder_is_moved_aside_and_redone(tmp_path):
+    """No summary.json (interrupted) or a failed run's: moved aside and run again; a finished
+    run's (its status, or none from before the status existed): skipped."""
     path = _spec_file(tmp_path)
     experiment_dir = tmp_path / "out" / "tiny"
-    finished, partial = experiment_dir / TINY_NAMES[0], experiment_dir / TINY_NAMES[1]
+    finished, partial, failed = (experiment_dir / name for name in TINY_NAMES[:3])
     finished.mkdir(parents=True)
     (finished / "summary.json").write_text("{}")
     partial.mkdir()
     (partial / "metrics.jsonl").write_text('{"round": 1}\n')
+    failed.mkdir()
+    failed_summary = '{"status": "failed", "failure": "no-valid-replies"}'
+    (failed / "summary.json").write_text(failed_summary)
+    (experiment_dir / TINY_NAMES[3]).mkdir()
+    (experiment_dir / TINY_NAMES[3] / "summary.json").write_text('{"status": "finished"}')
     fake = FakeExecutor()
     result = _run(path, tmp_path, fake)
-    assert fake.calls == TINY_NAMES[1:]
+    assert fake.calls == TINY_NAMES[1:3] + TINY_NAMES[4:]
     statuses = _statuses(experiment_dir)
-    assert statuses[TINY_NAMES[0]] == "skipped" and result.count("done") == 7
+    assert statuses[TINY_NAMES[0]] == statuses[TINY_NAMES[3]] == "skipped" and result.count("done") == 6
+    (failed_aside,) = experiment_dir.glob(f"{TINY_NAMES[2]}.incomplete-*")
+    assert (failed_aside / "summary.json").read_text() == failed_summary
     aside = sorted(experiment_dir.glob(f"{TINY_NAMES[1]}.incomplete-*"))
     assert len(aside) == 1 and re.fullmatch(rf"{re.escape(TINY_NAMES[1])}\.incomplete-\d{{8}}T\d{{6}}Z", aside[0].name)
     assert (aside[0] / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing lost
@@ -282,7 +291,7 @@ def test_failed_runs_are_logged_and_the_grid_goes_on(tmp_path):
     log = (experiment_dir / f"{crashed}.log").read_text()
     assert "exit code 1" in log.splitlines()[0] and f"boom in {crashed}" in log
     assert len(log.splitlines()) <= grid.LOG_TAIL_LINES + 1  # the tail, not everything
-    assert "no summary.json" in (experiment_dir / f"{silent}.log").read_text().splitlines()[0]
+    assert "no finished summary.json" in (experiment_dir / f"{silent}.log").read_text().splitlines()[0]
     entries = {run["run_name"]: run for run in _grid_json(experiment_dir)["runs"]}
     assert entries[crashed]["exit_code"] == 1 and entries[crashed]["log"] == str(experiment_dir / f"{crashed}.log")
     assert "FAILED" in stream.getvalue() and "1 failed" in stream.getvalue()

@@ -5,7 +5,7 @@ AG_NEWS, the cnn-hetero family}. A cell runs a 1-round, 2-client federation in p
 ServerApp and ClientApp) and checks the method's meaning: every client replies; a personalized
 method keeps at least one personal tensor on disk and uploads none of them; FedBN keeps exactly
 the normalisation layers; FedPer, FedRep and FedRoD keep the model's declared head. Or the
-ServerApp stops before training with exit status 2, one line naming the method and the reason, and
+ServerApp stops before training with exit status 2 (``RunConfigError``), one line naming the method and the reason, and
 no run folder. :data:`REFUSED` pins which cells are refused, so a change that turns a running cell
 into a refusal (or the reverse) shows here.
 """
@@ -26,6 +26,7 @@ from test_federation import _quiet_flower
 from fedlora_flwr import client_app, server_app
 from fedlora_flwr.config import load_config
 from fedlora_flwr.data import task_spec
+from fedlora_flwr.exits import RunConfigError
 from fedlora_flwr.methods import registry
 from fedlora_flwr.models import head_name
 from fedlora_flwr.text import AGNEWS_FILE
@@ -87,9 +88,9 @@ def test_method_model_cell_keeps_its_meaning_or_is_refused(tmp_path, caplog, met
               "run-name": "cell"}
     run_dir = tmp_path / "out" / "cell"
     if method in REFUSED[model]:
-        with caplog.at_level(logging.ERROR), pytest.raises(SystemExit) as exit_info:
+        with caplog.at_level(logging.ERROR), pytest.raises(RunConfigError) as exit_info:
             _start(config)
-        assert exit_info.value.code == 2
+        assert exit_info.value.status == 2
         errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
         assert len(errors) == 1 and "\n" not in errors[0], errors
         assert f"method={method!r}" in errors[0] or f"method '{method}'" in errors[0], errors[0]

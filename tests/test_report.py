@@ -14,6 +14,7 @@ from conftest import app_defaults
 
 from fedlora_flwr.report import (
     PAPER_TABLE1,
+    find_runs,
     group_runs,
     load_runs,
     make_report,
@@ -140,6 +141,19 @@ def test_table_arithmetic_paper_column_csv_and_plots(two_methods, tmp_path, caps
     for name in PLOTS:  # synthetic data needs no file, so the partition is recomputed too
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+
+
+def test_a_failed_run_is_skipped_with_its_reason(tmp_path):
+    root = tmp_path / "runs"
+    fake_run(root, "done", "fedlora", 1, 0.8)
+    failed = fake_run(root, "failed", "fedlora", 2, 0.1)
+    summary = json.loads((failed / "summary.json").read_text())
+    summary.update(status="failed", failure="no-valid-replies", reason="round 3: no client sent a valid reply")
+    (failed / "summary.json").write_text(json.dumps(summary))
+    runs, skipped = find_runs(root)
+    assert [run.path.name for run in runs] == ["done"]
+    assert [(path.name, why) for path, why in skipped] == [
+        ("failed", "failed (no-valid-replies: round 3: no client sent a valid reply)")]
 
 
 def test_rows_group_seeds_and_label_varying_keys(tmp_path):

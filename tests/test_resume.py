@@ -19,6 +19,7 @@ from safetensors import safe_open
 from test_federation import _quiet_flower, _run_config
 
 from fedlora_flwr import client_app, server_app
+from fedlora_flwr.exits import RunConfigError
 from fedlora_flwr.results import CHECKPOINT_FILE, RunRecorder
 from fedlora_flwr.store import saved_round
 
@@ -131,9 +132,8 @@ def _error_lines(caplog) -> list[str]:
 
 def _refused(config: dict, caplog) -> str:
     caplog.clear()
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(RunConfigError):
         _start(config)
-    assert info.value.code == 2
     (line,) = _error_lines(caplog)
     assert "\n" not in line
     return line

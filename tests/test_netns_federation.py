@@ -1,0 +1,192 @@
+"""A federation across hosts, on real processes: the SuperLink, the ``flwr`` user and every
+SuperNode each in a network namespace of its own (``ip netns``; a veth pair from each to a bridge
+in the SuperLink's namespace; addresses in a private /24 this machine does not use), TLS with a
+certificate for the SuperLink's address, SuperNode authentication, 2 rounds of FedLoRA on the
+real CIFAR-10 subset with 2 SuperNodes. Meanwhile a SuperNode with an unregistered key, one that
+trusts another CA and one speaking plaintext are each refused, and the federation finishes.
+
+Needs root and iproute2's ``ip`` (skipped, saying which, otherwise). The test creates its
+namespaces and links and deletes them, also when it fails.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from flwr.supercore.exit import ExitCode
+
+from fedlora_flwr.deployment import LocalFederation, make_node_key, make_tls
+
+NODES = 2
+#: The refused SuperNodes: partition id → how it is misconfigured.
+INTRUDERS = {2: "unregistered key", 3: "another CA", 4: "plaintext"}
+ROLES = ["superlink", "cli", *(f"node-{pid}" for pid in range(NODES + len(INTRUDERS)))]
+CANDIDATES = [ipaddress.ip_network(f"10.231.{third}.0/24") for third in range(1, 255)]
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (ip netns)"
+    if shutil.which("ip") is None:
+        return "needs iproute2's `ip` (apt-get install iproute2)"
+    return None
+
+
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+
+
+def _ip(*args: str) -> str:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _networks_in_use() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network with an address or a route here or in any network namespace."""
+    listings = [_ip("-4", "-o", "addr", "show"), _ip("-4", "route", "show", "table", "all")]
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0]
+        listings += [_ip("-n", name, "-4", "-o", "addr", "show"), _ip("-n", name, "-4", "route", "show", "table", "all")]
+    networks = []
+    for listing in listings:
+        for word in listing.split():
+            try:
+                networks.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                continue
+    return [network for network in networks if network.version == 4 and network.prefixlen > 0]
+
+
+def _free_subnet() -> ipaddress.IPv4Network:
+    used = _networks_in_use()
+    for candidate in CANDIDATES:
+        if not any(candidate.overlaps(network) for network in used):
+            return candidate
+    raise RuntimeError("every 10.231.x.0/24 is in use on this machine")
+
+
+class Hosts:
+    """One network namespace per role, ``<tag>-<role>``, each with a veth pair to a bridge in the
+    first role's namespace and an address of ``subnet``; nothing in the root namespace."""
+
+    def __init__(self, roles: list[str], subnet: ipaddress.IPv4Network) -> None:
+        self.tag = f"fl{os.getpid()}"
+        self.hub = roles[0]
+        self.namespaces = {role: f"{self.tag}-{role}" for role in roles}
+        addresses = subnet.hosts()
+        self.addresses = {role: str(next(addresses)) for role in roles}
+        self.prefix = subnet.prefixlen
+
+    def launcher(self, role: str) -> list[str]:
+        return ["ip", "netns", "exec", self.namespaces[role]]
+
+    def create(self) -> None:
+        for namespace in self.namespaces.values():
+            _ip("netns", "add", namespace)
+            _ip("-n", namespace, "link", "set", "lo", "up")
+        hub = self.namespaces[self.hub]
+        _ip("-n", hub, "link", "add", "br0", "type", "bridge")
+        _ip("-n", hub, "addr", "add", f"{self.addresses[self.hub]}/{self.prefix}", "dev", "br0")
+        _ip("-n", hub, "link", "set", "br0", "up")
+        for number, (role, namespace) in enumerate(self.namespaces.items()):
+            if role == self.hub:
+                continue
+            port = f"port{number}"
+            _ip("link", "add", port, "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", namespace)
+            _ip("-n", hub, "link", "set", port, "master", "br0", "up")
+            _ip("-n", namespace, "addr", "add", f"{self.addresses[role]}/{self.prefix}", "dev", "eth0")
+            _ip("-n", namespace, "link", "set", "eth0", "up")
+
+    def delete(self) -> list[str]:
+        """SIGKILL whatever still runs in the namespaces (only this test starts processes there),
+        delete them (their veths go with them); returns the namespaces of this test still listed."""
+        existing = set(_ip("netns", "list").split())
+        for namespace in self.namespaces.values():
+            if namespace not in existing:
+                continue
+            for pid in _ip("netns", "pids", namespace).split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            _ip("netns", "del", namespace)
+        return [name for name in _ip("netns", "list").split() if name.startswith(f"{self.tag}-")]
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    hosts = Hosts(ROLES, _free_subnet())
+    try:
+        hosts.create()
+        yield hosts
+    finally:
+        left = hosts.delete()
+    assert not left, f"namespaces left behind: {left}"
+
+
+def test_federation_across_network_namespaces(hosts, tmp_path, real_npz):
+    started = time.monotonic()
+    superlink = hosts.addresses["superlink"]
+    out = tmp_path / "outputs"
+    with LocalFederation(tmp_path / "federation", NODES, "tls-auth", data_dir=real_npz, host=superlink,
+                         launcher=hosts.launcher) as federation:
+        assert federation.link.address.startswith(f"{superlink}:")
+        unregistered, _ = make_node_key(tmp_path / "unregistered", "intruder")
+        registered, public = make_node_key(federation.workdir / "keys", "node-3")
+        federation.link.register(public)  # admitted by key: only its CA is wrong
+        other_ca = make_tls(tmp_path / "other-ca", hosts=(superlink,)).ca_cert
+        refused = {
+            2: federation.start_supernode(2, unregistered, max_retries="1"),
+            3: federation.start_supernode(3, registered, root_certificates=other_ca, max_retries="1"),
+            4: federation.start_supernode(4, insecure=True, max_retries="1"),
+        }
+        code, log = federation.run(
+            REPO,
+            {"dataset": "npz", "data-dir": str(real_npz), "model": "cnn", "num-server-rounds": 2, "local-epochs": 1,
+             "lora-epochs": 1, "lora-schedule": "simultaneous", "train-per-client": 100, "test-per-client": 50,
+             "output-dir": str(out), "run-name": "netns", "node-wait-timeout": 300.0},
+            timeout=1200,
+        )
+        exits = {pid: process.wait(timeout=300) for pid, process in refused.items()}
+        node_logs = {pid: (federation.node_dir(pid) / "supernode.log").read_text() for pid in refused}
+        state_dirs = {pid: federation.state_dir(pid) for pid in range(NODES + len(INTRUDERS))}
+        federation.link.record_tree()
+        processes = list(federation.link.tree.values())
+    wall = time.monotonic() - started
+    print(f"netns federation test: {wall:.1f} s wall")  # measured, shown with -s
+    assert not [p.pid for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], "left running"
+    run_dir = out / "netns"
+    assert code == 0, log[-4000:]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["dataset"] == "npz" and config["num-server-rounds"] == 2
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["round"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["participants"] == [0, 1] and set(row["acc_per_client"]) == {"0", "1"}
+        assert row["num_nodes"] == NODES and row["num_failures"] == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["rounds"] == 2 and summary["num_clients"] == NODES
+    for pid in range(NODES):
+        assert sorted(p.relative_to(state_dirs[pid]).as_posix() for p in state_dirs[pid].rglob("*.safetensors")) == [
+            f"netns/{pid}/personal.previous.safetensors", f"netns/{pid}/personal.safetensors"]
+    assert not (run_dir / "clients").exists()  # personal state lives with the SuperNodes only
+    for pid, how in INTRUDERS.items():
+        assert exits[pid] != 0, f"{how}: {node_logs[pid][-2000:]}"
+        assert not state_dirs[pid].exists(), how
+    # Flower's SuperNode logs its exit code 305 (SUPERNODE_CONNECTION_ERROR) and why
+    for pid, why in {2: "Failed to activate SuperNode", 3: "CERTIFICATE_VERIFY_FAILED",
+                     4: "Server disconnected without sending a response"}.items():
+        node_log = node_logs[pid]
+        assert f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in node_log and why in node_log, node_log[-2000:]
