@@ -184,3 +184,47 @@ def test_pfedlora_reads_the_representation_width_from_the_declared_head(tmp_path
     session, _, stats, upload = _trained_session(tmp_path, "transformer-small", method)
     assert session.model.adapter.lora_A.shape[1] == session.model.local.fc.in_features == 32
     assert set(upload) == {"adapter.lora_A", "adapter.lora_B", "adapter.bias"} and stats.steps >= 1
+
+
+# --------------------------------------------------------------------------- dropout draws
+
+
+def _first_dropout_mask(tmp_path, model: str, method: str, module: str, partition_id: int, server_round: int,
+                        stream: int = 0) -> torch.Tensor:
+    """The mask of ``module``'s first dropout draw in client ``partition_id``'s training of ``server_round``."""
+    config = load_config({**app_defaults(), **TINY, "model": model, "method": method,
+                          "output-dir": str(tmp_path), "lora-dropout": 0.5})
+    session = ClientSession.create(config, partition_id, 2, tmp_path / f"{partition_id}-{server_round}-{stream}",
+                                   server_round)
+    session.load(session.method.initial_download(session.model), training=True)
+    masks = []
+    dropout = session.model.get_submodule(module)
+    assert isinstance(dropout, nn.Dropout) and dropout.p > 0
+    hook = dropout.register_forward_hook(lambda _m, _inputs, output: masks.append(output == 0) if not masks else None)
+    try:
+        session.run_schedule(session.method.schedule(), stream=stream)
+    finally:
+        hook.remove()
+    return masks[0].flatten()
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two masks differ (compared on the draws both made: clients' batches may differ in length)."""
+    n = min(len(a), len(b))
+    return not torch.equal(a[:n], b[:n])
+
+
+@needs_agnews
+@pytest.mark.parametrize("model, method, module", [
+    pytest.param("transformer-small", "fedavg", "dropout", marks=needs_tokenizer, id="transformer-small"),
+    pytest.param("minilm", "fedsa-lora", "base_model.model.backbone.encoder.layer.0.attention.self.query.lora_dropout.default",
+                 marks=needs_minilm, id="minilm-lora-dropout"),
+])
+def test_dropout_masks_differ_by_round_client_and_stream_and_repeat_for_the_same(tmp_path, model, method, module):
+    first = _first_dropout_mask(tmp_path, model, method, module, partition_id=0, server_round=1)
+    assert first.any(), "something was dropped"
+    again = _first_dropout_mask(tmp_path, model, method, module, partition_id=0, server_round=1)
+    assert torch.equal(first, again), "same seed, round, client and stream: the same masks"
+    assert _differ(first, _first_dropout_mask(tmp_path, model, method, module, partition_id=0, server_round=2))
+    assert _differ(first, _first_dropout_mask(tmp_path, model, method, module, partition_id=1, server_round=1))
+    assert _differ(first, _first_dropout_mask(tmp_path, model, method, module, partition_id=0, server_round=1, stream=1))
