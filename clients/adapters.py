@@ -1,8 +1,8 @@
 """Adapter methods on a frozen pretrained model (FedSA-LoRA paper, arXiv 2410.01463; METHODS.md §B).
 
 The base :class:`AdapterClient` builds the pretrained text model (``model=minilm`` or ``hf:<name>``)
-or an image model whose weights but the head ``fc`` come from ``backbone=<safetensors>`` (e.g. a
-fedavg run's ``shared.safetensors``; LoRA then on every Conv2d and Linear but ``fc``, PEFT's Conv2d
+or an image model whose weights but the head come from ``backbone=<safetensors>`` (e.g. a
+fedavg run's ``shared.safetensors``; LoRA then on every Conv2d and Linear but the head, PEFT's Conv2d
 LoRA: A a conv of the layer's kernel into r channels, B a 1×1 conv), wraps it with PEFT adapters
 (``fedlora_flwr.peft_models``) and trains every non-frozen tensor *jointly* for ``local-steps``
 mini-batches per round with plain SGD (no momentum, no weight decay, ``lr``; FedSA-LoRA's config:
@@ -39,18 +39,10 @@ from clients.base import MethodClient, local_length
 from clients.params import LoRA, AdapterInput, LocalSteps
 from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, nothing
+from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, any_of, none_of, nothing
 from fedlora_flwr.models import image_backbone, image_lora_targets
-from fedlora_flwr.peft_models import (
-    AdapterKind,
-    AdapterSpec,
-    is_backbone,
-    is_head,
-    is_lora_a,
-    is_lora_b,
-    is_vera_lambda_b,
-    wrap,
-)
+from fedlora_flwr.peft_models import AdapterKind, AdapterSpec, is_backbone, is_lora_a, is_lora_b, is_vera_lambda_b, wrap
+from fedlora_flwr.structure import in_head
 from fedlora_flwr.text_models import ModelError, is_pretrained_text_model, text_classifier
 
 
@@ -101,24 +93,16 @@ class AdapterClient(MethodClient):
         return [Phase(groups=("shared", "personal"), **local_length(self.config), optimizer=self.optimizer())]
 
 
-def _personal_b_and_head(key: str, module: nn.Module) -> bool:
-    return is_lora_b(key) or is_head(key)
-
-
 class FedSALoRAClient(AdapterClient):
     """FedSA-LoRA (§3, Alg. 1): A shared, B and the classification head personal (B.1)."""
 
-    partition = ParameterPartition(personal=_personal_b_and_head, frozen=is_backbone)
+    partition = ParameterPartition(personal=any_of(is_lora_b, in_head), frozen=is_backbone)
 
 
 class FedSArsLoRAClient(FedSALoRAClient):
     """FedSA-rsLoRA (B.5): FedSA-LoRA with rsLoRA's scaling α/√r."""
 
     adapter = "rslora"
-
-
-def _personal_lambda_b_and_head(key: str, module: nn.Module) -> bool:
-    return is_vera_lambda_b(key) or is_head(key)
 
 
 class VeRA(LocalSteps, AdapterInput):
@@ -134,32 +118,24 @@ class FedSAVeRAClient(AdapterClient):
     official code gives the adapter ``train.optimizer.lr`` and the head ``lr_c``."""
 
     params = VeRA
-    partition = ParameterPartition(personal=_personal_lambda_b_and_head, frozen=is_backbone)
+    partition = ParameterPartition(personal=any_of(is_vera_lambda_b, in_head), frozen=is_backbone)
     adapter = "vera"
 
     def optimizer(self) -> OptimizerSpec:
         return OptimizerSpec(name="adamw", lr=self.params.vera_lr)
 
 
-def _backbone_or_lora_a(key: str, module: nn.Module) -> bool:
-    return is_backbone(key) or is_lora_a(key)
-
-
 class FFALoRAClient(AdapterClient):
     """FFA-LoRA (Sun et al., ICLR 2024; B.5): A frozen at its seeded init (the same on every client),
     B and head trained and averaged: a global model, uploads B and head only."""
 
-    partition = ParameterPartition(personal=nothing, frozen=_backbone_or_lora_a)
-
-
-def _not_backbone(key: str, module: nn.Module) -> bool:
-    return not is_backbone(key)
+    partition = ParameterPartition(personal=nothing, frozen=any_of(is_backbone, is_lora_a))
 
 
 class LocalAdapterClient(AdapterClient):
     """``local-lora`` on a pretrained model: adapters and head trained and kept, nothing sent."""
 
-    partition = ParameterPartition(personal=_not_backbone, frozen=is_backbone)
+    partition = ParameterPartition(personal=none_of(is_backbone), frozen=is_backbone)
 
 
 class FedAvgHeadClient(AdapterClient):

@@ -28,16 +28,14 @@ from torch import nn
 from clients.adapters import lora_target_modules
 from clients.base import MethodClient, local_length
 from clients.params import LocalSteps, TargetModules
-from clients.fedper import HEAD
 from fedlora_flwr.adapters import CLIENT, COMMON, add_lora_adapters, is_adapter_key
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase, nothing
+from fedlora_flwr.groups import BilevelUpdate, OptimizerSpec, ParameterPartition, Phase, all_of, any_of, none_of, nothing
 from fedlora_flwr.models import build_model
-from fedlora_flwr.peft_models import is_adapter, is_backbone, is_head
+from fedlora_flwr.peft_models import is_adapter, is_backbone
 from fedlora_flwr.requirements import Requirements
+from fedlora_flwr.structure import in_head
 from fedlora_flwr.text_models import is_pretrained_text_model, text_classifier
-
-HEAD_WEIGHTS = HEAD + "base_layer."
 
 
 class CommonAdapter(LocalSteps, TargetModules):
@@ -60,12 +58,9 @@ def is_client_adapter(key: str, _module: nn.Module) -> bool:
     return is_adapter_key(key, CLIENT)
 
 
-def is_client_adapter_or_head(key: str, module: nn.Module) -> bool:
-    return is_client_adapter(key, module) or key.startswith(HEAD_WEIGHTS)
-
-
-def is_client_adapter_or_text_head(key: str, module: nn.Module) -> bool:
-    return is_client_adapter(key, module) or (is_head(key) and not is_adapter(key))
+#: The head's own weight and bias: ``fc.base_layer.*`` where the head is adapted (image models),
+#: ``classifier.*`` where it is not (``lora-target-modules`` on a text model).
+head_weights = all_of(in_head, none_of(is_adapter))
 
 
 def adapted_model(config, num_classes: int, ranks: Mapping[str, int]) -> nn.Module:
@@ -96,8 +91,7 @@ class PF2LoRAClient(MethodClient):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        with_head = is_client_adapter_or_text_head if is_pretrained_text_model(config.model) else is_client_adapter_or_head
-        personal = with_head if config.params.pf2lora_head == "personal" else is_client_adapter
+        personal = any_of(is_client_adapter, head_weights) if config.params.pf2lora_head == "personal" else is_client_adapter
         self.partition = ParameterPartition(personal=personal, frozen=frozen_backbone(config))
 
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:

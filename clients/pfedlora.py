@@ -7,8 +7,9 @@ reconstructed, following METHODS.md's recommendations:
 
 - **[REC] adapter and output** (C.2): θ = (A ∈ R^{r×d}, B ∈ R^{C×r}, b ∈ R^C) on h (d = 500 for
   CNN-1..5), A Kaiming-uniform (PEFT's ``a=√5``), B = 0, **b = 0** (METHODS.md leaves b's init
-  open); logits z = μ·FC3_k(h) + (1−μ)·(B·A·h + b). d is the client model's ``fc.in_features``,
-  so the adapter also fits a homogeneous ``model`` or another registered family.
+  open); logits z = μ·FC3_k(h) + (1−μ)·(B·A·h + b). d is the ``in_features`` of the client model's
+  declared head (``fedlora_flwr.structure``), so the adapter also fits a homogeneous ``model`` or
+  another registered family.
 - **[REC] identical init on every client**: A is drawn from its own generator seeded with
   ``seed``, before and apart from the local model, so θ⁰ does not depend on the architecture.
 - **[REC] schedule** (C.3): phase L trains F_k with θ frozen for E_1 epochs, phase G trains θ with
@@ -42,6 +43,7 @@ from fedlora_flwr.config import MethodParams
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, load_group
 from fedlora_flwr.requirements import Requirements
+from fedlora_flwr.structure import Classifier, head
 
 LOCAL = "local."
 ADAPTER_SLOT = "adapter"
@@ -72,18 +74,19 @@ class LowRankAdapter(nn.Module):
 
 
 class PFedLoRAModel(nn.Module):
-    """The local model F_k (``local``, with ``features`` and its head ``fc`` = FC3_k) and the
+    """The local model F_k (``local``: its ``features`` and its declared head = FC3_k) and the
     adapter θ (``adapter``): z = μ·FC3_k(h) + (1−μ)·θ(h), h = F_k's representation."""
 
-    def __init__(self, local: nn.Module, adapter: LowRankAdapter, mu: float) -> None:
+    def __init__(self, local: Classifier, adapter: LowRankAdapter, mu: float) -> None:
         super().__init__()
         self.adapter = adapter
         self.local = local
         self.mu = mu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.local.features(x)
-        return self.mu * self.local.fc(h) + (1.0 - self.mu) * self.adapter(h)
+        fc3 = head(self.local)
+        h = fc3.body.features(x)
+        return self.mu * fc3.module(h) + (1.0 - self.mu) * self.adapter(h)
 
 
 def is_local_model(key: str, _module: nn.Module) -> bool:
@@ -98,7 +101,7 @@ class PFedLoRAClient(MethodClient):
     def build_model(self, task: TaskSpec, partition_id: int) -> nn.Module:
         local = super().build_model(task, partition_id)
         generator = torch.Generator().manual_seed(self.config.seed)
-        adapter = LowRankAdapter(local.fc.in_features, task.num_classes, self.params.pfedlora_rank, generator)
+        adapter = LowRankAdapter(head(local).module.in_features, task.num_classes, self.params.pfedlora_rank, generator)
         return PFedLoRAModel(local, adapter, self.params.pfedlora_mu)
 
     def phase(self, groups: tuple, epochs: int, eval_groups: tuple = ("frozen",)) -> Phase:

@@ -61,11 +61,18 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def training_seed(seed: int, server_round: int, partition_id: int, stream: int = 0) -> int:
-    """The seed of one client's local training in one round (batch order, augmentation): NumPy's
-    ``SeedSequence`` hash of (seed, round, partition id, stream), so no two clients, rounds or
-    streams (0: training, 1: lora-ft's fine-tuning before evaluation) share one."""
-    return int(np.random.SeedSequence([seed, server_round, partition_id, stream]).generate_state(1, dtype=np.uint64)[0])
+#: The words of a :func:`training_seed`: the batch generator's (mini-batch order, augmentation) and
+#: the global torch RNG's (every other draw of the model in training: dropout, PEFT's lora_dropout).
+BATCHES, GLOBAL_RNG = 0, 1
+
+
+def training_seed(seed: int, server_round: int, partition_id: int, stream: int = 0, word: int = BATCHES) -> int:
+    """A seed of one client's local training in one round: word ``word`` of NumPy's ``SeedSequence``
+    hash of (seed, round, partition id, stream), so no two clients, rounds or streams (0: training,
+    1: lora-ft's fine-tuning before evaluation) share one, and the batch generator (:data:`BATCHES`)
+    and the global torch RNG (:data:`GLOBAL_RNG`) draw from independent seeds."""
+    words = np.random.SeedSequence([seed, server_round, partition_id, stream]).generate_state(word + 1, dtype=np.uint64)
+    return int(words[word])
 
 
 @dataclass
@@ -167,13 +174,17 @@ class ClientSession:
 
     def run_schedule(self, schedule: Sequence[Phase], stream: int = 0) -> TrainStats:
         """Train the model on this client's training split with the method's partition and loss.
-        ``stream`` picks the mini-batch order: 0 for training, 1 for fine-tuning before evaluation.
-        The generator lives on the training device, so batch order and batched augmentation are
-        drawn there (on CUDA they differ from a CPU run's draws)."""
+        ``stream`` picks the random draws: 0 for training, 1 for fine-tuning before evaluation.
+        The mini-batch order and augmentation come from a generator on the training device (on
+        CUDA they differ from a CPU run's draws); the global torch RNG (CPU and CUDA), which
+        dropout draws from, is re-seeded from the same (seed, round, partition id, stream), so
+        dropout masks differ between clients, rounds and streams and repeat for the same ones.
+        (:meth:`create` seeds it with ``seed`` alone, for the model init every client shares.)"""
         x, y = self.tensors(train=True)
         config = self.config
         method = self.method
         seed = training_seed(config.seed, self.server_round, self.partition_id, stream)
+        torch.manual_seed(training_seed(config.seed, self.server_round, self.partition_id, stream, GLOBAL_RNG))
         return train_schedule(
             self.model,
             method.partition,

@@ -8,8 +8,11 @@ statistics) belongs to exactly one group:
 - ``frozen``: never trained and never sent (e.g. a pretrained backbone).
 
 A method declares its partition with two rules (personal, frozen); everything else is shared.
-A rule sees the state-dict key and the module that owns it, so it can select by name (FedPer's
-``fc.``), by LoRA role (``lora_``) or by module type (FedBN's BatchNorm layers).
+A rule sees the state-dict key and the module that owns it, so it can select by name or LoRA role
+(``lora_``) or by module type (FedBN's BatchNorm layers). A rule that needs the whole model is a
+:class:`ModelRule`, bound to the model being partitioned: FedPer's "the model's declared head"
+(``fedlora_flwr.structure.in_head``). :func:`any_of`, :func:`all_of` and :func:`none_of` combine
+rules of both kinds.
 
 A schedule is an ordered list of :class:`Phase`: "train these groups for N epochs (or N steps)
 with a fresh optimizer". FedLoRA = [personal for E_lora, shared for E − E_lora] (paper §3.4,
@@ -33,6 +36,56 @@ KeyRule = Callable[[str, nn.Module], bool]
 """Decides membership from a state-dict key and the module that directly owns the tensor."""
 
 
+@dataclass(frozen=True)
+class ModelRule:
+    """A rule that depends on the model it partitions (e.g. where its declared head sits):
+    ``bind(model)`` returns the :data:`KeyRule` for that model. ``name`` is how errors show it."""
+
+    name: str
+    bind: Callable[[nn.Module], KeyRule]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Rule = KeyRule | ModelRule
+
+
+def bound(rule: Rule, model: nn.Module) -> KeyRule:
+    """``rule`` as a key rule for ``model`` (a :class:`ModelRule` bound to it, a key rule as is)."""
+    return rule.bind(model) if isinstance(rule, ModelRule) else rule
+
+
+def rule_name(rule: Rule) -> str:
+    return str(rule) if isinstance(rule, ModelRule) else getattr(rule, "__name__", repr(rule))
+
+
+def _combined(name: str, combine: Callable[[Iterable[bool]], bool], rules: tuple[Rule, ...]) -> ModelRule:
+    if not rules:
+        raise ValueError(f"{name}() needs at least one rule")
+
+    def bind(model: nn.Module) -> KeyRule:
+        key_rules = [bound(rule, model) for rule in rules]
+        return lambda key, module: combine(rule(key, module) for rule in key_rules)
+
+    return ModelRule(f"{name}({', '.join(rule_name(rule) for rule in rules)})", bind)
+
+
+def any_of(*rules: Rule) -> ModelRule:
+    """A key any of ``rules`` selects."""
+    return _combined("any_of", any, rules)
+
+
+def all_of(*rules: Rule) -> ModelRule:
+    """A key every one of ``rules`` selects."""
+    return _combined("all_of", all, rules)
+
+
+def none_of(*rules: Rule) -> ModelRule:
+    """A key none of ``rules`` selects."""
+    return _combined("none_of", lambda hits: not any(hits), rules)
+
+
 def nothing(_key: str, _module: nn.Module) -> bool:
     return False
 
@@ -45,11 +98,15 @@ def everything(_key: str, _module: nn.Module) -> bool:
 class ParameterPartition:
     """Assigns every state-dict key of a model to one group: personal, else frozen, else shared."""
 
-    personal: KeyRule = nothing
-    frozen: KeyRule = nothing
+    personal: Rule = nothing
+    frozen: Rule = nothing
+
+    def __str__(self) -> str:
+        return f"personal={rule_name(self.personal)}, frozen={rule_name(self.frozen)}"
 
     def groups(self, model: nn.Module) -> dict[str, Group]:
         """Map every state-dict key of ``model`` to its group, in state-dict order."""
+        personal, frozen = bound(self.personal, model), bound(self.frozen, model)
         owner: dict[str, nn.Module] = {}
         # remove_duplicate=False: a module reachable under two names (tied weights) owns both keys.
         for module_name, module in model.named_modules(remove_duplicate=False):
@@ -61,9 +118,9 @@ class ParameterPartition:
         groups: dict[str, Group] = {}
         for key in model.state_dict():
             module = owner[key]
-            if self.personal(key, module):
+            if personal(key, module):
                 groups[key] = "personal"
-            elif self.frozen(key, module):
+            elif frozen(key, module):
                 groups[key] = "frozen"
             else:
                 groups[key] = "shared"

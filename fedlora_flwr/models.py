@@ -2,13 +2,14 @@
 pFedLoRA's heterogeneous CNN-1..5 (METHODS.md C.1), grouped in the model family ``cnn-hetero``.
 
 All models take NCHW float input of shape (N, 3, 32, 32); the ResNets and the CNN also accept
-64×64 (Tiny ImageNet, fed unresized), CNN-1..5 only 32×32. Each has a classifier ``fc`` (the
-"head" of FedPer, FedRep and FedRoD) on top of ``features(x)`` (the "body"). Decompose them with
+64×64 (Tiny ImageNet, fed unresized), CNN-1..5 only 32×32. Each is a
+:class:`fedlora_flwr.structure.Classifier` whose declared head is ``fc`` (the "head" of FedPer,
+FedRep and FedRoD), on top of ``features(x)`` (the "body"). Decompose them with
 :func:`fedlora_flwr.lora.decompose`.
 
 A *model family* (:data:`MODEL_FAMILIES`) gives clients different architectures: client k builds
 member ``k mod len(family)`` (run-config key ``model-family``). Register one by adding an entry
-whose members are :data:`MODELS` names; for pFedLoRA their ``fc`` must share ``in_features``
+whose members are :data:`MODELS` names; for pFedLoRA their heads must share ``in_features``
 (the adapter acts on that representation).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from fedlora_flwr.structure import Classifier, head
 from fedlora_flwr.text_models import HF_PREFIX, MINILM, TRANSFORMER_SMALL, ModelError, text_classifier, transformer_small
 
 __all__ = ["MODELS", "MODEL_FAMILIES", "BasicBlock", "HeteroCNN", "ResNet", "SmallCNN", "build_model",
@@ -62,12 +64,14 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """ImageNet-style stem (7×7/2 conv, BN, ReLU, 3×3/2 max-pool) + one BasicBlock per stage.
 
     Module names (METHODS A.3): ``conv1``, ``bn1``, ``layers.{s}.0.{conv1,bn1,conv2,bn2}``,
     ``layers.{s}.0.downsample.{0,1}``, ``fc``.
     """
+
+    HEAD = "fc"
 
     def __init__(self, widths: Sequence[int], strides: Sequence[int], num_classes: int) -> None:
         super().__init__()
@@ -92,8 +96,6 @@ class ResNet(nn.Module):
         x = self.layers(x)
         return torch.flatten(self.avgpool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 def resnet8(num_classes: int) -> ResNet:
@@ -106,7 +108,7 @@ def resnet10(num_classes: int) -> ResNet:
     return ResNet((64, 128, 256, 512), (1, 2, 2, 2), num_classes)
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Classifier):
     """A small fast CNN for tests and CPU experiments (ours, not from the FedLoRA paper).
 
     Three conv3×3 → BN → ReLU stages (32, 64, 128 channels; max-pool 2 after the first two),
@@ -116,6 +118,8 @@ class SmallCNN(nn.Module):
     earlier variant with a 4096→128 hidden linear layer diverged there (losses above 100 on the
     α = 0.1 CIFAR-10 partition) and collapsed a 40-client FedLoRA run. Runs in channels_last.
     """
+
+    HEAD = "fc"
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -140,15 +144,13 @@ class SmallCNN(nn.Module):
         x = self.relu(self.bn3(self.conv3(x)))
         return torch.flatten(self.avgpool(x), 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 def small_cnn(num_classes: int) -> SmallCNN:
     return SmallCNN(num_classes)
 
 
-class HeteroCNN(nn.Module):
+class HeteroCNN(Classifier):
     """One of pFedLoRA's CNN-1..5 (METHODS.md C.1, from the authors' group's FedGH ``CNNs.py``).
 
     conv 5×5 3→16 (no padding) → ReLU → max-pool 2 → conv 5×5 16→``conv2_channels`` → ReLU →
@@ -157,6 +159,7 @@ class HeteroCNN(nn.Module):
     BatchNorm; PyTorch's default init (as FedGH's code).
     """
 
+    HEAD = "fc"
     REPRESENTATION = 500
 
     def __init__(self, conv2_channels: int, fc1_width: int, num_classes: int) -> None:
@@ -176,8 +179,6 @@ class HeteroCNN(nn.Module):
         x = self.relu(self.fc1(torch.flatten(x, 1)))
         return self.relu(self.fc2(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
 
 
 #: METHODS.md C.1's table: (conv2 filters, FC1 width) of CNN-1..5.
@@ -219,15 +220,11 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return MODELS[name](num_classes)
 
 
-#: The classification head of every image model (trained, never part of a pretrained backbone).
-IMAGE_HEAD = "fc"
-
-
 def image_backbone(name: str, num_classes: int, path: str) -> nn.Module:
-    """Image model ``name`` with every tensor but the head ``fc`` read from the safetensors file
+    """Image model ``name`` with every tensor but its declared head read from the safetensors file
     ``path`` (e.g. a fedavg run's ``shared.safetensors``, whose keys are the model's state-dict
     keys); the head comes from the torch RNG as the text track's ``classifier`` (seed first), so
-    the file's own ``fc`` is not read and a backbone serves any class count. A missing file or
+    the file's own head is not read and a backbone serves any class count. A missing file or
     tensor, or a tensor of another shape, is one line naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -239,7 +236,8 @@ def image_backbone(name: str, num_classes: int, path: str) -> nn.Module:
         tensors = load_file(path)
     except (SafetensorError, OSError) as err:
         raise ModelError(f"backbone={path!r}: not a safetensors file ({type(err).__name__}: {err})") from None
-    wanted = {key: value for key, value in model.state_dict().items() if key.split(".", 1)[0] != IMAGE_HEAD}
+    declared = head(model)
+    wanted = {key: value for key, value in model.state_dict().items() if not declared.owns(key)}
     for key, value in wanted.items():
         if key not in tensors:
             raise ModelError(f"backbone={path!r}: no tensor {key!r} for model={name}")
@@ -251,16 +249,7 @@ def image_backbone(name: str, num_classes: int, path: str) -> nn.Module:
 
 
 def image_lora_targets(model: nn.Module) -> tuple[str, ...]:
-    """The layers LoRA adapts on an image backbone: every Conv2d and Linear but the head ``fc``."""
+    """The layers LoRA adapts on an image backbone: every Conv2d and Linear but its declared head."""
+    declared = head(model).name
     return tuple(name for name, module in model.named_modules()
-                 if isinstance(module, nn.Conv2d | nn.Linear) and name != IMAGE_HEAD)
-
-
-def head_name(model: nn.Module) -> str | None:
-    """The attribute name of ``model``'s classification head on top of its ``features()`` (None: none declared)."""
-    if not callable(getattr(model, "features", None)):
-        return None
-    for name in ("fc", "classifier"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    return None
+                 if isinstance(module, nn.Conv2d | nn.Linear) and name != declared)

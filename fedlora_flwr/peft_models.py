@@ -9,8 +9,9 @@ One reusable API for every method that fine-tunes a pretrained model with adapte
   per-layer vectors λ_d ∈ R^r, λ_b ∈ R^out: ΔW x = λ_b ⊙ B_v(λ_d ⊙ A_v x));
 - key predicates for :class:`fedlora_flwr.groups.ParameterPartition` rules, on PEFT's parameter
   names: :func:`is_lora_a`, :func:`is_lora_b`, :func:`is_vera_lambda_d`, :func:`is_vera_lambda_b`,
-  :func:`is_head` (a text model's ``classifier``, an image model's ``fc``), :func:`is_adapter` and
-  :func:`is_backbone` (everything else: the pretrained weights, VeRA's frozen projections).
+  :func:`is_adapter`, and the rule :data:`is_backbone`: neither adapter nor the model's declared
+  head (``fedlora_flwr.structure.in_head``; PEFT's wrapper is looked through), i.e. the pretrained
+  weights and VeRA's frozen projections.
 
 LoRA factors start as PEFT initialises them (A Kaiming-uniform from the torch RNG, B zeros): seed
 torch before :func:`wrap` and every client starts from the same A (FedSA-LoRA, METHODS.md B.1).
@@ -25,11 +26,11 @@ from typing import Literal
 
 from torch import nn
 
+from fedlora_flwr.groups import none_of
+from fedlora_flwr.structure import in_head
 from fedlora_flwr.text_models import ModelError
 
 AdapterKind = Literal["lora", "rslora", "vera"]
-#: The classification heads: text models' (``TextClassifier``) and image models' (``models.IMAGE_HEAD``).
-HEADS = ("classifier", "fc")
 VERA_PRNG_KEY = 0
 
 
@@ -84,18 +85,13 @@ def is_vera_lambda_b(key: str, _module: nn.Module | None = None) -> bool:
     return _segment(key, "vera_lambda_b")
 
 
-def is_head(key: str, _module: nn.Module | None = None) -> bool:
-    return any(_segment(key, head) for head in HEADS)
-
-
 def is_adapter(key: str, _module: nn.Module | None = None) -> bool:
     """A trainable adapter tensor (LoRA factors or VeRA vectors; not VeRA's frozen projections)."""
     return is_lora_a(key) or is_lora_b(key) or is_vera_lambda_d(key) or is_vera_lambda_b(key)
 
 
-def is_backbone(key: str, _module: nn.Module | None = None) -> bool:
-    """The pretrained weights (and VeRA's frozen random projections): neither adapter nor head."""
-    return not (is_adapter(key) or is_head(key))
+#: The pretrained weights (and VeRA's frozen random projections): neither adapter nor head.
+is_backbone = none_of(is_adapter, in_head)
 
 
 def scaling(model: nn.Module) -> dict[str, float]:

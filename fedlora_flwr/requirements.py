@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fedlora_flwr.lora import decomposable_layers
-from fedlora_flwr.models import head_name
+from fedlora_flwr.structure import head
 
 if TYPE_CHECKING:
     from fedlora_flwr.config import RunConfig
@@ -67,9 +67,12 @@ class Requirements:
         """Raise ``ValueError`` (one line naming the method, the model and why) when the plain model
         of the run lacks what the method needs."""
         name = config.model_family or config.model
-        if self.head and head_name(model) is None:
-            raise ValueError(f"method={method!r} needs a model with a body features() and a declared "
-                             f"classification head; model={name!r} ({type(model).__name__}) declares none")
+        if self.head:
+            try:
+                head(model)
+            except ValueError:
+                raise ValueError(f"method={method!r} needs a model with a body features() and a declared "
+                                 f"classification head; model={name!r} ({type(model).__name__}) declares none") from None
         if self.batchnorm and not any(isinstance(module, _BatchNorm) for module in model.modules()):
             raise ValueError(f"method={method!r} keeps the BatchNorm layers personal; model={name!r} has no "
                              "BatchNorm layer, so it would silently be FedAvg")

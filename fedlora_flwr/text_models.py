@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlora_flwr.structure import Classifier
+
 MINILM = "minilm"
 HF_PREFIX = "hf:"
 TRANSFORMER_SMALL = "transformer-small"
@@ -118,8 +120,11 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else ""
 
 
-class TextClassifier(nn.Module):
-    """``classifier(mean of backbone(ids) over ids != pad_id)``: logits of shape (N, num_classes)."""
+class TextClassifier(Classifier):
+    """``classifier(features(ids))``: logits of shape (N, num_classes); the declared head is
+    ``classifier`` (``fedlora_flwr.structure``)."""
+
+    HEAD = "classifier"
 
     def __init__(self, backbone: nn.Module, num_classes: int, pad_id: int) -> None:
         super().__init__()
@@ -127,14 +132,14 @@ class TextClassifier(nn.Module):
         self.classifier = nn.Linear(int(backbone.config.hidden_size), num_classes)
         self.pad_id = int(pad_id)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        """The mean of the encoder's last token states over the attention mask (ids != pad_id), (N, hidden)."""
         mask = ids != self.pad_id
         length = max(int(mask.sum(dim=1).max()), 1)
         ids, mask = ids[:, :length], mask[:, :length]
         hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
 def text_classifier(name: str, num_classes: int, share_backbone: bool = False) -> TextClassifier:
@@ -229,7 +234,7 @@ def sinusoids(length: int, dim: int, like: torch.Tensor) -> torch.Tensor:
     return table.to(like.dtype)
 
 
-class TransformerSmall(nn.Module):
+class TransformerSmall(Classifier):
     """``model=transformer-small``: the Transformer of FedLoRA's AG_NEWS experiment (paper App. E,
     Table 6), trained from scratch.
 
@@ -251,6 +256,8 @@ class TransformerSmall(nn.Module):
     Under FedLoRA q/k/v/out of both layers and ``fc`` become σ + B·A; the feed-forward layers,
     the embedding and the LayerNorms stay full-rank σ (shared, as BatchNorm is on the ResNets).
     """
+
+    HEAD = "fc"
 
     def __init__(self, vocab_size: int, pad_id: int, num_classes: int, dim: int = 32, heads: int = 8,
                  layers: int = 2, hidden: int = 32, dropout: float = 0.1) -> None:
@@ -276,9 +283,6 @@ class TransformerSmall(nn.Module):
             x = layer(x, ~keep)
         weights = keep.unsqueeze(-1).to(x.dtype)
         return (x * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(ids))
 
 
 def transformer_small(num_classes: int) -> TransformerSmall:

@@ -31,7 +31,7 @@ from torch import nn
 
 from fedlora_flwr.bilevel import bilevel_step
 from fedlora_flwr.data import batches
-from fedlora_flwr.groups import ParameterPartition, Phase
+from fedlora_flwr.groups import GROUPS, ParameterPartition, Phase
 
 LossHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 """``loss(model, x, y)``: the training loss of one mini-batch."""
@@ -84,6 +84,27 @@ def _phase_batches(phase: Phase, epoch_batches: Callable[[], Iterator]) -> Itera
     return itertools.islice(itertools.chain.from_iterable(epoch_batches() for _ in itertools.count()), phase.steps)
 
 
+def _check_phases(schedule: Sequence[Phase], model: nn.Module, partition: ParameterPartition,
+                  membership: dict[str, str]) -> None:
+    """Before anything trains: every phase that runs (and each level of a bilevel phase) must own a
+    parameter, else a ValueError naming the phase, its groups and the partition."""
+    counts = {group: sum(membership[key] == group for key, _ in model.named_parameters()) for group in GROUPS}
+    for number, phase in enumerate(schedule, start=1):
+        if phase.empty:
+            continue
+        levels = [(f"phase {number}", phase.groups)]
+        if phase.update is not None:
+            upper = tuple(group for group in phase.groups if group not in phase.update.lower)
+            levels += [(f"phase {number}'s lower level", phase.update.lower), (f"phase {number}'s upper level", upper)]
+        for what, groups in levels:
+            if not any(counts[group] for group in groups):
+                owned = ", ".join(f"{group} {count}" for group, count in counts.items())
+                raise ValueError(
+                    f"{what} trains the groups {tuple(groups)}, which own no parameter of {type(model).__name__} "
+                    f"under the partition ({partition}; parameters per group: {owned}); a phase with nothing "
+                    f"to train is an error, set its epochs or steps to 0 to skip it")
+
+
 def train_schedule(
     model: nn.Module,
     partition: ParameterPartition,
@@ -100,9 +121,12 @@ def train_schedule(
     precision: Precision = "fp32",
 ) -> TrainStats:
     """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device.
-    ``precision`` applies to the plain step; the bilevel step always runs in float32 (METHODS.md
-    D.8; the run config refuses bf16 for the PF2LoRA methods)."""
+    A phase of 0 epochs or steps is skipped; a phase (or a bilevel level) whose groups own no
+    parameter is a ValueError: it would otherwise train nothing without a word. ``precision``
+    applies to the plain step; the bilevel step always runs in float32 (METHODS.md D.8; the run
+    config refuses bf16 for the PF2LoRA methods)."""
     membership = partition.groups(model)
+    _check_phases(schedule, model, partition, membership)
     trainable_before = {key: param.requires_grad for key, param in model.named_parameters()}
     loss_total = torch.zeros((), dtype=torch.float64, device=x.device)
     samples, steps = 0, 0
@@ -112,14 +136,14 @@ def train_schedule(
 
     try:
         for phase in schedule:
+            if phase.empty:
+                continue
             params = []
             for key, param in model.named_parameters():
                 trainable = membership[key] in phase.groups
                 param.requires_grad_(trainable)
                 if trainable:
                     params.append(param)
-            if phase.empty or not params:
-                continue
             model.train()
             for module in partition.modules_only_in(model, phase.eval_groups):
                 module.eval()

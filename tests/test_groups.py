@@ -12,7 +12,7 @@ from clients.fedlora import FedLoRAClient
 from clients.local import LocalClient, LocalLoRAClient
 from fedlora_flwr.config import load_config
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import ParameterPartition, Phase, load_group
+from fedlora_flwr.groups import BilevelUpdate, ParameterPartition, Phase, everything, load_group
 from fedlora_flwr.lora import is_lora_key
 from fedlora_flwr.models import build_model
 from fedlora_flwr.training import cross_entropy, train_schedule
@@ -238,14 +238,34 @@ def test_requires_grad_is_restored_after_training(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_phase_with_no_parameters_or_zero_epochs_is_skipped(tmp_path):
+def test_phase_of_zero_epochs_or_steps_is_skipped(tmp_path):
     client = FedLoRAClient(_config(tmp_path))
     model = client.build_model(TaskSpec(NUM_CLASSES), 0)
     before = _snapshot(model)
-    stats = _train(model, client.partition, [Phase(("frozen",), 2), Phase(("shared", "personal"), 0)])
+    stats = _train(model, client.partition, [Phase(("frozen",), 0), Phase(("shared", "personal"), steps=0)])
     assert stats.steps == 0 and stats.samples == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_phase_whose_groups_own_no_parameter_is_an_error_naming_them(tmp_path):
+    """A rule that selects nothing (FedRep's head rule on a model without that head, once) must not
+    leave a phase silently untrained."""
+    client = FedLoRAClient(_config(tmp_path))
+    model = client.build_model(TaskSpec(NUM_CLASSES), 0)
+    before = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        _train(model, client.partition, [Phase(("shared",), 1), Phase(("frozen",), 2)])
+    message = str(info.value)
+    assert message.startswith("phase 2 trains the groups ('frozen',), which own no parameter") and "\n" not in message
+    assert f"partition ({client.partition};" in message and "frozen 0" in message
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "checked before anything trains"
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="phase 1 trains the groups \\('personal',\\)"):
+        _train(build_model("cnn", NUM_CLASSES), ParameterPartition(), [Phase(("personal",), 1)])
+    bilevel = Phase(("shared", "personal"), steps=1, update=BilevelUpdate(lower=("personal",), lr_lower=0.1))
+    with pytest.raises(ValueError, match="phase 1's upper level trains the groups \\('shared',\\)"):
+        _train(build_model("cnn", NUM_CLASSES), ParameterPartition(personal=everything), [bilevel])
 
 
 def test_fresh_optimizer_every_phase(tmp_path):

@@ -28,7 +28,7 @@ from fedlora_flwr.config import load_config
 from fedlora_flwr.data import task_spec
 from fedlora_flwr.exits import RunConfigError
 from fedlora_flwr.methods import registry
-from fedlora_flwr.models import head_name
+from fedlora_flwr.structure import head
 from fedlora_flwr.text import AGNEWS_FILE
 from strategies.base import ARRAYS
 
@@ -134,6 +134,6 @@ def test_method_model_cell_keeps_its_meaning_or_is_refused(tmp_path, caplog, met
             norms = {name for name, module in built.named_modules() if "BatchNorm" in type(module).__name__}
             assert {key.rsplit(".", 1)[0] for key in personal} == norms
         if method in HEAD_METHODS:
-            head = head_name(built)
-            heads = {key for key in personal if key.split(".")[0] in {head, "personal_head"}}
-            assert heads and heads == personal, f"{method}: personal {sorted(personal)}, head {head!r}"
+            declared = head(built).name
+            heads = {key for key in personal if key.split(".")[0] in {declared, "personal_head"}}
+            assert heads and heads == personal, f"{method}: personal {sorted(personal)}, head {declared!r}"

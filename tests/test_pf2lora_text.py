@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from test_federation import _arrays, _eval_type, _identical, _metrics, _state, _train_type
-from test_text import AGNEWS, MISSING, NUM_CLIENTS, _config, _session, _tiny_run
+from test_text import AGNEWS, MISSING, NUM_CLIENTS, _config, _session, _tiny_run, is_head
 
 from fedlora_flwr import bilevel, peft_models, text, text_models
 from fedlora_flwr.adapters import CLIENT, COMMON, is_adapter_key
@@ -23,7 +23,7 @@ PF2 = {"lr-upper": 0.05, "lr-lower": 0.05}
 
 
 def _common_or_head(key: str) -> bool:
-    return is_adapter_key(key, COMMON) or (peft_models.is_head(key) and not peft_models.is_adapter(key))
+    return is_adapter_key(key, COMMON) or (is_head(key) and not peft_models.is_adapter(key))
 
 
 @pytest.mark.parametrize("method", ["pf2lora", "pf2lora-simultaneous", "lora-ft"])
@@ -33,7 +33,7 @@ def test_encoder_frozen_unchanged_and_never_uploaded(tmp_path, method):
     session = _session(config, 0, tmp_path)
     model, partition = session.model, session.method.partition
     groups = partition.groups(model)
-    assert {k for k, g in groups.items() if g == "frozen"} == {k for k in groups if peft_models.is_backbone(k)}
+    assert {k for k, g in groups.items() if g == "frozen"} == {k for k in groups if not (peft_models.is_adapter(k) or is_head(k))}
     adapted = {k.split(".lora_")[0] for k in groups if ".lora_" in k}
     assert adapted and all(k.endswith((".query", ".value")) for k in adapted) and len(adapted) == 12
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -46,7 +46,7 @@ def test_encoder_frozen_unchanged_and_never_uploaded(tmp_path, method):
     assert set(upload) == {k for k in groups if _common_or_head(k)}
     changed = {k for k in after if not torch.equal(before[k], after[k])}
     assert any(peft_models.is_lora_b(k) and is_adapter_key(k, COMMON) for k in changed), "B trained"
-    assert any(peft_models.is_head(k) for k in changed), "head trained"
+    assert any(is_head(k) for k in changed), "head trained"
     if method != "lora-ft":
         assert {k for k, g in groups.items() if g == "personal"} == {k for k in groups if is_adapter_key(k, CLIENT)}
         assert any(is_adapter_key(k, CLIENT) for k in changed), "D_k trained"
@@ -55,7 +55,7 @@ def test_encoder_frozen_unchanged_and_never_uploaded(tmp_path, method):
 def test_personal_head_goes_with_the_client_adapter(tmp_path):
     session = _session(_config(tmp_path, "pf2lora", **{"pf2lora-head": "personal"}), 0, tmp_path)
     personal = session.method.partition.keys(session.model, "personal")
-    assert set(personal) == {k for k in session.model.state_dict() if is_adapter_key(k, CLIENT) or peft_models.is_head(k)}
+    assert set(personal) == {k for k in session.model.state_dict() if is_adapter_key(k, CLIENT) or is_head(k)}
 
 
 def test_every_forward_of_a_bilevel_step_draws_the_same_dropout_masks(tmp_path):
@@ -84,7 +84,7 @@ def test_pf2lora_shares_common_adapter_and_head_and_keeps_client_adapters(pf2lor
         uploads = {pid: _arrays(reply.content[ARRAYS]) for pid, reply in grid.replies[(server_round, train)].items()}
         assert len(uploads) == NUM_CLIENTS
         assert all(up and all(_common_or_head(k) for k in up) for up in uploads.values()), "only (B, A) and head"
-        assert not any(peft_models.is_backbone(k) for up in uploads.values() for k in up)
+        assert all(peft_models.is_adapter(k) or is_head(k) for up in uploads.values() for k in up), "no backbone"
         assert not _identical(uploads[0], uploads[1]), "trained locally before the mean"
         received = list(grid.sent[(server_round, evaluate)].values())
         assert len(received) == NUM_CLIENTS and all(_identical(received[0], r) for r in received), "one (B̄, Ā) for all"
