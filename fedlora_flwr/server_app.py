@@ -26,7 +26,7 @@ from fedlora_flwr.methods import METHODS
 from fedlora_flwr.results import RunRecorder, create_run_dir
 from fedlora_flwr.store import StateError
 from fedlora_flwr.text_models import ModelError
-from strategies.base import FederationIncomplete
+from strategies.sampling import FederationIncomplete
 
 app = ServerApp()
 
@@ -43,7 +43,7 @@ def main(grid: Grid, context: Context) -> None:
         model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
         recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
-        strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
+        strategy = method.strategy.from_config(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
     except (ConfigError, DatasetError, StateError, ModelError) as err:
         log(ERROR, "[fedlora-flwr] %s", err)
         sys.exit(2)
