@@ -45,7 +45,7 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from strategies.base import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, METRICS
+from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS
 
 app = ClientApp()
 
@@ -255,7 +255,7 @@ def train(message: Message, context: Context) -> Message:
                   if evaluate_round is not None else None)
     session = ClientSession.open(message, context)
     stats, upload = session.train()
-    fault = message.content["config"].get("fault")
+    fault = message.content["config"].get(FAULT)
     if fault:
         upload = inject_fault(str(fault), upload, session.config.round_timeout)
     metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}

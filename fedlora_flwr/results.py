@@ -103,7 +103,7 @@ class Checkpoint:
     elapsed_s: float
     strategy: dict[str, Any]  # the strategy's own state (PersonalizedStrategy.checkpoint_state)
     #: ``fused-evaluation``: the round's evaluation still waiting for the next round's train
-    #: replies (``strategies.base.PendingEvaluation``); its row is not in ``metrics.jsonl`` yet.
+    #: replies (``strategies.evaluation.PendingEvaluation``); its row is not in ``metrics.jsonl`` yet.
     pending_evaluation: dict[str, Any] | None = None
 
 

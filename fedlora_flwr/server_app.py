@@ -51,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
         model = client.build_model(task, partition_id=0)
         run_dir = create_run_dir(config)
         recorder = RunRecorder(run_dir, config)  # resume: reads the checkpoint
-        strategy = method.strategy(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
+        strategy = method.strategy.from_config(config, recorder, upload_template=ArrayRecord(client.upload_template(model)))
         unread = unread_changes(context.run_config)
         if unread:
             log(WARNING, "[fedlora-flwr] method %r does not read %s", config.method,

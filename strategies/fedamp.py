@@ -14,10 +14,15 @@ negative; we rescale the ξ_ij (j ≠ i) to sum to 1 and set ξ_ii = 0 (METHODS.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from strategies.base import ARRAYS, METRICS, PersonalizedStrategy
+
+if TYPE_CHECKING:
+    from fedlora_flwr.config import RunConfig
 
 MODEL = "model"
 
@@ -33,7 +38,20 @@ def attention_weights(squared_distances: np.ndarray, alpha_k: float, sigma: floa
 
 
 class FedAMPStrategy(PersonalizedStrategy):
+    """``alpha_k`` (α_K) and ``sigma`` (σ) weigh the clients' models; ``server_store`` is required
+    (it holds every w_i). Other keyword arguments: :class:`PersonalizedStrategy`."""
+
     per_client_messages = True
+
+    def __init__(self, *, alpha_k: float = 1.0, sigma: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.server_store is None:
+            raise ValueError("FedAMPStrategy keeps every client's w_i on disk: pass server_store")
+        self.alpha_k, self.sigma = alpha_k, sigma
+
+    @classmethod
+    def method_options(cls, config: RunConfig) -> dict[str, Any]:
+        return {"alpha_k": config.params.fedamp_alpha_k, "sigma": config.params.fedamp_sigma}
 
     def aggregate(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
         """Keep each participant's w_i; there is no global model to send."""
@@ -74,7 +92,7 @@ class FedAMPStrategy(PersonalizedStrategy):
         for index, pid in enumerate(partition_ids):
             if pid in column:
                 squared[index, column[pid]] = np.inf
-        xi, xi_self = attention_weights(np.maximum(squared, 0.0), self.config.params.fedamp_alpha_k, self.config.params.fedamp_sigma)
+        xi, xi_self = attention_weights(np.maximum(squared, 0.0), self.alpha_k, self.sigma)
 
         messages: list[dict[str, np.ndarray]] = [{} for _ in partition_ids]
         for key, reference in template.items():

@@ -20,12 +20,17 @@ pitfall); we average them as FedAvg does. With τ = 0 no element is critical and
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
 
 from clients.fedcac import CRITICAL
 from strategies.base import ARRAYS, METRICS, PersonalizedStrategy, average_arrays
+
+if TYPE_CHECKING:
+    from fedlora_flwr.config import RunConfig
 
 CUSTOMIZED = "customized"
 
@@ -53,7 +58,20 @@ def collaborators(overlap: np.ndarray, server_round: int, beta: int) -> list[lis
 
 
 class FedCACStrategy(PersonalizedStrategy):
+    """``beta`` (β) sets how fast the collaboration threshold grows; ``server_store`` is required
+    (it holds every customized model). Other keyword arguments: :class:`PersonalizedStrategy`."""
+
     per_client_messages = True
+
+    def __init__(self, *, beta: int = 100, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.server_store is None:
+            raise ValueError("FedCACStrategy keeps every client's customized model on disk: pass server_store")
+        self.beta = beta
+
+    @classmethod
+    def method_options(cls, config: RunConfig) -> dict[str, Any]:
+        return {"beta": config.params.fedcac_beta}
 
     def aggregate(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
         records = [message.content[ARRAYS] for message in replies]
@@ -67,7 +85,7 @@ class FedCACStrategy(PersonalizedStrategy):
         w_bar = {key: global_model[key].numpy() for key in model_keys}
         store = self.server_store.at_round(server_round)
         groups = collaborators(overlaps([np.concatenate([m.reshape(-1) for m in mask.values()]) for mask in masks]),
-                               server_round, self.config.params.fedcac_beta)
+                               server_round, self.beta)
         for message, mask, group in zip(replies, masks, groups, strict=True):
             stored = {}
             for key in model_keys:

@@ -229,7 +229,7 @@ def _strategy(cls, tmp_path: Path, method: str, **overrides):
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     template = registry()[method].client(config).upload_template(_model(registry()[method].client(config)))
-    return cls(config, RunRecorder(run_dir, config), upload_template=ArrayRecord(template))
+    return cls.from_config(config, RunRecorder(run_dir, config), upload_template=ArrayRecord(template))
 
 
 def _record(tensors: dict[str, np.ndarray]) -> ArrayRecord:

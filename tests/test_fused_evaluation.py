@@ -18,7 +18,7 @@ from test_resume import _start as start_run
 
 from fedlora_flwr.exits import RunConfigError
 from fedlora_flwr.results import CHECKPOINT_FILE, load_checkpoint
-from strategies.base import PersonalizedStrategy
+from strategies.evaluation import FusedEvaluation
 
 BYTES_SENT = {"bytes_down", "bytes_down_evaluate", "bytes_down_total"}
 
@@ -82,14 +82,14 @@ def test_a_run_that_crashed_with_an_evaluation_pending_resumes_to_the_same_end(t
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
         if crash.startswith("finishing"):
-            finish = PersonalizedStrategy._finish_pending
+            finish = FusedEvaluation.finish
 
             def finish_or_crash(self, replies):
-                if self._pending.round == 2:
+                if self.pending.round == 2:
                     raise Crash("killed before round 2's row")
-                finish(self, replies)
+                return finish(self, replies)
 
-            patch.setattr(PersonalizedStrategy, "_finish_pending", finish_or_crash)
+            patch.setattr(FusedEvaluation, "finish", finish_or_crash)
         else:
             from test_resume import _crash_at
             _crash_at(patch, 2)

@@ -98,7 +98,7 @@ class _Harness:
         run_dir.mkdir(parents=True)
         self.recorder = RunRecorder(run_dir, self.config)
         self.global_arrays = _client_arrays(100) if global_arrays is None else global_arrays
-        self.strategy = strategy_cls(self.config, self.recorder, upload_template=_record(self.global_arrays))
+        self.strategy = strategy_cls.from_config(self.config, self.recorder, upload_template=_record(self.global_arrays))
         # Only the strategy's partition-id queries reach the real ClientApp; replies are built by hand.
         self.grid = InProcessGrid(client_app=client_app.app, num_nodes=num_nodes, run_config=values)
 

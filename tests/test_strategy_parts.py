@@ -1,0 +1,244 @@
+"""The strategy's parts, one at a time (strategies/sampling.py, validation.py, faults.py,
+evaluation.py), and the strategy's own round loop: plain keyword arguments, one RecordDict per
+message, no recorder, and a resume that runs only the rounds after the checkpoint."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from conftest import app_defaults
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from inprocess import InProcessGrid
+from test_federation import ScriptedGrid
+
+from fedlora_flwr import client_app
+from fedlora_flwr.results import Checkpoint
+from fedlora_flwr.store import PersonalStateStore
+from strategies.evaluation import FusedEvaluation, PendingEvaluation
+from strategies.faults import FaultInjector
+from strategies.fedamp import FedAMPStrategy
+from strategies.fedlora import FedLoRAStrategy
+from strategies.protocol import ARRAYS, CONFIG, EVALUATE_ROUND, EVALUATION, FAULT, METRICS
+from strategies.sampling import FederationIncomplete, ParticipantSampler
+from strategies.validation import ReplyValidator
+
+
+def _grid(num_nodes: int, node_seed: int | None = None, present: int | None = None) -> InProcessGrid:
+    """The real ClientApp answers the partition-id queries; node ids drawn at random with
+    ``node_seed``; only the first ``present`` partitions connected."""
+    grid = InProcessGrid(client_app.app, num_nodes, app_defaults())
+    contexts = list(grid.contexts.values())[:present]
+    ids = random.Random(node_seed).sample(range(10**6, 10**7), len(contexts)) if node_seed is not None else None
+    grid.contexts = {}
+    for index, context in enumerate(contexts):
+        context.node_id = ids[index] if ids else context.node_id
+        grid.contexts[context.node_id] = context
+    return grid
+
+
+def _partitions(grid: InProcessGrid, node_ids: list[int]) -> list[int]:
+    return [grid.contexts[node].node_config["partition-id"] for node in node_ids]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sampler_draws_the_same_partitions_whatever_the_node_ids():
+    draws = []
+    for node_seed in (1, 2):
+        grid = _grid(10, node_seed)
+        sampler = ParticipantSampler(fraction=0.3, seed=5)
+        draws.append([_partitions(grid, sampler.sample(grid, server_round)) for server_round in (1, 2, 3)])
+        assert sampler.federation_size == 10 and sorted(sampler.partition_ids.values()) == list(range(10))
+    expected = [sorted(int(p) for p in np.random.default_rng([5, r]).choice(10, size=3, replace=False)) for r in (1, 2, 3)]
+    assert draws[0] == draws[1] == expected
+
+
+def test_sampler_stops_when_the_federation_stays_incomplete():
+    grid = _grid(3, present=2)  # both report num-partitions = 3
+    sampler = ParticipantSampler(fraction=1.0, seed=1, node_wait_timeout=1.0)
+    with pytest.raises(FederationIncomplete, match=r"2 of 3 SuperNodes connected .*\[0, 1\]"):
+        sampler.sample(grid, 1)
+    started = ParticipantSampler(fraction=1.0, seed=1, min_available_nodes=2)
+    assert _partitions(grid, started.sample(grid, 1)) == [0, 1]
+
+
+# --------------------------------------------------------------------------- validation
+
+TEMPLATE = {"w": np.zeros((2, 3), np.float32), "n": np.asarray(0, np.int64)}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array.from_numpy_ndarray(np.asarray(value)) for key, value in arrays.items()})
+
+
+def _reply(content: RecordDict | Error, node_id: int = 1000) -> Message:
+    _grid(1)  # stamps this process's task identity, which Message() needs
+    question = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=question)
+
+
+def _train_content(arrays=None, **metrics) -> RecordDict:
+    values = {"partition-id": 0, "num-examples": 10, "train-loss": 1.0, **metrics}
+    return RecordDict({ARRAYS: _record(TEMPLATE if arrays is None else arrays),
+                       METRICS: MetricRecord({k: v for k, v in values.items() if v is not None})})
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (_train_content(), None),
+    (RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 1, "train-loss": 1.0})}), "'arrays' array record"),
+    (_train_content(**{"num-examples": None}), "lacks a number for ['num-examples']"),
+    (_train_content({"w": TEMPLATE["w"]}), "missing ['n']"),
+    (_train_content({**TEMPLATE, "x": TEMPLATE["w"]}), "unexpected ['x']"),
+    (_train_content({**TEMPLATE, "w": np.zeros((3, 2), np.float32)}), "expected float32(2, 3)"),
+    (_train_content({**TEMPLATE, "w": np.zeros((2, 3), np.float64)}), "w is float64"),
+    (_train_content({**TEMPLATE, "w": np.full((2, 3), np.inf, np.float32)}), "non-finite"),
+], ids=["valid", "no-arrays", "no-num-examples", "missing-key", "extra-key", "shape", "dtype", "inf"])
+def test_train_replies_are_checked_against_the_template(content, reason):
+    validator = ReplyValidator(_record(TEMPLATE))
+    problem = validator.train_problem(_reply(content))
+    assert problem is None if reason is None else reason in problem, problem
+
+
+def test_replies_are_sorted_into_valid_errors_and_rejected():
+    validator = ReplyValidator(_record(TEMPLATE))
+    good, bad = _reply(_train_content()), _reply(_train_content({"w": TEMPLATE["w"]}))
+    error = _reply(Error(code=0, reason="injected"))
+    checked = validator.train([error, good, bad], server_round=1, names={1000: 0})
+    assert checked.valid == [good] and checked.errors == [error] and [m for m, _ in checked.rejected] == [bad]
+    evaluate = _reply(RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 5})}))
+    assert "['accuracy']" in ReplyValidator.evaluate_problem(evaluate)
+    assert validator.evaluate([evaluate], 1, {}).valid == []
+    assert ReplyValidator.query([_reply(RecordDict({METRICS: MetricRecord({"num-partitions": 3})}))], 1).valid == []
+    fused = _train_content()
+    fused[EVALUATION] = MetricRecord({"accuracy": 0.5, "num-examples": 4})
+    malformed = _train_content()
+    malformed[EVALUATION] = MetricRecord({"accuracy": 0.5})
+    carrying, broken = _reply(fused), _reply(malformed)
+    assert validator.evaluations([good, carrying, broken, error], 2, {}) == [carrying]
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def test_faults_are_a_seeded_fraction_of_the_identified_participants():
+    injector = FaultInjector(fraction=0.4, kind="nan", seed=3)
+    faulty = injector.faulty([4, None, 0, 2, 7, 9], server_round=2)
+    assert faulty == {int(p) for p in np.random.default_rng([3, 2, 1]).choice([0, 2, 4, 7, 9], size=2, replace=False)}
+    assert FaultInjector(0.1, "raise", 3).faulty([0, 1, 2], 1) == set(), "0.3 of a client rounds to none"
+    with pytest.raises(ValueError, match="kind"):
+        FaultInjector(0.5, "explode", 3)
+
+
+# --------------------------------------------------------------------------- evaluation bookkeeping
+
+
+def test_pending_evaluation_row_and_checkpoint_form():
+    evaluation = PendingEvaluation(3, {"bytes_down_train": 7, "bytes_down_evaluate": 5},
+                                   {2: (0.5, 10, "a"), 0: (1.0, 30, "b"), 1: (0.0, 10, "a")},
+                                   deferred=set(), failed={4}, failed_unidentified=1)
+    assert PendingEvaluation.from_json(evaluation.to_json()) == evaluation
+    row = evaluation.metrics_row()
+    assert row["round"] == 3 and row["acc_per_client"] == {"0": 1.0, "1": 0.0, "2": 0.5}
+    assert row["acc_mean"] == 0.5 and row["acc_weighted"] == pytest.approx(35 / 50)
+    assert row["acc_per_group"] == {"a": 0.25, "b": 1.0} and row["num_failures"] == 2 and row["bytes_down"] == 12
+
+
+def test_fused_evaluation_defers_then_finishes_and_counts_the_missing_as_failed():
+    fused = FusedEvaluation()
+    fused.defer(1, [1001, 1002])
+    assert fused.participants(2) == [1001, 1002] and fused.participants(3) is None
+    assert fused.train_config() == {}
+    fused.pending = PendingEvaluation(1, {}, {0: (0.5, 10, None)}, deferred={1, 2}, failed=set())
+    assert fused.train_config() == {EVALUATE_ROUND: 1}
+    content = _train_content(**{"partition-id": 1})
+    content[EVALUATION] = MetricRecord({"accuracy": 0.25, "num-examples": 8})
+    finished = fused.finish([_reply(content, node_id=1001)])
+    assert fused.pending is None
+    assert finished.results == {0: (0.5, 10, None), 1: (0.25, 8, None)} and finished.failed == {2}
+
+
+# --------------------------------------------------------------------------- the strategy
+
+
+def test_plain_keyword_arguments_are_checked(tmp_path):
+    template = _record(TEMPLATE)
+    assert FedLoRAStrategy(upload_template=template).aggregation == "mean"
+    with pytest.raises(ValueError, match="aggregation"):
+        FedLoRAStrategy(upload_template=template, aggregation="median")
+    with pytest.raises(ValueError, match="fraction_train"):
+        FedLoRAStrategy(upload_template=template, fraction_train=0.0)
+    with pytest.raises(ValueError, match="server_store"):
+        FedAMPStrategy(upload_template=template)
+    store = PersonalStateStore(tmp_path, "fedamp")
+    with pytest.raises(ValueError, match="fused evaluation"):
+        FedAMPStrategy(upload_template=template, server_store=store, fused_evaluation=True)
+    assert FedAMPStrategy(upload_template=template, server_store=store, sigma=2.0).sigma == 2.0
+
+
+def test_every_message_has_its_own_record_and_the_callers_config_is_untouched():
+    grid = _grid(4)
+    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), faults=FaultInjector(0.5, "raise", 1))
+    config = ConfigRecord({"run-dir": "x"})
+    messages = list(strategy.configure_train(1, _record(TEMPLATE), config, grid))
+    assert len(messages) == 4 and len({id(message.content) for message in messages}) == 4
+    assert len({id(message.content[CONFIG]) for message in messages}) == 4
+    assert dict(config) == {"run-dir": "x"}
+    faulty = [_partitions(grid, [m.metadata.dst_node_id])[0] for m in messages if FAULT in m.content[CONFIG]]
+    assert set(faulty) == FaultInjector(0.5, "raise", 1).faulty([0, 1, 2, 3], 1) and len(faulty) == 2
+    assert all(message.content[CONFIG]["server-round"] == 1 for message in messages)
+
+
+class MemoryRecorder:
+    """A recorder (strategies.recording.Recorder) that keeps everything in memory."""
+
+    def __init__(self, checkpoint: Checkpoint | None = None) -> None:
+        self.checkpoint = checkpoint
+        self.rows: list[dict] = []
+        self.saved: list[int] = []
+
+    def elapsed(self) -> float:
+        return 0.0
+
+    def record_round(self, record: dict) -> None:
+        self.rows.append(record)
+
+    def save_checkpoint(self, server_round, arrays, strategy_state, pending_evaluation=None) -> None:
+        self.saved.append(server_round)
+
+
+class RoundsGrid(ScriptedGrid):
+    """ScriptedGrid that notes the round and arrays of every train message."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained: dict[int, ArrayRecord] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            if message.metadata.message_type == MessageType.TRAIN:
+                self.trained[int(message.content[CONFIG]["server-round"])] = message.content[ARRAYS]
+        return super().push_messages(messages)
+
+
+def test_start_without_a_recorder_returns_flowers_result():
+    grid = RoundsGrid({1: 0.5, 2: 0.75}, 2, app_defaults())
+    result = FedLoRAStrategy(upload_template=_record(TEMPLATE)).start(grid, _record(TEMPLATE), num_rounds=2)
+    assert sorted(grid.trained) == [1, 2]
+    assert {r: m["acc-mean"] for r, m in result.evaluate_metrics_clientapp.items()} == {1: 0.5, 2: 0.75}
+    assert sorted(result.train_metrics_clientapp) == [1, 2] and list(result.arrays) == list(TEMPLATE)
+
+
+def test_resumed_start_runs_only_the_rounds_after_the_checkpoint():
+    saved = _record({"w": np.full((2, 3), 7.0, np.float32), "n": np.asarray(3, np.int64)})
+    recorder = MemoryRecorder(Checkpoint(round=2, arrays=saved, elapsed_s=1.0, strategy={"aggregated_rounds": 2}))
+    grid = RoundsGrid({3: 0.25, 4: 0.5}, 2, app_defaults())
+    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), recorder=recorder)
+    result = strategy.start(grid, _record(TEMPLATE), num_rounds=4)
+    assert sorted(grid.trained) == [3, 4], "the checkpointed rounds are not entered"
+    assert all(np.array_equal(grid.trained[3][key].numpy(), saved[key].numpy()) for key in saved)
+    assert [row["round"] for row in recorder.rows] == recorder.saved == [3, 4]
+    assert strategy.aggregated_rounds == 4 and sorted(result.evaluate_metrics_clientapp) == [3, 4]
