@@ -7,6 +7,8 @@ import random
 
 import numpy as np
 import pytest
+
+from fedlora_flwr.exits import NoValidReplies
 from conftest import app_defaults
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from inprocess import InProcessGrid
@@ -246,8 +248,8 @@ def test_error_replies_are_excluded_and_counted(tmp_path):
     assert record["bytes_down"] == sent
 
 
-def test_round_without_any_valid_reply_aggregates_nothing(tmp_path):
+def test_round_without_any_valid_reply_stops_the_run(tmp_path):
     harness = _Harness(tmp_path, num_nodes=2)
     messages = harness.configure_train()
-    arrays, metrics = harness.strategy.aggregate_train(1, [harness.error_reply(m) for m in messages])
-    assert arrays is None and metrics is None
+    with pytest.raises(NoValidReplies, match=r"round 1: no client sent a valid reply \(2 asked, 2 replied, 2 errors"):
+        harness.strategy.aggregate_train(1, [harness.error_reply(m) for m in messages])
