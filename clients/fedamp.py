@@ -1,11 +1,4 @@
-"""FedAMP client (Huang et al., AAAI 2021; METHODS.md E.7): every tensor is personal (w_i).
-
-Each round the server sends u_i = Σ_j ξ_ij w_j, built for this client (``strategies/fedamp.py``).
-The client starts local SGD from u_i (METHODS.md's recommendation; PFLlib continues from its own
-w_i) and minimises CE + λ/(2α_K)·‖w − u_i‖² over the parameters for E epochs, with a real,
-squared proximal gradient (PFLlib's uses detached tensors and contributes none). It stores and
-uploads its new w_i. Evaluation uses w_i (the evaluate message carries nothing).
-"""
+"""FedAMP's client: local SGD from the server's u_i with a proximal pull towards it (:class:`FedAMPClient`)."""
 
 from __future__ import annotations
 
@@ -29,6 +22,34 @@ class FedAMPParams(MethodParams):
 
 
 class FedAMPClient(MethodClient):
+    """FedAMP: "Personalized Cross-Silo Federated Learning on Non-IID Data" (Huang et al., AAAI
+    2021, arXiv 2007.03797).
+
+    Every tensor is personal: client i keeps its model w_i (in its store) and also uploads it;
+    there is no global model and nothing is frozen. Each round the server sends client i its own
+    message u_i = Σ_j ξ_ij w_j, ξ_ij = α_K·e^{−‖w_i − w_j‖²/σ}/σ (j ≠ i), ξ_ii = 1 − Σ_{j≠i} ξ_ij
+    (:class:`strategies.fedamp.FedAMPStrategy`). The client starts from w = u_i and runs E =
+    ``local-epochs`` epochs of SGD (the run's ``lr``/``momentum``) on::
+
+        CE_i(w) + λ/(2α_K)·‖w − u_i‖²         (over the parameters; u_i fixed)
+
+    then stores and uploads the new w_i. Evaluation uses w_i (the evaluate message carries nothing).
+
+    Deviations from PFLlib's ``clientamp``: the client starts from u_i (PFLlib continues from its
+    own w_i), and the proximal term is squared and has a gradient (PFLlib builds it from detached
+    ``p.data`` with the unsquared norm, so it contributes none and its FedAMP is nearly local
+    training). Defaults are PFLlib's (α_K = λ = σ = 1); the paper's values are not known here.
+
+    Parameters
+    ----------
+    fedamp-alpha-k : float, default 1.0
+        α_K: attention weight (server) and proximal step (client).
+    fedamp-lambda : float, default 1.0
+        λ: proximal strength.
+    fedamp-sigma : float, default 1.0
+        σ: scale of the similarity e^{−‖w_i − w_j‖²/σ}/σ (server).
+    """
+
     params = FedAMPParams
     partition = ParameterPartition(personal=everything)
 

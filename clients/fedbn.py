@@ -1,6 +1,4 @@
-"""FedBN client (Li et al., ICLR 2021; METHODS.md E.5): every BatchNorm layer (affine parameters,
-running statistics and counter) is personal, selected by module type so the shortcut BN
-``downsample.1`` is included (PFLlib's name filter misses it); everything else is shared."""
+"""FedBN's client: every BatchNorm layer personal (:class:`FedBNClient`)."""
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -15,5 +13,24 @@ def is_batchnorm(_key: str, module: nn.Module) -> bool:
 
 
 class FedBNClient(MethodClient):
+    """FedBN: "Federated Learning on Non-IID Features via Local Batch Normalization" (Li et al.,
+    ICLR 2021, arXiv 2102.07623).
+
+    - personal: every BatchNorm layer (affine weight and bias, running mean and variance, the
+      ``num_batches_tracked`` counter), selected by module type so the shortcut BN
+      ``downsample.1`` is included (PFLlib's filter on names containing "bn" misses it);
+    - shared: everything else; nothing frozen.
+
+    Round t: client k loads the global non-BN tensors and its own BN layers, runs E =
+    ``local-epochs`` epochs of SGD (the run's ``lr``/``momentum``, fresh every round) on its
+    cross-entropy over all parameters, and uploads the non-BN tensors. Server
+    (:class:`strategies.fedavg.FedAvgStrategy`): their sample-weighted mean; BN tensors never leave
+    the client.
+
+    Parameters
+    ----------
+    None: the run's core keys only.
+    """
+
     requires = Requirements(batchnorm=True)
     partition = ParameterPartition(personal=is_batchnorm)

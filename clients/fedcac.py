@@ -1,12 +1,4 @@
-"""FedCAC client (Wu et al., ICCV 2023; METHODS.md E.10; official code in Fling).
-
-Everything is trained for E epochs and uploaded. After training, each parameter tensor scores
-its elements by |Δw ⊙ w| (Δw = the change over this round) and marks the top ``fedcac-tau``
-fraction as *critical* (threshold at the k-th largest score; when that is ≈ 0, the smallest
-positive score, as Fling does). The masks travel with the model as uint8 tensors named
-``critical/<key>``; the server builds this client's customized model from them
-(``strategies/fedcac.py``) and sends it back for evaluation and the next round.
-"""
+"""FedCAC's client: local training, then a mask of the critical parameters (:class:`FedCACClient`)."""
 
 from __future__ import annotations
 
@@ -41,7 +33,37 @@ def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torc
 
 
 class FedCACClient(MethodClient):
+    """FedCAC: "Bold but Cautious: Unlocking the Potential of Personalized Federated Learning
+    through Cautiously Aggressive Collaboration" (Wu et al., ICCV 2023, arXiv 2309.11103; official
+    code in Fling: ``fedcac_client``, ``fedcac_group``).
+
+    Shared or personal is decided per element every round: the client uploads its whole model w_i
+    and a 0/1 mask c_i of its *critical* elements; nothing is stored on the client and nothing is
+    frozen. Round t: client i loads the customized model the server built for it, runs E =
+    ``local-epochs`` epochs of SGD (the run's ``lr``/``momentum``, fresh every round) on its
+    cross-entropy over all parameters, then scores each parameter tensor's elements::
+
+        score = |Δw ⊙ w|     (Δw: the change over this round)
+        c_i   = 1 on the top-τ fraction of each tensor's scores
+
+    (threshold at the k-th largest score; when that is ≈ 0, the smallest positive score, as Fling
+    does). The masks travel with the model as uint8 tensors ``critical/<key>``. Server
+    (:class:`strategies.fedcac.FedCACStrategy`): FedAvg w̄, collaborators by mask overlap,
+    customized ŵ_i, and client i's next model = ŵ_i where c_i = 1, w̄ where c_i = 0.
+
+    Defaults are Fling's CIFAR-10 config (τ = 0.5, β = 100; CIFAR-100: τ = 0.4, β = 170), whose
+    protocol is FedLoRA's (SGD 0.1/0.9, E = 5, B = 100, 40 clients).
+
+    Parameters
+    ----------
+    fedcac-tau : float, default 0.5
+        τ: fraction of critical parameters per tensor.
+    fedcac-beta : int, default 100
+        β: the collaboration threshold reaches the maximum overlap at round β (server).
+    """
+
     params = FedCACParams
+
     def upload_template(self, model: nn.Module) -> dict[str, torch.Tensor]:
         masks = {CRITICAL + key: torch.zeros(param.shape, dtype=torch.uint8) for key, param in model.named_parameters()}
         return {**super().upload_template(model), **masks}

@@ -1,11 +1,4 @@
-"""FedLoRA client (FedLoRA paper §3.3–3.4, Alg. 1; METHODS.md A.1–A.4).
-
-Every conv/linear weight is decomposed into θ = σ + τ with τ = B·A low-rank (eqs. 2–5). σ (all
-non-LoRA tensors, BatchNorm statistics included) is shared; τ (``lora_A``/``lora_B``) is
-personal. Local schedule: τ for E_lora epochs (eq. 6), then σ for E − E_lora epochs (eq. 7).
-``lora-schedule = "simultaneous"`` trains σ and τ together for E epochs instead: the paper's
-Table 3 ablation (one optimizer over all parameters; not in the official code, METHODS.md A.4).
-"""
+"""FedLoRA's client: σ + B·A per layer, τ trained before σ each round (:class:`FedLoRAClient`)."""
 
 from typing import Literal
 
@@ -35,6 +28,44 @@ class FedLoRAParams(Decomposition):
 
 
 class FedLoRAClient(MethodClient):
+    """FedLoRA: "When Personalized Federated Learning Meets Low-Rank Adaptation" (anonymous ICLR
+    submission); official code: FedDecomp (github XinghaoWu/FedDecomp; Wu et al., arXiv 2406.19931).
+
+    Every conv and linear weight is decomposed as θ = σ + τ, τ = B·A low-rank (eqs. 2–5;
+    :func:`fedlora_flwr.lora.decompose`, with the official code's ranks, layout and init).
+
+    - shared σ: every tensor whose key has no ``lora_``: full-rank weights, biases, BatchNorm
+      affine parameters *and* running statistics;
+    - personal τ: every ``lora_A``/``lora_B`` (kept in the client's store); nothing is frozen.
+
+    Round t (Alg. 1): client i loads σ̄^t and its τ_i, then minimises its cross-entropy L_i in two
+    phases, each with a fresh SGD optimizer (the run's ``lr``/``momentum``; the official code
+    rebuilds both optimizers every round, so momentum restarts)::
+
+        τ_i^{t+1} = argmin_τ L_i(τ, σ̄^t)          E_lora epochs, σ frozen       (eq. 6)
+        σ_i^{t+1} = argmin_σ L_i(τ_i^{t+1}, σ)    E − E_lora epochs, τ frozen   (eq. 7)
+
+    and uploads σ_i^{t+1}. Frozen means ``requires_grad=False`` and out of the optimizer; the model
+    stays in train mode, so BatchNorm statistics still move in the τ phase (as in the code).
+    E_lora = 0 is FedAvg on the decomposed model (B = 0 keeps τ = 0); E_lora = E never trains σ.
+    Server: :class:`strategies.fedlora.FedLoRAStrategy` (σ̄^{t+1} = unweighted mean of the σ_i,
+    eq. 8); every client then evaluates σ̄^{t+1} + τ_i.
+
+    ``lora-schedule = "simultaneous"`` is the paper's Table 3 ablation: σ and τ trained together
+    by one optimizer for E epochs (not in the official code; ours).
+
+    Parameters
+    ----------
+    rank-conv : float, default 0.6
+        R_c: conv rank R = int(R_c·O) (the code's rule; the paper writes R_c·min(I, O)·K).
+    rank-linear : float, default 0.6
+        R_l: linear rank r = round(R_l·min(in, out)).
+    lora-epochs : int, default 2
+        E_lora (the code's default), at most ``local-epochs`` (E) when alternating.
+    lora-schedule : {"alternating", "simultaneous"}, default "alternating"
+        τ then σ (Alg. 1), or both at once for E epochs (Table 3).
+    """
+
     params = FedLoRAParams
     requires = Requirements(decomposable=True)
     partition = ParameterPartition(personal=is_tau)

@@ -1,13 +1,4 @@
-"""FedRoD client with a linear personal head (Chen & Chao, ICLR 2022; METHODS.md E.6).
-
-The body and the generic head g (the model's declared head, ``fedlora_flwr.structure``: ``fc``, or
-``classifier`` on ``minilm``) are shared; the personal head p (``personal_head``, the same shape as
-g, starting as a copy of it) is personal. Per batch, on the body's features h:
-L_g = CE(g(h) + log n_c, y), the balanced softmax with the client's class counts n_c, and
-L_p = CE(p(h) + g(h), y) with g(h) and h detached, so p learns on top of the generic prediction
-and the body stays trained by L_g alone (PFLlib's choice; Fling does not detach h). One step on
-L_g + L_p. Prediction: argmax of p(h) + g(h).
-"""
+"""FedRoD's client: a generic head trained with the balanced softmax, a linear personal head on top (:class:`FedRoDClient`)."""
 
 from __future__ import annotations
 
@@ -26,7 +17,7 @@ from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.structure import head
 
 PERSONAL_HEAD = "personal_head."
-#: log n_c for a class the client never saw: a large negative instead of −inf (METHODS.md E.6).
+#: log n_c for a class the client never saw: a large negative instead of −inf (keeps the logits finite).
 LOG_ZERO = math.log(1e-30)
 
 
@@ -35,6 +26,31 @@ def is_personal_head(key: str, _module: nn.Module) -> bool:
 
 
 class FedRoDClient(MethodClient):
+    """FedRoD with a linear personal head: "On Bridging Generic and Personalized Federated Learning
+    for Image Classification" (Chen & Chao, ICLR 2022, arXiv 2107.00778).
+
+    - shared: the body and the generic head g (the model's declared head: ``fc``, or ``classifier``
+      on ``minilm``; :mod:`fedlora_flwr.structure`);
+    - personal: the head p (``personal_head``, g's shape, starting as a copy of g); nothing frozen.
+
+    Per batch, on the body's features h, with n the client's training counts per class (log 0
+    replaced by log 1e-30) and sg(·) a detached tensor::
+
+        L_g = CE(g(h) + log n, y)            balanced softmax: the generic, prior-free predictor
+        L_p = CE(p(sg h) + sg g(h), y)       p learns on top of the generic prediction
+
+    one SGD step on L_g + L_p (E = ``local-epochs`` epochs, the run's ``lr``/``momentum``, fresh
+    every round). Prediction: argmax of p(h) + g(h). Server
+    (:class:`strategies.fedavg.FedAvgStrategy`): the sample-weighted mean of body and g.
+
+    Choice: h is detached for L_p, so the body is trained by L_g alone (PFLlib's choice; Fling
+    does not detach h), which keeps the shared part generic.
+
+    Parameters
+    ----------
+    None: the run's core keys only.
+    """
+
     requires = Requirements(head=True)
     partition = ParameterPartition(personal=is_personal_head)
 

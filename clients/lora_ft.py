@@ -1,16 +1,4 @@
-"""``lora-ft``: the control of PF2LoRA's comparison that fine-tunes a federated LoRA model locally.
-
-One LoRA adapter (``fedlora_flwr.adapters``, rank ``rank-common``, scaling 2, LoRA init) on every
-conv/linear layer; as in PF2LoRA on these from-scratch image models, W0, BatchNorm and the head train
-with it, and everything is shared and averaged (FedAvg of the adapted model); on a pretrained text model
-the encoder is frozen and the adapter sits on ``lora-target-modules``, as in PF2LoRA. Training: ``local-steps``
-steps per round (0: ``local-epochs`` epochs) with PF2LoRA's upper-level optimizer (SGD lr ``lr-upper``,
-or AdamW with ``pf2lora-upper-optimizer``). Before each evaluation every client fine-tunes its own
-copy of the averaged model for the same number of steps with the same optimizer (its own mini-batch
-order), evaluates that copy and stores it in the ``fine-tuned`` slot; the next round trains from the
-average again, not from the copy.
-"""
-
+"""``lora-ft``'s client: federated LoRA, then local fine-tuning before each evaluation (:class:`LoRAFineTuneClient`)."""
 from __future__ import annotations
 
 from torch import nn
@@ -26,7 +14,40 @@ FINE_TUNING_STREAM = 1
 
 
 class LoRAFineTuneClient(MethodClient):
+    """LoRA-FT: the control of PF2LoRA's comparison (arXiv 2503.03920) that fine-tunes a federated
+    LoRA model locally.
+
+    One LoRA adapter x = (B, A) (:mod:`fedlora_flwr.adapters`; rank ``rank-common``, scaling 2,
+    LoRA init): W = W0 + B·A.
+
+    - image models trained from scratch: adapters on every conv/linear layer; W0, BatchNorm and
+      the head train with them and everything is shared (FedAvg of the adapted model);
+    - pretrained text model: the encoder is frozen, the adapter sits on ``lora-target-modules``,
+      adapter and head are shared.
+
+    Training: ``local-steps`` steps per round (0: ``local-epochs`` epochs) with PF2LoRA's
+    upper-level optimizer (SGD lr β = ``lr-upper``, or AdamW with ``pf2lora-upper-optimizer``).
+    Server (:class:`strategies.fedavg.FedAvgStrategy`): the mean weighted by training size. Before
+    each evaluation every client fine-tunes its own copy of the averaged model for the same number
+    of steps with the same optimizer (its own mini-batch order), evaluates that copy and stores it
+    in the ``fine-tuned`` slot; the next round trains from the average again, not from the copy.
+
+    Parameters
+    ----------
+    rank-common : int, default 8
+        r: rank of the adapter.
+    lr-upper : float, default 0.001
+        β: learning rate of the optimizer.
+    pf2lora-upper-optimizer : {"sgd", "adamw"}, default "sgd"
+        The optimizer.
+    lora-target-modules : str, default ""
+        Text models: modules the adapter goes on ("": query,value).
+    local-steps : int, default 10
+        Steps per round (and of the fine-tuning); 0: ``local-epochs`` epochs.
+    """
+
     params = CommonAdapter
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self.partition = ParameterPartition(frozen=frozen_backbone(config))

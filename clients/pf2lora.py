@@ -1,22 +1,5 @@
-"""PF2LoRA client (arXiv 2503.03920; METHODS.md §D): two-level LoRA trained as a bilevel problem.
-
-Every conv/linear weight becomes W_k = W0 + B·A + D_k·C_k (``fedlora_flwr.adapters``): the common
-adapter x = (B, A), rank ``rank-common`` (8), shared and averaged; the client adapter y_k = (D_k, C_k),
-rank ``rank-client`` (2), personal (D.1). The image models here have no pretrained weights, so W0,
-BatchNorm and the head are trained from scratch with x and shared with it (the issue's "trained from
-scratch and shared"); ``pf2lora-head = "personal"`` keeps the head's own weight and bias with y instead
-(the head's adapters keep their levels). On a pretrained text model (``model=minilm`` / ``hf:<name>``)
-W0 is what D.1 says: the whole encoder is frozen (group ``frozen``: never trained, stored or sent;
-loaded once per process and shared by every client as for the adapter methods, ``text_models``),
-both adapters go on ``lora-target-modules`` (default query, value) as in the LoRA methods, and the
-head (``classifier``, not adapted) is shared with x by default (D.1 REC). Local step (D.3), ``local-steps`` (10) per round (0: ``local-epochs``
-epochs): y⁺ = y − α∇_y f(x, y), x ← x − β·hypergradient (``fedlora_flwr.bilevel``), α = ``lr-lower``,
-β = ``lr-upper``; the upper level uses plain SGD (D.3 REC) or, labelled, AdamW(lr β, no weight decay)
-with ``pf2lora-upper-optimizer = "adamw"``. ``pf2lora-simultaneous``: the paper's App. F.2 ablation,
-x and y take plain gradient steps from the same point. Evaluation: W0 + B̄Ā + D_kC_k right after
-x̄ arrives (D.5).
-"""
-
+"""PF2LoRA's clients: two-level LoRA trained as a bilevel problem (:class:`PF2LoRAClient`), and
+its "simultaneous" ablation (:class:`PF2LoRASimultaneousClient`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -39,7 +22,7 @@ from fedlora_flwr.text_models import is_pretrained_text_model, text_classifier
 
 
 class CommonAdapter(LocalSteps, TargetModules):
-    """The common adapter x = (B, A) and its optimizer (PF2LoRA and lora-ft)."""
+    """The common adapter x = (B, A) and its optimizer (``pf2lora``, ``pf2lora-simultaneous``, ``lora-ft``)."""
 
     rank_common: int = Field(8, ge=1, description="r: rank of the common adapter (B, A)")
     lr_upper: float = Field(1e-3, ge=0, description="β: learning rate of the common adapter's optimizer")
@@ -79,11 +62,68 @@ def frozen_backbone(config):
 
 
 def upper_optimizer(config) -> OptimizerSpec:
-    """x's optimizer: SGD(lr β, no momentum) (D.3 REC) or AdamW(lr β, no weight decay)."""
+    """x's optimizer: SGD(lr β, no momentum), as the hypergradient formula assumes, or AdamW(lr β,
+    no weight decay), a labelled variant."""
     return OptimizerSpec(name=config.params.pf2lora_upper_optimizer, lr=config.params.lr_upper, momentum=0.0)
 
 
 class PF2LoRAClient(MethodClient):
+    """PF2LoRA: "Personalized Federated Fine-tuning for Heterogeneous Data: a Two-Level Low Rank
+    Adaptation Approach" (arXiv 2503.03920; ICLR 2025 submission, OpenReview).
+
+    Every adapted weight becomes W_k = W0 + B·A + D_k·C_k (:mod:`fedlora_flwr.adapters`): a common
+    adapter x = (B, A) of rank r and a client adapter y_k = (D_k, C_k) of rank r̃ < r, both PEFT
+    LoRA adapters (scaling 2 = α/r with α = 2r, LoRA init: A, C Kaiming-uniform, B = D = 0, no
+    dropout).
+
+    - shared: x, averaged; personal: y_k (kept in the client's store);
+    - image models (no pretrained weights here): W0, BatchNorm and the head train from scratch
+      with x and are shared with it ("trained from scratch and shared"); ``pf2lora-head =
+      "personal"`` keeps the head's own weight and bias with y (its adapters keep their levels);
+    - pretrained text model (``model=minilm`` / ``hf:<name>``): W0 is the whole encoder, frozen
+      (never trained, stored or sent; loaded once per process and shared by its clients), both
+      adapters on ``lora-target-modules``, the head (``classifier``, not adapted) shared with x
+      by default (the paper does not say; our choice).
+
+    The problem is min_x Φ(x) = (1/M) Σ_k f_k(x, y_k*(x)), y_k*(x) = argmin_y f_k(x, y). One local
+    step on a mini-batch ξ (the same ξ for the three gradients; :mod:`fedlora_flwr.bilevel`)::
+
+        y⁺ = y − α·∇_y f(x, y)
+        h  = ∇_x f(x, y⁺) − α·∇²_xy f(x, y)·∇_y f(x, y⁺)     (= d/dx f(x, y − α∇_y f(x, y)))
+        x  ← x − β·h,   y ← y⁺
+
+    ``local-steps`` (I = 10, the authors' rebuttal) steps per round, 0: ``local-epochs`` epochs;
+    α = ``lr-lower`` (plain SGD), β = ``lr-upper`` (plain SGD, as the formula assumes, or AdamW
+    with ``pf2lora-upper-optimizer = "adamw"``, a labelled variant). The bilevel step runs in
+    float32 (its Hessian-vector products; bf16 is refused). Server
+    (:class:`strategies.fedavg.FedAvgStrategy`): x̄ = the mean of the x_k weighted by training size
+    (the paper does not say; uniform for equal sizes). Evaluation: W0 + B̄Ā + D_kC_k right after x̄
+    arrives.
+
+    The paper's code is not public; ranks r = 8, r̃ = 2 and β = α = 1e-3 are the rebuttal's
+    (MNLI, SST-2, QQP, QNLI; CoLA: β = 2e-3, α = 1e-4); init, scalings, head and aggregation
+    weights are ours.
+
+    Parameters
+    ----------
+    rank-common : int, default 8
+        r: rank of the common adapter (B, A).
+    rank-client : int, default 2
+        r̃: rank of the client adapter (D_k, C_k).
+    lr-upper : float, default 0.001
+        β: learning rate of x's optimizer.
+    lr-lower : float, default 0.001
+        α: SGD step of y.
+    pf2lora-upper-optimizer : {"sgd", "adamw"}, default "sgd"
+        x's optimizer.
+    pf2lora-head : {"shared", "personal"}, default "shared"
+        The head's own weights: with x (averaged) or with y (kept).
+    lora-target-modules : str, default ""
+        Text models: modules the adapters go on ("": query,value).
+    local-steps : int, default 10
+        I: steps per round; 0: ``local-epochs`` epochs.
+    """
+
     params = PF2LoRAParams
     #: The bilevel step runs in float32 only (its Hessian-vector products).
     requires = Requirements(bf16=False)
@@ -104,4 +144,15 @@ class PF2LoRAClient(MethodClient):
 
 
 class PF2LoRASimultaneousClient(PF2LoRAClient):
+    """PF2LoRA's "simultaneous" ablation (the paper's App. F.2, per the authors' rebuttal).
+
+    :class:`PF2LoRAClient`'s model, partition, server and keys, but no hypergradient: x and y take
+    plain gradient steps from the same point, x ← x − β·∇_x f(x, y), y ← y − α·∇_y f(x, y).
+
+    Parameters
+    ----------
+    rank-common, rank-client, lr-upper, lr-lower, pf2lora-upper-optimizer, pf2lora-head, lora-target-modules, local-steps
+        As for ``pf2lora`` (defaults 8, 2, 0.001, 0.001, "sgd", "shared", "", 10).
+    """
+
     hypergradient = False

@@ -1,19 +1,4 @@
-"""pFedGate client, minimal faithful version (Chen et al., ICML 2023; METHODS.md E.9).
-
-Each client has a personal gating network (SwitchNorm2d on the input image → flatten → Linear to
-one score per block → BatchNorm1d → sigmoid → mean over the batch) that scales every parameter
-tensor (block) θ_b of the shared base model: θ̃_b = g_b·θ_b, so the effective weights depend on
-the batch. The base is shared and sample-weighted averaged; the gate stays on the client. Each
-local epoch is two passes (the code's bi-level mode): the gate with the base frozen and in eval
-mode, then the base with the gate frozen and in eval mode; gradient norms clipped at
-``pfedgate-max-grad-norm`` (10). Evaluation: the gated forward.
-
-Left out, and why: sparsity budgets s < 1 (the knapsack block selection and score clipping) and
-``fine_grained_block_split`` > 1. With split 1 and s = 1 the official code skips the knapsack and
-uses the raw scores, which is what this implements (the block-wise, pure-scaling path; the code's
-non-block-wise path also zeroes a (1 − g_b) tail of each tensor, METHODS.md E.9's pitfall).
-``pfedgate-budget`` accepts only 1.
-"""
+"""pFedGate's client, minimal faithful version: a personal gate scales the shared model's tensors (:class:`PFedGateClient`)."""
 
 from __future__ import annotations
 
@@ -117,6 +102,35 @@ def is_gate(key: str, _module: nn.Module) -> bool:
 
 
 class PFedGateClient(MethodClient):
+    """pFedGate, minimal faithful version: "Efficient Personalized Federated Learning via Sparse
+    Model-Adaptation" (Chen et al., ICML 2023, arXiv 2305.02776; official code yxdyc/pFedGate).
+
+    - shared: the base model θ, every tensor (BatchNorm statistics included);
+    - personal: the gating network (``gate``): SwitchNorm2d on the input image → flatten → Linear
+      to one score per block → BatchNorm1d → sigmoid → mean over the batch; nothing frozen.
+
+    A block is one parameter tensor θ_b of the base; the forward uses θ̃_b = g_b(x)·θ_b, so the
+    effective weights depend on the batch. Each of the E = ``local-epochs`` epochs is two passes
+    (the code's bi-level mode), each with a fresh SGD optimizer (the run's ``lr``/``momentum``) on
+    the cross-entropy of the gated forward, gradient norms clipped at ``pfedgate-max-grad-norm``:
+    the gate with the base frozen and in eval mode, then the base with the gate frozen and in eval
+    mode. The client uploads θ. Server (:class:`strategies.fedavg.FedAvgStrategy`): the
+    sample-weighted mean of the participants' θ (the official aggregator averages all clients,
+    the absent ones holding the last global they received). Evaluation: the gated forward.
+
+    Left out: sparsity budgets s < 1 (the knapsack block selection and score clipping) and
+    ``fine_grained_block_split`` > 1. With split 1 and s = 1 the official code skips the knapsack
+    and uses the raw scores, which is what this implements (the block-wise, pure-scaling path;
+    the code's non-block-wise path would also zero a (1 − g_b) tail of each tensor even at s = 1).
+
+    Parameters
+    ----------
+    pfedgate-budget : float, default 1.0
+        s: sparsity budget; only 1 is accepted (the minimal version).
+    pfedgate-max-grad-norm : float, default 10.0
+        Gradient-norm clip of both passes (the official code's 10).
+    """
+
     params = PFedGateParams
     #: The gate reads the input image (SwitchNorm2d over its channels).
     requires = Requirements(modalities=("image",), pretrained="never")

@@ -1,33 +1,5 @@
-"""pFedLoRA client (Yi et al., arXiv 2310.13283; METHODS.md §C): each client keeps its own
-architecture F_k (a ``model-family`` member, e.g. CNN-((k mod 5)+1)) and shares only a small
-homogeneous low-rank adapter θ that reads the representation h every member produces.
-
-No public code exists; what the paper's readable text (abstract, summaries) does not fix is
-reconstructed, following METHODS.md's recommendations:
-
-- **[REC] adapter and output** (C.2): θ = (A ∈ R^{r×d}, B ∈ R^{C×r}, b ∈ R^C) on h (d = 500 for
-  CNN-1..5), A Kaiming-uniform (PEFT's ``a=√5``), B = 0, **b = 0** (METHODS.md leaves b's init
-  open); logits z = μ·FC3_k(h) + (1−μ)·(B·A·h + b). d is the ``in_features`` of the client model's
-  declared head (``fedlora_flwr.structure``), so the adapter also fits a homogeneous ``model`` or
-  another registered family.
-- **[REC] identical init on every client**: A is drawn from its own generator seeded with
-  ``seed``, before and apart from the local model, so θ⁰ does not depend on the architecture.
-- **[REC] schedule** (C.3): phase L trains F_k with θ frozen for E_1 epochs, phase G trains θ with
-  F_k frozen (and in eval mode) for E_2 epochs; SGD lr 0.01, the run's momentum (0.9), weight decay
-  1e-3, gradient-norm clip 50, rebuilt every phase; E_1 = E_2 = 1. Both phases minimise the
-  cross-entropy of the combined output z.
-- **evaluation** (C.5): the combined model after local training (F_k + θ_k, before aggregation),
-  as the group's FedGH/FedMRL code does: θ_k is kept in the store slot ``adapter`` and loaded
-  instead of the received θ̄ for evaluation; a client that has never trained evaluates θ̄.
-
-The server is FedAvg's sample-weighted mean of θ (C.4); F_k never leaves the client (personal
-group, ``clients/<k>/personal.safetensors``, whose keys and shapes differ by architecture).
-
-``FedAvgAdapterClient`` is the FedAvg-style control (ours): the same model, partition, μ
-(``pfedlora-mu``, fixed) and optimizer, but FedAvg's one-phase schedule: F_k and θ trained jointly
-for E_1 + E_2 epochs, so only the iterative schedule differs.
-"""
-
+"""pFedLoRA's client: heterogeneous local models sharing a homogeneous low-rank adapter
+(:class:`PFedLoRAClient`), and its FedAvg-style control (:class:`FedAvgAdapterClient`)."""
 from __future__ import annotations
 
 import math
@@ -94,6 +66,62 @@ def is_local_model(key: str, _module: nn.Module) -> bool:
 
 
 class PFedLoRAClient(MethodClient):
+    """pFedLoRA: "Model-Heterogeneous Personalized Federated Learning with LoRA Tuning" (Yi et al.,
+    arXiv 2310.13283).
+
+    Each client keeps its own architecture F_k (a ``model-family`` member, e.g. CNN-((k mod 5)+1) of
+    ``cnn-hetero``, from the authors' group's FedGH code) and shares only a small homogeneous
+    low-rank adapter θ that reads the representation h every member produces::
+
+        z = μ·FC3_k(h) + (1 − μ)·(B·A·h + b),   θ = (A ∈ R^{r×d}, B ∈ R^{C×r}, b ∈ R^C)
+
+    - shared: θ (``adapter.*``), the same shape on every client;
+    - personal: the whole local model F_k (``local.*``, in ``clients/<k>/personal.safetensors``,
+      whose keys and shapes differ by architecture); nothing frozen.
+
+    Round t: load θ̄ and F_k, then two phases on the cross-entropy of z, each with a fresh SGD
+    (``pfedlora-lr``, the run's momentum, ``pfedlora-weight-decay``, gradient norm clipped at
+    ``pfedlora-max-grad-norm``)::
+
+        phase L: F_k ← argmin CE(z)   θ frozen,                      E_1 epochs
+        phase G: θ   ← argmin CE(z)   F_k frozen (and in eval mode), E_2 epochs
+
+    then upload θ. Server (:class:`strategies.fedavg.FedAvgStrategy`): θ̄ = Σ_k (n_k / n)·θ_k.
+    Evaluation: the combined model after local training (F_k + θ_k, before aggregation), as the
+    group's FedGH/FedMRL code does: θ_k is kept in the store slot ``adapter`` and loaded instead of
+    the received θ̄; a client that has never trained evaluates θ̄.
+
+    No public code exists and only the abstract and third-party summaries were readable, so these
+    are reconstructions (ours):
+
+    - adapter and output: θ on h (d = the ``in_features`` of the client model's declared head: 500
+      on CNN-1..5, so it also fits a homogeneous ``model`` or another family) rather than across
+      FC1–FC3, which are not homogeneous (CNN-2 flattens to 400-d, the others to 800-d); A
+      Kaiming-uniform (PEFT's ``a=√5``), B = 0, b = 0 (b's init is ours); r = 16 and μ = 0.5
+      (the paper's values are unknown);
+    - identical init on every client: A is drawn from its own generator seeded with ``seed``,
+      before and apart from the local model, so θ⁰ does not depend on the architecture;
+    - optimizer in the group's FedGH code style: SGD lr 0.01, the run's momentum (0.9), weight
+      decay 1e-3, clip 50, rebuilt every phase; E_1 = E_2 = 1.
+
+    Parameters
+    ----------
+    pfedlora-rank : int, default 16
+        r: rank of the shared adapter.
+    pfedlora-mu : float, default 0.5
+        μ ∈ [0, 1]: weight of the local head FC3_k in z (1 ignores the adapter).
+    pfedlora-local-epochs : int, default 1
+        E_1: epochs of phase L.
+    pfedlora-adapter-epochs : int, default 1
+        E_2: epochs of phase G.
+    pfedlora-lr : float, default 0.01
+        SGD learning rate of both phases.
+    pfedlora-weight-decay : float, default 0.001
+        SGD weight decay.
+    pfedlora-max-grad-norm : float, default 50.0
+        Gradient-norm clip.
+    """
+
     params = PFedLoRAParams
     requires = Requirements(head=True, pretrained="never", model_family=True)
     partition = ParameterPartition(personal=is_local_model)
@@ -105,7 +133,7 @@ class PFedLoRAClient(MethodClient):
         return PFedLoRAModel(local, adapter, self.params.pfedlora_mu)
 
     def phase(self, groups: tuple, epochs: int, eval_groups: tuple = ("frozen",)) -> Phase:
-        """A phase with C.3's optimizer: SGD (``pfedlora-lr``, the run's momentum,
+        """A phase with pFedLoRA's optimizer: SGD (``pfedlora-lr``, the run's momentum,
         ``pfedlora-weight-decay``), gradient norm clipped at ``pfedlora-max-grad-norm``."""
         params = self.params
         optimizer = OptimizerSpec(lr=params.pfedlora_lr, weight_decay=params.pfedlora_weight_decay)
@@ -134,6 +162,19 @@ class PFedLoRAClient(MethodClient):
 
 
 class FedAvgAdapterClient(PFedLoRAClient):
+    """FedAvg-adapter: pFedLoRA's FedAvg-style control (ours).
+
+    The same model, partition (θ shared, F_k personal), μ (fixed), optimizer, server and evaluation
+    as :class:`PFedLoRAClient`, but FedAvg's one-phase schedule: F_k and θ trained jointly for
+    E_1 + E_2 epochs, so only the iterative schedule differs.
+
+    Parameters
+    ----------
+    pfedlora-rank, pfedlora-mu, pfedlora-local-epochs, pfedlora-adapter-epochs, pfedlora-lr, pfedlora-weight-decay, pfedlora-max-grad-norm
+        As for ``pfedlora`` (defaults 16, 0.5, 1, 1, 0.01, 0.001, 50.0); the joint phase lasts
+        E_1 + E_2 epochs.
+    """
+
     def schedule(self) -> list[Phase]:
         """One joint phase of E_1 + E_2 epochs (FedAvg's schedule)."""
         return [self.phase(("shared", "personal"), self.params.pfedlora_local_epochs + self.params.pfedlora_adapter_epochs)]

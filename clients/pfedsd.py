@@ -1,14 +1,4 @@
-"""pFedSD client (Jin et al., 2022; METHODS.md E.8): FedAvg plus self-distillation from the
-client's own previous personalized model.
-
-Everything is shared and sample-weighted averaged. The model after local training is kept in
-the store's ``teacher`` slot. Next round, training starts from the global model and minimises
-CE + λ·T²·KL(softmax(t/T) ‖ softmax(s/T)) with the teacher's logits t (eval mode, no gradient,
-unchanged) and the student's s; a client's first round has no teacher and no KD term. Evaluation
-uses the personalized model right after local training, before aggregation (Fling's
-``test_place``), i.e. the teacher; a client that has never trained evaluates the global model.
-Defaults λ = 0.5, T = 3 (Fling); lr/momentum are the common protocol's (METHODS.md E).
-"""
+"""pFedSD's client: FedAvg plus self-distillation from the client's previous model (:class:`PFedSDClient`)."""
 
 from __future__ import annotations
 
@@ -34,6 +24,33 @@ class PFedSDParams(MethodParams):
 
 
 class PFedSDClient(MethodClient):
+    """pFedSD: "Personalized Edge Intelligence via Federated Self-Knowledge Distillation" (Jin et
+    al., IEEE TPDS 2023; official code in Fling's ``pfedsd_client``).
+
+    Everything is shared (FedAvg); nothing frozen. Personal: the client's model after its last
+    local training, kept in the store's ``teacher`` slot. Round t: client k starts from the global
+    model and runs E = ``local-epochs`` epochs of SGD on::
+
+        CE(s, y) + λ·T²·KL(softmax(t/T) ‖ softmax(s/T))
+
+    with s the student's logits and t the teacher's (eval mode, no gradient, unchanged during the
+    round); a client's first round has no teacher and no KD term. It uploads the model and keeps
+    it as its next teacher. Server (:class:`strategies.fedavg.FedAvgStrategy`): the sample-weighted
+    mean. Evaluation uses the personalized model right after local training, before aggregation
+    (Fling's ``test_place``), i.e. the teacher; a client that has never trained evaluates the
+    global model.
+
+    Defaults λ = 0.5, T = 3 are Fling's; learning rate and momentum are the run's (the common
+    protocol's SGD 0.1/0.9; Fling's configs use lr 0.01).
+
+    Parameters
+    ----------
+    pfedsd-lambda : float, default 0.5
+        λ: weight of the distillation term.
+    pfedsd-temperature : float, default 3.0
+        T: distillation temperature.
+    """
+
     params = PFedSDParams
     teacher: nn.Module | None = None
 

@@ -97,9 +97,31 @@ class Method:
 
 
 def local_lora(config: RunConfig) -> MethodClient:
-    """``local-lora``: on a pretrained text model or an image ``backbone`` the FedSA-LoRA paper's local
-    baseline (PEFT LoRA + head kept per client, backbone frozen); from scratch FedLoRA's Table 4
-    control (its decomposed model trained jointly and kept)."""
+    """Local w/ LoRA: each client trains a LoRA model alone; two controls under one name.
+
+    - On a pretrained text model or an image ``backbone``: the FedSA-LoRA paper's local baseline
+      (Guo et al., arXiv 2410.01463; :class:`clients.adapters.LocalAdapterClient`): PEFT LoRA
+      h = W0·x + (α/r)·B·A·x on the frozen backbone, A, B and head trained jointly with plain SGD
+      for ``local-steps`` mini-batches a round and kept; nothing is sent.
+    - From scratch: the FedLoRA paper's Table 4 control (:class:`clients.local.LocalLoRAClient`):
+      its decomposed model θ = σ + B·A trained jointly for E epochs a round and kept.
+
+    Parameters
+    ----------
+    rank-conv, rank-linear : float, default 0.6
+        From scratch: R_c and R_l of FedLoRA's decomposition.
+    lora-r : int, default 8
+        Pretrained: LoRA rank r.
+    lora-alpha : float, default 16.0
+        Pretrained: LoRA α (scaling α/r).
+    lora-dropout : float, default 0.05
+        Pretrained: dropout on the adapter input.
+    lora-target-modules : str, default ""
+        Pretrained: modules the adapters go on ("": query,value on a text model, every Conv2d and
+        Linear but the head on an image backbone).
+    local-steps : int, default 10
+        Pretrained: mini-batch steps per round (0: ``local-epochs`` epochs).
+    """
     return LocalAdapterClient(config) if config.pretrained else LocalLoRAClient(config)
 
 

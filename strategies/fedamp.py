@@ -1,16 +1,4 @@
-"""FedAMP server (Huang et al., AAAI 2021; METHODS.md E.7): attentive message passing.
-
-The server keeps every client's last uploaded w_j on disk (``<run-dir>/server/<pid>/model``) and
-has no global model. For each client i it trains, it sends
-u_i = Σ_j ξ_ij w_j with ξ_ij = α_K·e^{−‖w_i − w_j‖²/σ}/σ (j ≠ i) and ξ_ii = 1 − Σ_{j≠i} ξ_ij,
-over all clients it holds a w_j for (participants of any earlier round). A client it holds no w
-for is taken to hold the common initial model w⁰; in round 1 everyone gets w⁰. Distances and
-sums run over every floating-point tensor, BatchNorm statistics included, in float64, one tensor
-key at a time (memory: the messages plus one tensor of every client, never all models).
-
-Deviation, labelled: when Σ_{j≠i} ξ_ij > 1 (large α_K or small σ) the paper's ξ_ii would be
-negative; we rescale the ξ_ij (j ≠ i) to sum to 1 and set ξ_ii = 0 (METHODS.md E.7: "clamp").
-"""
+"""FedAMP's server: attentive message passing, a different u_i for every client (:class:`FedAMPStrategy`)."""
 
 from __future__ import annotations
 
@@ -38,8 +26,31 @@ def attention_weights(squared_distances: np.ndarray, alpha_k: float, sigma: floa
 
 
 class FedAMPStrategy(PersonalizedStrategy):
-    """``alpha_k`` (α_K) and ``sigma`` (σ) weigh the clients' models; ``server_store`` is required
-    (it holds every w_i). Other keyword arguments: :class:`PersonalizedStrategy`."""
+    """FedAMP's server (Huang et al., AAAI 2021, arXiv 2007.03797): attentive message passing.
+
+    It keeps every client's last uploaded w_j on disk (``<run-dir>/server/<pid>/model``) and has
+    no global model. For each client i it trains, it sends::
+
+        u_i = Σ_j ξ_ij w_j,   ξ_ij = α_K·e^{−‖w_i − w_j‖²/σ}/σ  (j ≠ i),   ξ_ii = 1 − Σ_{j≠i} ξ_ij
+
+    over all clients it holds a w_j for (participants of any earlier round). A client it holds no
+    w for is taken to hold the common initial model w⁰; in round 1 everyone gets w⁰. Distances and
+    sums run over every floating-point tensor, BatchNorm statistics included, in float64, one
+    tensor key at a time (memory: the messages plus one tensor of every client, never all models).
+    Evaluate messages carry nothing (clients evaluate their own w_i).
+
+    Deviation: when Σ_{j≠i} ξ_ij > 1 (large α_K or small σ) the paper's ξ_ii would be negative;
+    we rescale the ξ_ij (j ≠ i) to sum to 1 and set ξ_ii = 0.
+
+    Parameters
+    ----------
+    alpha_k : float, default 1.0
+        α_K (run-config ``fedamp-alpha-k``).
+    sigma : float, default 1.0
+        σ (run-config ``fedamp-sigma``).
+    **kwargs
+        :class:`PersonalizedStrategy`'s; ``server_store`` is required (it holds every w_i).
+    """
 
     per_client_messages = True
 

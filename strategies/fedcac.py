@@ -1,22 +1,4 @@
-"""FedCAC server (Wu et al., ICCV 2023; METHODS.md E.10; Fling's ``fedcac_group``).
-
-From the participants' models w_i and critical masks c_i (``clients/fedcac.py``):
-
-1. w̄ = the sample-weighted FedAvg of the models;
-2. overlap(i, j) = 1 − Σ|c_i − c_j| / (2 Σ c_i) over all masked elements (0 when c_i is empty);
-   threshold_t = mean + (t/β)·(max − mean) over the pairs i ≠ j, with t the 1-based round
-   (Fling's (epoch + 1) with 0-based epochs);
-3. ŵ_i = the unweighted mean of w_i and every w_j with overlap(i, j) ≥ threshold_t;
-4. client i's customized model: ŵ_i where c_i = 1, w̄ where c_i = 0, element by element.
-
-Each client's critical entries of ŵ_i and its mask are kept on disk (``<run-dir>/server/<pid>/
-customized``); every message to client i (this round's evaluation, the next round's training)
-is ŵ_i on its stored mask and the current w̄ elsewhere, so a client that did not train this
-round keeps its customized critical entries and gets the new w̄ for the rest; a client that
-never trained gets w̄. Tensors without a mask (BatchNorm statistics) take w̄: Fling merges
-``named_parameters`` only and so never synchronises BN statistics again (METHODS.md E.10's
-pitfall); we average them as FedAvg does. With τ = 0 no element is critical and this is FedAvg.
-"""
+"""FedCAC's server: FedAvg plus per-client customized critical parameters (:class:`FedCACStrategy`)."""
 
 from __future__ import annotations
 
@@ -58,8 +40,33 @@ def collaborators(overlap: np.ndarray, server_round: int, beta: int) -> list[lis
 
 
 class FedCACStrategy(PersonalizedStrategy):
-    """``beta`` (β) sets how fast the collaboration threshold grows; ``server_store`` is required
-    (it holds every customized model). Other keyword arguments: :class:`PersonalizedStrategy`."""
+    """FedCAC's server (Wu et al., ICCV 2023, arXiv 2309.11103; Fling's ``fedcac_group``).
+
+    From the participants' models w_i and critical masks c_i (:class:`clients.fedcac.FedCACClient`):
+
+    1. w̄ = the sample-weighted FedAvg of the models;
+    2. overlap(i, j) = 1 − Σ|c_i − c_j| / (2 Σ c_i) over all masked elements (0 when c_i is
+       empty); threshold_t = mean + (t/β)·(max − mean) over the pairs i ≠ j, with t the 1-based
+       round (Fling's (epoch + 1) with 0-based epochs);
+    3. ŵ_i = the unweighted mean of w_i and every w_j with overlap(i, j) ≥ threshold_t;
+    4. client i's customized model: ŵ_i where c_i = 1, w̄ where c_i = 0, element by element.
+
+    Each client's critical entries of ŵ_i and its mask are kept on disk (``<run-dir>/server/<pid>/
+    customized``); every message to client i (this round's evaluation, the next round's training)
+    is ŵ_i on its stored mask and the current w̄ elsewhere, so a client that did not train this
+    round keeps its customized critical entries and gets the new w̄ for the rest; a client that
+    never trained gets w̄. With τ = 0 no element is critical and this is FedAvg.
+
+    Deviation: tensors without a mask (BatchNorm statistics) take w̄, as FedAvg averages them;
+    Fling merges ``named_parameters`` only and so never synchronises BN statistics after round 0.
+
+    Parameters
+    ----------
+    beta : int, default 100
+        β, how fast the collaboration threshold grows (run-config ``fedcac-beta``).
+    **kwargs
+        :class:`PersonalizedStrategy`'s; ``server_store`` is required (it holds every customized model).
+    """
 
     per_client_messages = True
 

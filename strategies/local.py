@@ -1,4 +1,4 @@
-"""Local training server (METHODS.md E.2): nothing is shared, so nothing is aggregated.
+"""Local training's server: nothing is shared, so nothing is aggregated.
 
 Clients reply with an empty ArrayRecord; the server only schedules rounds and collects the
 evaluation of each client's own model.
