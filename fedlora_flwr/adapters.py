@@ -1,6 +1,6 @@
 """Named PEFT LoRA adapters on every conv and linear layer of a model (or on named target modules), all active at once.
 
-PF2LoRA (METHODS.md D.1) adapts each weight as W_k = W0 + B·A + D_k·C_k: a common adapter
+PF2LoRA (arXiv 2503.03920) adapts each weight as W_k = W0 + B·A + D_k·C_k: a common adapter
 ("common", rank r) and a client adapter ("client", rank r̃), both PEFT LoRA adapters injected with
 ``peft.inject_adapter_in_model`` and summed in the forward (PEFT's several active adapters). The
 state-dict keys name the adapter: ``<layer>.lora_A.common.weight``, ``<layer>.lora_B.client.weight``;
@@ -8,10 +8,10 @@ W0 moves to ``<layer>.base_layer.weight``. For a conv layer PEFT's A is a conv w
 kernel and stride (r output channels) and B a 1×1 conv, i.e. ΔW = B·A on W viewed as
 out × (in·k·k).
 
-Recommendations of METHODS.md D.1 (the paper is silent): scaling lora_alpha/r with lora_alpha = 2r
-(scaling 2 for every adapter), LoRA init (A and C Kaiming-uniform from the global torch RNG, B = D
-= 0, so the adapted model computes what the plain model computes), no LoRA dropout (the finite-
-difference checks of D.7 need a deterministic loss). On a pretrained text model the adapters go
+Our choices where the paper is silent: scaling lora_alpha/r with lora_alpha = 2r (scaling 2 for
+every adapter), LoRA init (A and C Kaiming-uniform from the global torch RNG, B = D = 0, so the
+adapted model computes what the plain model computes), no LoRA dropout (the finite-difference
+checks of ``tests/test_pf2lora.py`` need a deterministic loss). On a pretrained text model the adapters go
 only on ``target_modules`` (PEFT's suffix match, e.g. BERT's ``query``/``value``), as for the LoRA methods.
 
 ``peft`` is imported when first needed: importing it (and transformers) takes tens of seconds,

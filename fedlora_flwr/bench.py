@@ -310,7 +310,7 @@ def bench_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def paper_protocol(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], int]:
-    """The FedLoRA paper's CIFAR-10 run (§4.1, METHODS.md A.7–A.8: ``PAPER_PROTOCOL``) on the real
+    """The FedLoRA paper's CIFAR-10 run (§4.1 and FedDecomp's defaults: ``PAPER_PROTOCOL``) on the real
     CIFAR-10 npz for ``--rounds`` rounds, on ``--device``; and its number of clients."""
     with PAPER_PROTOCOL.open("rb") as handle:
         protocol = tomllib.load(handle)
@@ -391,7 +391,7 @@ def training_cost(config: RunConfig, partition_id: int, num_clients: int, store_
 
 
 def bench_cost(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """pFedLoRA (METHODS.md §C) on cnn-hetero, one client per architecture, against FedAvg on CNN-1."""
+    """pFedLoRA (arXiv 2310.13283) on cnn-hetero, one client per architecture, against FedAvg on CNN-1."""
     base = _base(args, work, **{"train-per-client": args.train_per_client, "run-name": "cost"})
     probe = load_config({**app_defaults(APP_DIR), **base})
     epochs = probe.pfedlora_local_epochs + probe.pfedlora_adapter_epochs

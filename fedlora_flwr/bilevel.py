@@ -1,18 +1,20 @@
-"""PF2LoRA's bilevel local step (METHODS.md D.2–D.3, D.6) as a declared update rule of a phase.
+"""PF2LoRA's bilevel local step (arXiv 2503.03920) as a declared update rule of a phase.
 
 Upper level x (the common adapter, plus whatever else the phase trains besides y), lower level y
-(the client adapter). One step on a mini-batch ξ, the same ξ for every gradient of the step (D.3 REC):
+(the client adapter). One step on a mini-batch ξ, the same ξ for every gradient of the step (our
+choice; the paper's analysis allows independent ones):
 
     g_y = ∇_y f(x, y),  y⁺ = y − α g_y                               (lower level, plain SGD)
     h   = ∇_x f(x, y⁺) − α ∇²_xy f(x, y) ∇_y f(x, y⁺)                (hypergradient, one unrolled step)
     x  ← upper optimizer step with gradient h (SGD: x − β h),  y ← y⁺
 
-``h`` is exactly d/dx f(x, y − α∇_y f(x, y)) (D.2). The mixed second-derivative term is a
-Hessian-vector product by double backward (:func:`hessian_vector_product`); no Hessian is formed.
-``hypergradient=False`` is the paper's "simultaneous" ablation (App. F.2): x and y take plain
-gradient steps from the same point, ∇_x f(x, y) and ∇_y f(x, y).
+``h`` is exactly d/dx f(x, y − α∇_y f(x, y)): the authors' hypergradient estimate is one-step
+unrolled differentiation. The mixed second-derivative term is a Hessian-vector product by double
+backward (:func:`hessian_vector_product`); no Hessian is formed. ``hypergradient=False`` is the
+paper's "simultaneous" ablation (App. F.2): x and y take plain gradient steps from the same point,
+∇_x f(x, y) and ∇_y f(x, y).
 
-Pitfalls handled here (METHODS.md D.8): gradients come from ``torch.autograd.grad`` (no ``.grad``
+Pitfalls handled here: gradients come from ``torch.autograd.grad`` (no ``.grad``
 accumulation across terms); the step runs with autocast disabled and with the math backend of
 scaled-dot-product attention (the fused flash / memory-efficient kernels have no double backward);
 parameters must be float32 or float64. Not detectable here, so the model must not use gradient
@@ -60,7 +62,7 @@ def hessian_vector_product(
 
 
 def hypergradient(f: Objective, x: Mapping[str, torch.Tensor], y: Mapping[str, torch.Tensor], alpha: float) -> Hypergradient:
-    """h = ∇_x f(x, y⁺) − α ∇²_xy f(x, y) ∇_y f(x, y⁺) with y⁺ = y − α ∇_y f(x, y) (PF2LoRA, D.2/D.6).
+    """h = ∇_x f(x, y⁺) − α ∇²_xy f(x, y) ∇_y f(x, y⁺) with y⁺ = y − α ∇_y f(x, y) (PF2LoRA's hypergradient estimate).
 
     ``x``/``y``: leaf tensors with ``requires_grad`` (the live parameters); ``f`` evaluates the loss
     at other values of y too (:func:`batch_objective`)."""
@@ -143,7 +145,7 @@ def bilevel_step(
     Returns the step's loss (f(x, y⁺); f(x, y) for the simultaneous rule)."""
     for param in (*upper.values(), *lower.values()):
         if param.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"the bilevel step needs float32/float64 parameters (METHODS.md D.8), got {param.dtype}")
+            raise ValueError(f"the bilevel step needs float32/float64 parameters, got {param.dtype}")
     rule = hypergradient if update.hypergradient else simultaneous_gradient
     f = batch_objective(model, loss_fn, xb, yb, {**upper, **lower})
     with torch.autocast(xb.device.type, enabled=False), sdpa_kernel(SDPBackend.MATH):

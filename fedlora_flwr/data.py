@@ -24,7 +24,7 @@ process that calls :func:`load_dataset` (``Path(data_dir).expanduser().resolve()
 Under ``flwr run`` that is the SuperLink's working directory, so pass absolute
 paths there.
 
-Protocol reference: METHODS.md A.7 (FedDecomp ``utils/sampling.py``
+Protocol reference: the FedLoRA paper's official code, FedDecomp (``utils/sampling.py``
 ``dirichlet_noniid`` and ``utils/get_dataset.py``).
 """
 
@@ -82,7 +82,7 @@ TINY_FOLDER = "tiny-imagenet-200"
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
-#: The paper's training augmentations (METHODS.md A.7), by the name an :class:`ImageDataset` gives:
+#: The paper's training augmentations (FedDecomp's ``get_dataset.py``), by the name an :class:`ImageDataset` gives:
 #: CIFAR-100 RandomCrop(32, pad 4) + HFlip + RandomRotation(15); Tiny ImageNet HFlip + RandomRotation(15).
 AUGMENTATIONS: tuple[str, ...] = ("crop-flip-rotate", "flip-rotate")
 
@@ -116,7 +116,7 @@ class ImageDataset:
     :data:`AUGMENTATIONS`; ``""`` for none: CIFAR-10, npz, synthetic).
     ``test_with_replacement``: the Dirichlet protocol draws each client's test
     samples with replacement (Tiny ImageNet: its val split, 50 per class, is the
-    test split; METHODS.md A.7).
+    test split, as in FedDecomp's ``get_dataset.py``).
     """
 
     x_train: np.ndarray
@@ -329,7 +329,7 @@ def _load_npz(path: Path) -> ImageDataset:
 
 def _load_tiny_imagenet(root: Path) -> ImageDataset:
     """Tiny ImageNet (Le & Yang, 2015) from its official zip's layout, as FedDecomp uses it
-    (METHODS.md A.7): the 100,000 train images, and the 10,000 labelled val images as the test
+    (``utils/get_dataset.py``): the 100,000 train images, and the 10,000 labelled val images as the test
     split (the official test images have no labels). 64x64 RGB (the few grayscale JPEGs are
     converted), labels = the index of the wnid in sorted order (torchvision ``ImageFolder``'s
     rule), CIFAR-100 normalisation, train augmentation HFlip + RandomRotation(15).
@@ -481,7 +481,7 @@ def partition(
 
     ``scheme``:
 
-    - ``"dirichlet"`` (the paper's, METHODS A.7): see :func:`dirichlet_noniid`.
+    - ``"dirichlet"`` (the paper's, FedDecomp's sampler): see :func:`dirichlet_noniid`.
       Uses ``alpha`` and ``test_with_replacement``; clients may share images.
     - ``"pathological"``: ``classes_per_client`` classes per client, the same
       classes in its train and test split (flwr-datasets
@@ -533,7 +533,7 @@ def dirichlet_noniid(
     seed: int = 1,
     test_with_replacement: bool = False,
 ) -> list[ClientSplit]:
-    """FedDecomp's ``dirichlet_noniid`` (METHODS A.7), reproduced bit for bit.
+    """FedDecomp's ``dirichlet_noniid`` (``utils/sampling.py``), reproduced bit for bit.
 
     ``rs = RandomState(seed)``; ``q = rs.dirichlet(alpha * 1_C, size=N)``; for
     client i and class j in order: ``n_tr = int(train_per_client * q_ij + 0.5)``
@@ -774,7 +774,7 @@ def make_augment(
     """The training augmentation ``name`` (one of :data:`AUGMENTATIONS`) for a NORMALISED batch
     of ``size`` x ``size`` images: ``crop-flip-rotate`` = RandomCrop(size, padding 4),
     RandomHorizontalFlip, RandomRotation(15) (CIFAR-100); ``flip-rotate`` = the last two
-    (Tiny ImageNet). METHODS.md A.7.
+    (Tiny ImageNet), as in FedDecomp's ``get_dataset.py``.
 
     Each sample gets its own random parameters (a v2 transform applied to a
     whole batch tensor would use one set for all). Padding/rotation fill is the

@@ -156,7 +156,8 @@ class ParameterPartition:
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A phase's optimizer, built fresh for every phase of every round (FedDecomp, METHODS.md A.4).
+    """A phase's optimizer, built fresh for every phase of every round (FedDecomp's ``client.py``
+    rebuilds its optimizers every round, so momentum restarts).
 
     ``lr``/``momentum`` left at None take the run's ``lr``/``momentum``.
     """
@@ -176,7 +177,7 @@ class OptimizerSpec:
 
 @dataclass(frozen=True)
 class BilevelUpdate:
-    """PF2LoRA's bilevel step as a phase's update rule (METHODS.md D.3; ``fedlora_flwr.bilevel``):
+    """PF2LoRA's bilevel step as a phase's update rule (``fedlora_flwr.bilevel``):
     y (the parameters of ``lower``) takes a plain SGD step of ``lr_lower`` (α); x (the phase's other
     groups) steps with the phase's optimizer on the hypergradient (``hypergradient=True``) or on
     ∇_x f(x, y) at the same point as y (the paper's "simultaneous" ablation)."""

@@ -6,7 +6,8 @@ state-dict key as the undecomposed layer and adds the personal low-rank factors
 FedDecomp ``loralib/layers.py``). Hence a decomposed model's state dict is the plain model's
 keys plus the ``lora_`` keys: every personal (τ) key contains ``lora_``, no shared (σ) key does.
 
-Code semantics (METHODS.md A.2), which deviate from the paper text where noted:
+Code semantics (FedDecomp's ``loralib/layers.py``: what produced the paper's numbers), which
+deviate from the paper text where noted:
 
 * Linear ``out×in``: ``lora_A`` (r × in), ``lora_B`` (out × r), ``scaling = 1/r``;
   output ``x Wᵀ + b + scaling · x Aᵀ Bᵀ`` (paper eq. 3).
@@ -60,7 +61,7 @@ def _check_rank(rank: int) -> int:
 
 
 def conv_rank(ratio: float, out_channels: int) -> int:
-    """Conv rank R = max(1, int(ratio · out_channels)) (code rule, METHODS A.2)."""
+    """Conv rank R = max(1, int(ratio · out_channels)) (FedDecomp's rule)."""
     ratio = _check_ratio(ratio, "conv rank ratio")
     return max(1, int(ratio * out_channels))
 
@@ -110,7 +111,7 @@ def _copy_param(p: torch.Tensor | None) -> nn.Parameter | None:
 
 
 class LoRALinear(_LoRAMixin, nn.Linear):
-    """nn.Linear with a personal low-rank delta τ = scaling · B A (FedLoRA eq. 3, METHODS A.2)."""
+    """nn.Linear with a personal low-rank delta τ = scaling · B A (FedLoRA eq. 3, FedDecomp's layout)."""
 
     def __init__(self, base: nn.Linear, r: int) -> None:
         r = _check_rank(r)
@@ -144,7 +145,7 @@ class LoRAConv2d(_LoRAMixin, nn.Conv2d):
     """nn.Conv2d with a personal low-rank delta (FedLoRA eqs. 4-5 in FedDecomp's code layout).
 
     ``ΔW = scaling · (lora_B @ lora_A).view(O, I, K, K)`` with lora_A (R·K × I·K),
-    lora_B (O·K × R·K), scaling = 1/R; forward ``conv(x, W + ΔW, bias)`` (METHODS A.2).
+    lora_B (O·K × R·K), scaling = 1/R; forward ``conv(x, W + ΔW, bias)`` (FedDecomp's ``ConvLoRA``).
     """
 
     def __init__(self, base: nn.Conv2d, r: int) -> None:
@@ -230,7 +231,7 @@ def decompose(model: nn.Module, rank_conv: float, rank_linear: float) -> nn.Modu
     a module whose class sets ``decomposable = False`` (the Transformer's feed-forward blocks: FedLoRA
     decomposes its self-attention and classifier only, paper App. E); those layers stay full-rank σ.
 
-    Ratios follow METHODS A.2 (conv R = int(rank_conv·O), linear r = round(rank_linear·min(in,out))).
+    Ratios follow FedDecomp's code (conv R = int(rank_conv·O), linear r = round(rank_linear·min(in,out))).
     σ is copied, B = 0, so outputs are unchanged; ``lora_A`` is drawn from the global torch RNG in
     ``named_modules`` order (seed before calling for reproducible A). Module names are unchanged;
     layers that are already LoRA are left alone. Returns ``model`` (or, if ``model`` itself is a

@@ -1,5 +1,6 @@
-"""Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (METHODS.md A.3), a small CNN, and
-pFedLoRA's heterogeneous CNN-1..5 (METHODS.md C.1), grouped in the model family ``cnn-hetero``.
+"""Models: ResNet-8 / ResNet-10 exactly as FedDecomp / Fling (``LoraResnet1.py``, ``resnet.py``), a
+small CNN, and pFedLoRA's heterogeneous CNN-1..5 (FedGH's ``CNNs.py``), grouped in the model family
+``cnn-hetero``.
 
 All models take NCHW float input of shape (N, 3, 32, 32); the ResNets and the CNN also accept
 64×64 (Tiny ImageNet, fed unresized), CNN-1..5 only 32×32. Each is a
@@ -67,7 +68,7 @@ class BasicBlock(nn.Module):
 class ResNet(Classifier):
     """ImageNet-style stem (7×7/2 conv, BN, ReLU, 3×3/2 max-pool) + one BasicBlock per stage.
 
-    Module names (METHODS A.3): ``conv1``, ``bn1``, ``layers.{s}.0.{conv1,bn1,conv2,bn2}``,
+    Module names (FedDecomp's): ``conv1``, ``bn1``, ``layers.{s}.0.{conv1,bn1,conv2,bn2}``,
     ``layers.{s}.0.downsample.{0,1}``, ``fc``.
     """
 
@@ -91,7 +92,7 @@ class ResNet(Classifier):
         _init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation ``fc`` classifies (the body's output, METHODS.md E.3–E.6)."""
+        """The representation ``fc`` classifies (the body's output: FedPer, FedRep and FedRoD share it)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
         return torch.flatten(self.avgpool(x), 1)
@@ -136,7 +137,7 @@ class SmallCNN(Classifier):
         _init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The representation ``fc`` classifies (the body's output, METHODS.md E.3–E.6)."""
+        """The representation ``fc`` classifies (the body's output: FedPer, FedRep and FedRoD share it)."""
         # channels_last: ~2x faster on CPU (max-pool NCHW is slow); the math is unchanged.
         x = x.contiguous(memory_format=torch.channels_last)
         x = self.pool(self.relu(self.bn1(self.conv1(x))))
@@ -151,7 +152,7 @@ def small_cnn(num_classes: int) -> SmallCNN:
 
 
 class HeteroCNN(Classifier):
-    """One of pFedLoRA's CNN-1..5 (METHODS.md C.1, from the authors' group's FedGH ``CNNs.py``).
+    """One of pFedLoRA's CNN-1..5 (from the authors' group's FedGH ``CNNs.py``).
 
     conv 5×5 3→16 (no padding) → ReLU → max-pool 2 → conv 5×5 16→``conv2_channels`` → ReLU →
     max-pool 2 → flatten → ``fc1`` (→ ``fc1_width``) → ReLU → ``fc2`` (→ 500) → ReLU: the 500-d
@@ -181,7 +182,7 @@ class HeteroCNN(Classifier):
 
 
 
-#: METHODS.md C.1's table: (conv2 filters, FC1 width) of CNN-1..5.
+#: (conv2 filters, FC1 width) of CNN-1..5 (FedGH's ``CNNs.py``; all else is common).
 HETERO_CNNS = {"cnn-1": (32, 2000), "cnn-2": (16, 2000), "cnn-3": (32, 1000), "cnn-4": (32, 800), "cnn-5": (32, 500)}
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
@@ -196,7 +197,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 }
 
 MODEL_FAMILIES: dict[str, tuple[str, ...]] = {
-    # pFedLoRA / FedGH: client k gets CNN-((k mod 5) + 1) (METHODS.md C.1).
+    # pFedLoRA / FedGH: client k gets CNN-((k mod 5) + 1), as FedGH's code assigns them.
     "cnn-hetero": tuple(HETERO_CNNS),
 }
 

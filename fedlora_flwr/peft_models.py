@@ -14,7 +14,7 @@ One reusable API for every method that fine-tunes a pretrained model with adapte
   weights and VeRA's frozen projections.
 
 LoRA factors start as PEFT initialises them (A Kaiming-uniform from the torch RNG, B zeros): seed
-torch before :func:`wrap` and every client starts from the same A (FedSA-LoRA, METHODS.md B.1).
+torch before :func:`wrap` and every client starts from the same A (FedSA-LoRA averages A).
 PEFT marks only adapter tensors trainable; the training loop overrides that per phase from the
 method's partition, so the partition alone decides what is trained.
 """

@@ -3,9 +3,10 @@
 Every model the framework builds is a :class:`Classifier`: ``features(x)`` is the representation
 (the body's output) and the class attribute ``HEAD`` names the submodule that maps it to logits
 (``fc`` on the image models and ``TransformerSmall``, ``classifier`` on the pretrained
-``TextClassifier``). FedPer's personal layer, FedRep's head phase and FedRoD's generic head
-(METHODS.md E.3, E.4, E.6) are that head; the adapter methods keep it out of the frozen backbone
-(FedSA-LoRA, METHODS.md B.1); pFedLoRA's adapter reads the representation it classifies (C.2).
+``TextClassifier``). FedPer's personal layer, FedRep's head phase and FedRoD's generic head are
+that head (``fc`` in Fling's and PFLlib's versions of them); the adapter methods keep it out of
+the frozen backbone (FedSA-LoRA keeps its ``classifier`` personal); pFedLoRA's adapter reads the
+representation it classifies.
 
 :func:`head` finds the declaration in any model tree: a method's wrapper (pFedGate's
 ``GatedModel.base``, pFedLoRA's ``PFedLoRAModel.local``) or PEFT's ``PeftModel``

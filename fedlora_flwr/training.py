@@ -1,8 +1,8 @@
 """The one local training loop: run a method's schedule of phases over a client's data.
 
 Each phase trains only the parameters of its groups (``requires_grad`` *and* optimizer
-membership, METHODS.md A.9) with a fresh optimizer, so momentum restarts every phase and every
-round as in FedDecomp (METHODS.md A.4). Methods change *what* is trained and in which order by
+membership, as FedDecomp's ``client.py`` freezes) with a fresh optimizer, so momentum restarts
+every phase and every round as in FedDecomp, which rebuilds its optimizers every round. Methods change *what* is trained and in which order by
 declaring phases, and *what is minimised or predicted* through two per-batch hooks (``loss``,
 ``predict``: FedRoD's balanced softmax, pFedSD's distillation, FedAMP's proximal term); they
 do not write loops. A phase with a :class:`~fedlora_flwr.groups.BilevelUpdate` replaces the
@@ -123,8 +123,8 @@ def train_schedule(
     """Train ``model`` in place, phase after phase; ``x``/``y`` must be on the model's device.
     A phase of 0 epochs or steps is skipped; a phase (or a bilevel level) whose groups own no
     parameter is a ValueError: it would otherwise train nothing without a word. ``precision``
-    applies to the plain step; the bilevel step always runs in float32 (METHODS.md D.8; the run
-    config refuses bf16 for the PF2LoRA methods)."""
+    applies to the plain step; the bilevel step always runs in float32 (its Hessian-vector products
+    are not taken under autocast; the run config refuses bf16 for the PF2LoRA methods)."""
     membership = partition.groups(model)
     _check_phases(schedule, model, partition, membership)
     trainable_before = {key: param.requires_grad for key, param in model.named_parameters()}

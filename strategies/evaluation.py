@@ -1,7 +1,8 @@
 """A round's evaluation of every client, and fused evaluation's bookkeeping.
 
-Every client evaluates every round (METHODS.md A.6). :class:`PendingEvaluation` gathers a round's
-results by partition id and turns them into the round's row (:meth:`PendingEvaluation.row`).
+Every client, trained this round or not, evaluates every round after aggregation (as FedDecomp's
+server does). :class:`PendingEvaluation` gathers a round's results by partition id and turns them
+into the round's row (:meth:`PendingEvaluation.metrics_row`).
 
 With fused evaluation the evaluation of round t rides on round t+1's train message: when round t
 is aggregated the strategy draws round t+1's participants, sends evaluate messages only to the
