@@ -1,5 +1,5 @@
 """The batched training augmentation (fedlora_flwr.data.make_batched_augment): the paper's
-RandomCrop(pad 4) + HFlip + RandomRotation(15) (METHODS.md A.7) as tensor ops on a whole batch."""
+RandomCrop(pad 4) + HFlip + RandomRotation(15) (FedDecomp's get_dataset.py) as tensor ops on a whole batch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The eight PFL baselines of FedLoRA's Table 1 (METHODS.md §E): each method's defining mechanism
+"""The eight PFL baselines of FedLoRA's Table 1 (clients/*.py document each): each method's defining mechanism
 on the real code path (ClientApp/ServerApp in process, tests/inprocess.py), plus the core hooks
 they are built on (phases in steps, per-phase eval mode, store slots, per-client messages)."""
 

@@ -33,8 +33,8 @@ def _error(tmp_path: Path, **overrides) -> str:
 def test_pyproject_defaults_are_the_paper_cifar10_setup(tmp_path):
     config = load_config(app_defaults(), base=tmp_path)
     assert isinstance(config, RunConfig)
-    # METHODS.md A.8: E=5, E_lora=2, B=100, SGD lr .1 m .9, (R_c, R_l)=(.6, .6) on CIFAR-10 ResNet-8,
-    # α=.1, 500/100 samples per client (A.7), Dirichlet partition, method FedLoRA.
+    # FedLoRA paper §4.1 / FedDecomp's options.py: E=5, E_lora=2, B=100, SGD lr .1 m .9, (R_c, R_l)=(.6, .6)
+    # on CIFAR-10 ResNet-8, α=.1, 500/100 samples per client, Dirichlet partition, method FedLoRA.
     assert config.local_epochs == 5
     assert config.params.lora_epochs == 2
     assert config.batch_size == 100
@@ -49,7 +49,7 @@ def test_pyproject_defaults_are_the_paper_cifar10_setup(tmp_path):
     assert config.partition == "dirichlet"
     assert config.method == "fedlora"
     assert config.params.lora_schedule == "alternating"
-    assert config.fraction_train == pytest.approx(1.0)  # full participation (A.8)
+    assert config.fraction_train == pytest.approx(1.0)  # full participation (the paper's frac 1.0)
     assert config.partial_average == "participants"
 
 
@@ -129,7 +129,7 @@ def test_bad_value_names_its_key(tmp_path, key, value):
 def test_lora_epochs_above_local_epochs_is_rejected(tmp_path):
     message = _error(tmp_path, **{"local-epochs": 2, "lora-epochs": 3})
     assert "lora-epochs" in message
-    # E_lora = E is allowed (σ never trained, METHODS.md A.4), and so is E_lora = 0 (FedAvg).
+    # E_lora = E is allowed (σ never trained), and so is E_lora = 0 (FedAvg; paper §3.4).
     assert load_config({**app_defaults(), "local-epochs": 2, "lora-epochs": 2}, base=tmp_path).params.lora_epochs == 2
     assert load_config({**app_defaults(), "lora-epochs": 0}, base=tmp_path).params.lora_epochs == 0
 

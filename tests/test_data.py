@@ -1,4 +1,4 @@
-"""Tests for fedlora_flwr.data: datasets, partitions (METHODS.md A.7), tensors and batches."""
+"""Tests for fedlora_flwr.data: datasets, partitions (FedDecomp's sampling.py), tensors and batches."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _feddecomp_dirichlet_noniid(train_targets, test_targets, num_users, alpha, s
                                 test_replace=False):
     """The reference loop (FedDecomp utils/sampling.py ``dirichlet_noniid``), transcribed
     with Python lists and per-sample loops exactly as there (``test_replace``: its Tiny ImageNet
-    variant, METHODS.md A.7)."""
+    variant: test indices drawn with replacement)."""
     num_class = len(np.unique(train_targets))
     train_idxs_classes = [[] for _ in range(num_class)]
     test_idxs_classes = [[] for _ in range(num_class)]

@@ -1,6 +1,7 @@
 """ServerApp + ClientApp end to end, in process (tests/inprocess.py): output contract and FL invariants.
 
-DESIGN.md §4 (run folder contract), METHODS.md A.5/A.6/A.10 (FedLoRA), E.1 (FedAvg), E.2 (Local).
+DESIGN.md §4 (run folder contract); FedLoRA (σ̄ the unweighted mean, every client evaluates after
+aggregation), FedAvg (all clients identical) and Local (nothing sent) as their clients document.
 """
 
 from __future__ import annotations
@@ -245,7 +246,7 @@ def test_clients_upload_sigma_only(fedlora_run):
 
 
 def test_every_client_gets_the_same_sigma_and_it_is_the_plain_mean(fedlora_run):
-    """A.5/A.6/A.10: σ̄ = unweighted mean of the σ_i; every client evaluates (and then trains from) the same σ̄."""
+    """FedLoRA eq. 8: σ̄ = unweighted mean of the σ_i; every client evaluates (and then trains from) the same σ̄."""
     _, grid, _ = fedlora_run
     train, evaluate = _train_type(grid), _eval_type(grid)
     first = grid.sent[(1, train)]
@@ -302,7 +303,7 @@ def test_training_seeds_are_distinct_for_thousands_of_clients():
 
 
 def test_fedlora_without_lora_epochs_is_fedavg(tmp_path):
-    """METHODS.md A.4/A.10: E_lora = 0 ⇒ τ stays 0 and FedLoRA is exactly (unweighted) FedAvg."""
+    """Paper §3.4: E_lora = 0 ⇒ τ stays 0 and FedLoRA is exactly (unweighted) FedAvg."""
     lora_dir, lora_grid, _ = _run(tmp_path / "a", "fedlora-e0", **{"lora-epochs": 0})
     avg_dir, avg_grid, _ = _run(tmp_path / "b", "fedavg-mean", method="fedavg", aggregation="mean")
     lora_metrics, avg_metrics = _metrics(lora_dir), _metrics(avg_dir)
@@ -325,7 +326,7 @@ def test_local_sends_nothing_and_keeps_the_whole_model(tmp_path):
     metrics = _metrics(run_dir)
     assert len(metrics) == ROUNDS
     for m in metrics:
-        assert m["bytes_up"] == 0, "Local: the server never receives arrays (METHODS.md E.2)"
+        assert m["bytes_up"] == 0, "Local: the server never receives arrays"
         assert set(m["acc_per_client"]) == {str(pid) for pid in range(NUM_CLIENTS)}
     for (_, kind), replies in grid.replies.items():
         if kind.startswith("train"):

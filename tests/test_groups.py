@@ -1,4 +1,5 @@
-"""Parameter partition and local schedule (fedlora_flwr.groups, fedlora_flwr.training; METHODS.md A.1, A.4, A.9, A.10)."""
+"""Parameter partition and local schedule (fedlora_flwr.groups, fedlora_flwr.training) of FedLoRA and its
+Table 4 controls, against FedDecomp's client.py."""
 
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def test_fedlora_partition_tau_is_exactly_the_lora_keys(tmp_path, model_name):
     assert personal and all(is_lora_key(key) for key in personal)
     assert set(personal) == {key for key in model.state_dict() if "lora_" in key}
     assert FedLoRAClient.partition.keys(model, "frozen") == []
-    # σ = the undecomposed model's whole state dict, BN buffers included (METHODS.md A.1), same order.
+    # σ = the undecomposed model's whole state dict, BN buffers included (FedDecomp averages every non-lora_ key), same order.
     assert shared == list(plain.state_dict())
     assert {"bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked", "fc.bias"} <= set(shared)
     # Every conv / linear got both factors.
@@ -94,7 +95,7 @@ def test_local_is_all_personal_and_fedavg_all_shared(tmp_path, model_name):
 
 @pytest.mark.parametrize("model_name", ["cnn", "resnet8"])
 def test_table4_controls_decompose_like_fedlora_but_share_or_keep_everything(tmp_path, model_name):
-    """FedLoRA paper Table 4 (METHODS.md A.9): "FedAvg w/ LoRA" and "Local w/ LoRA" use FedLoRA's
+    """FedLoRA paper Table 4 (no switch in the official code; our reading): "FedAvg w/ LoRA" and "Local w/ LoRA" use FedLoRA's
     decomposed model, trained jointly for E epochs; FedAvg shares both σ and τ, Local keeps both."""
     config = _config(tmp_path, model=model_name, **{"local-epochs": 3})
     fedlora_keys = list(FedLoRAClient(config).build_model(TaskSpec(NUM_CLASSES), 0).state_dict())
@@ -138,7 +139,7 @@ def test_full_fedlora_schedule_runs_e_epochs_in_total(tmp_path):
     assert torch.isfinite(torch.tensor(stats.loss))
 
 
-# --------------------------------------------------------------------------- A.10 invariants
+# --------------------------------------------------------------------------- invariants of the τ and σ phases
 
 
 class _GradProbe:
@@ -167,13 +168,13 @@ def test_tau_phase_changes_no_sigma_parameter(tmp_path):
     buffers = {key for key, _ in model.named_buffers()}
     for key in sigma_params:
         assert torch.equal(before[key], after[key]), f"τ phase changed σ parameter {key}"
-    # Train mode: BN running statistics still move in the τ phase (METHODS.md A.4 step 3).
+    # Train mode: BN running statistics still move in the τ phase (as in FedDecomp's client.py).
     assert any(not torch.equal(before[key], after[key]) for key in buffers if "running_mean" in key)
     assert after["bn1.num_batches_tracked"] == before["bn1.num_batches_tracked"] + 2
     # τ was trained (B moves first; A only once B ≠ 0).
     lora_b = [key for key in before if key.endswith("lora_B")]
     assert all(not torch.equal(before[key], after[key]) for key in lora_b)
-    # Frozen by requires_grad too, not only by optimizer membership (METHODS.md A.9).
+    # Frozen by requires_grad too, not only by optimizer membership.
     lora_keys = {key for key, _ in model.named_parameters() if is_lora_key(key)}
     assert probe.calls and all(call == lora_keys for call in probe.calls)
 
@@ -200,7 +201,7 @@ def test_sigma_phase_changes_no_lora_tensor(tmp_path):
 
 
 def test_lora_epochs_zero_is_exactly_fedavg(tmp_path):
-    """METHODS.md A.4/A.10: E_lora = 0 ⇒ the σ trajectory is plain FedAvg training of the undecomposed model."""
+    """Paper §3.4: E_lora = 0 ⇒ the σ trajectory is plain FedAvg training of the undecomposed model."""
     config = _config(tmp_path, **{"local-epochs": 2, "lora-epochs": 0})
     torch.manual_seed(3)
     decomposed = FedLoRAClient(config).build_model(TaskSpec(NUM_CLASSES), 0)

@@ -1,4 +1,4 @@
-"""Tests of the low-rank decomposition θ = σ + τ (fedlora_flwr.lora, METHODS.md A.2)."""
+"""Tests of the low-rank decomposition θ = σ + τ (fedlora_flwr.lora, FedDecomp's loralib layout and ranks)."""
 
 import copy
 import math

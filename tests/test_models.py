@@ -1,4 +1,4 @@
-"""Tests of the model zoo (fedlora_flwr.models, METHODS.md A.3)."""
+"""Tests of the model zoo (fedlora_flwr.models: FedDecomp's ResNet-8/10, pFedLoRA's CNN-1..5)."""
 
 import math
 
@@ -35,7 +35,7 @@ def test_registry_and_unknown_name():
 
 
 def test_parameter_counts():
-    # σ counts of METHODS A.2's table = parameter counts of the plain models
+    # σ counts (conv + BN + fc) computed from FedDecomp's code = parameter counts of the plain models
     assert _nparams(resnet8(10)) == 1_235_274
     assert _nparams(resnet10(100)) == 4_957_092
     assert _nparams(resnet10(200)) == 5_008_392

@@ -1,6 +1,6 @@
-"""PF2LoRA (METHODS.md §D): the bilevel step against finite differences (D.7) on the production
+"""PF2LoRA (arXiv 2503.03920): the bilevel step against central finite differences in float64 on the production
 functions, the Phase update rule in the one training loop, the two-level PEFT adapters, and the
-methods end to end in process (D.9: shared (B, A), distinct (C_k, D_k)); lora-ft's fine-tuned copy."""
+methods end to end in process (shared (B, A), distinct (C_k, D_k)); lora-ft's fine-tuned copy."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ NUM_CLIENTS = 3
 
 
 def _tiny(seed: int = 0):
-    """D.7's tiny model in float64: Linear(6→4), tanh, Linear head, common rank 3 / client rank 1 on
+    """A tiny model in float64: Linear(6→4), tanh, Linear head, common rank 3 / client rank 1 on
     both linears, every adapter factor random (LoRA init has B = D = 0), a fixed batch."""
     torch.manual_seed(seed)
     model = add_lora_adapters(nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)), {COMMON: 3, CLIENT: 1})
@@ -235,7 +235,7 @@ def test_bad_pf2lora_key_is_one_line_naming_it(tmp_path, key, value):
     assert key in str(info.value) and "\n" not in str(info.value)
 
 
-# --------------------------------------------------------------------------- end to end (D.9)
+# --------------------------------------------------------------------------- end to end
 
 
 FAST = {"local-steps": 1, "lr-upper": 0.05, "lr-lower": 0.05, "train-per-client": 8, "test-per-client": 4,

@@ -1,4 +1,4 @@
-"""PF2LoRA and lora-ft on the pretrained MiniLM (issue 10's text setting, METHODS.md D.1, D.8): the
+"""PF2LoRA and lora-ft on the pretrained MiniLM (issue 10's text setting): the
 encoder frozen and never sent, the two adapters on ``lora-target-modules``, the head shared; the
 double backward through BERT attention with dropout on. Small: 3 clients, 16 tokens, one step."""
 

@@ -1,5 +1,5 @@
-"""pFedLoRA (METHODS.md §C): the heterogeneous CNN family, the homogeneous adapter, the L/G
-schedule's invariants (C.7), and a federation of all five architectures on the real code path
+"""pFedLoRA (arXiv 2310.13283): the heterogeneous CNN family, the homogeneous adapter, the L/G
+schedule's invariants, and a federation of all five architectures on the real code path
 (ServerApp/ClientApp in process, tests/inprocess.py)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bo
 
 
 def test_cnn_family_is_methods_c1():
-    """C.1's table: conv2 filters, flatten and FC1 width per member; h is 500-d for all; client k
+    """FedGH's CNNs.py: conv2 filters, flatten and FC1 width per member; h is 500-d for all; client k
     gets CNN-((k mod 5) + 1)."""
     expected = {"cnn-1": (32, 800, 2000), "cnn-2": (16, 400, 2000), "cnn-3": (32, 800, 1000),
                 "cnn-4": (32, 800, 800), "cnn-5": (32, 800, 500)}
@@ -66,7 +66,7 @@ def test_cnn_family_is_methods_c1():
 
 
 def test_adapter_shapes_and_init_are_identical_on_every_architecture(tmp_path):
-    """C.2: A (r × 500) Kaiming-uniform, B (C × r) = 0, b = 0; the same seeded θ⁰ on every client
+    """The adapter: A (r × 500) Kaiming-uniform, B (C × r) = 0, b = 0; the same seeded θ⁰ on every client
     whatever its architecture and whatever the global RNG did before."""
     client = PFedLoRAClient(_config(tmp_path, **{"pfedlora-rank": 4}))
     adapters = []
@@ -105,7 +105,7 @@ def test_output_is_the_mu_weighted_sum(tmp_path):
         assert torch.allclose(model(x), expected, atol=1e-5)
 
 
-# --------------------------------------------------------------------------- C.7 invariants
+# ------------------- invariants: θ identical after aggregation, phase L leaves θ and phase G F_k unchanged, μ = 1
 
 
 def _data(n: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +243,7 @@ def test_metrics_record_the_accuracy_per_architecture(pfedlora_run, tmp_path):
 
 
 def test_evaluation_uses_the_adapter_after_local_training(pfedlora_run):
-    """C.5: the evaluated model is F_k + θ_k before aggregation, not θ̄."""
+    """As in the group's FedGH/FedMRL code: the evaluated model is F_k + θ_k before aggregation, not θ̄."""
     run_dir, grid, run_config = pfedlora_run
     config = load_config(run_config)
     pid = 2

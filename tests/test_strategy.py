@@ -1,4 +1,5 @@
-"""Server-side aggregation (strategies/base.py; FedLoRA eq. 8, METHODS.md A.5, A.9, A.10, E.1)."""
+"""Server-side aggregation (strategies/base.py): FedLoRA's unweighted mean (eq. 8) and FedDecomp's
+all-clients average, FedAvg's sample-weighted mean, BN buffers included."""
 
 from __future__ import annotations
 
@@ -182,7 +183,7 @@ def test_aggregation_override_mean_for_fedavg(tmp_path):
 @pytest.mark.parametrize("failed", [False, True], ids=["no-failure", "one-failure"])
 @pytest.mark.parametrize("mode", ["all-clients", "participants"])
 def test_partial_participation_average(tmp_path, mode, failed):
-    """METHODS.md A.5/A.10: with "all-clients", σ̄^{t+1} − σ̄^t = (m/N)·mean_i(σ_i − σ̄^t).
+    """With "all-clients" (FedDecomp's code: the absent clients hold σ̄^t), σ̄^{t+1} − σ̄^t = (m/N)·mean_i(σ_i − σ̄^t).
 
     N = 4, 3 sampled; with a failure, m = the 2 clients that replied (the failed one holds σ̄^t).
     """

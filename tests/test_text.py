@@ -1,6 +1,7 @@
 """The text track on the real code path: AG_NEWS from ../shared/data, the real pretrained MiniLM-L6,
-PEFT adapters, and the FedSA-LoRA family and LoRA baselines (METHODS.md §B, B.7 invariants) through
-the in-process federation (tests/inprocess.py). Kept small: 3 clients, short sequences, few steps."""
+PEFT adapters, and the FedSA-LoRA family and LoRA baselines (after aggregation A identical, B and
+head per client; FFA's A at its init; uploads only the shared keys) through the in-process
+federation (tests/inprocess.py). Kept small: 3 clients, short sequences, few steps."""
 
 from __future__ import annotations
 
