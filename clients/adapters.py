@@ -133,10 +133,11 @@ class FedSALoRAClient(AdapterClient):
     - personal: every ``lora_B`` and the classification head (kept in the client's store);
     - frozen: the backbone.
 
-    Round t: load Ā and the client's own B and head; train A, B and head jointly with plain SGD for
-    ``local-steps`` mini-batches (the config: 10 steps of batch 128, lr 0.02, optimizer rebuilt
-    every round); upload A. Server (:class:`strategies.fedavg.FedAvgStrategy`): Ā = the mean of
-    the A's weighted by training size. Model, init and optimizer: :class:`AdapterClient`.
+    Round t: load Ā and the client's own B and head; train A, B and head jointly on the
+    cross-entropy with plain SGD (the run's ``lr``, rebuilt every round) for ``local-steps``
+    mini-batches of ``batch-size`` (its GLUE config: 10 steps of batch 128, lr 0.02); upload A.
+    Server (:class:`strategies.fedavg.FedAvgStrategy`): Ā = the mean of the A's weighted by
+    training size. Model, init and optimizer: :class:`AdapterClient`.
 
     Deviations from the official code: B and head are kept per client (its shipped config,
     ``share_local_model: True``, gives every client and the server one model object, so a single

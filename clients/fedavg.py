@@ -1,4 +1,4 @@
-"""FedAvg's clients: the plain model (:class:`FedAvgClient`) and FedLoRA's decomposed one (:class:`FedAvgLoRAClient`)."""
+"""FedAvg's clients: the plain model (:class:`FedAvgClient`) and the decomposed one (:class:`FedAvgLoRAClient`)."""
 
 from clients.base import MethodClient
 from clients.params import Decomposition

@@ -1,4 +1,4 @@
-"""FedRoD's client: a generic head trained with the balanced softmax, a linear personal head on top (:class:`FedRoDClient`)."""
+"""FedRoD's client: a balanced-softmax generic head and a linear personal head on top (:class:`FedRoDClient`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Local training's clients: the plain model (:class:`LocalClient`) and FedLoRA's decomposed one (:class:`LocalLoRAClient`)."""
+"""Local training's clients: the plain model (:class:`LocalClient`) and the decomposed one (:class:`LocalLoRAClient`)."""
 
 from clients.base import MethodClient
 from clients.params import LoRA, Decomposition

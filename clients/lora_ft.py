@@ -1,4 +1,4 @@
-"""``lora-ft``'s client: federated LoRA, then local fine-tuning before each evaluation (:class:`LoRAFineTuneClient`)."""
+"""``lora-ft``'s client: federated LoRA, fine-tuned locally before each evaluation (:class:`LoRAFineTuneClient`)."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,4 @@
-"""pFedGate's client, minimal faithful version: a personal gate scales the shared model's tensors (:class:`PFedGateClient`)."""
+"""pFedGate's client: a personal gate scales the shared model's tensors (:class:`PFedGateClient`)."""
 
 from __future__ import annotations
 
