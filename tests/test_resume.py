@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,91 @@ def test_resume_after_sigkill_of_the_superlink_equals_the_uninterrupted_run(tmp_
     assert _rows(run_dir) == _rows(reference)
     assert _summary(run_dir) == _summary(reference)
     assert _state_files(run_dir) == _state_files(reference)
+
+
+# --------------------------------------------------------------------------- resume never destroys
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-round run, copied afresh for each test that damages it."""
+    source = tmp_path_factory.mktemp("finished")
+    config = _config(source, "run", "fedlora", **{"num-server-rounds": 2})
+    _start(config)
+
+    def copy(tmp_path: Path) -> tuple[dict, Path]:
+        shutil.copytree(source / "run", tmp_path / "run")
+        return {**config, "output-dir": str(tmp_path), "resume": True}, tmp_path / "run"
+
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped", "metadata"])
+def test_resume_with_an_unreadable_checkpoint_is_refused_and_changes_nothing(tmp_path, finished_run, caplog, damage):
+    """Today a deleted checkpoint restarts the run from round 1 in place, dropping every row."""
+    from fedlora_flwr.store import write_safetensors_atomic
+
+    config, run_dir = finished_run(tmp_path)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    data = checkpoint.read_bytes()
+    if damage == "deleted":
+        checkpoint.unlink()
+    elif damage == "truncated":
+        checkpoint.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":
+        checkpoint.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        write_safetensors_atomic(checkpoint, {}, {"method": "fedlora", "checkpoint": "{not json"})
+    before = _hashes(run_dir)
+    line = _refused(config, caplog)
+    assert str(checkpoint) in line
+    if damage == "deleted":
+        assert "records 2 rounds" in line and "does not exist" in line
+    else:
+        assert "corrupt" in line
+    assert _hashes(run_dir) == before
+
+
+@pytest.mark.parametrize("content", ["{\"method\": \"fedlo", "[1, 2]", "\xff\xfe"])
+def test_resume_with_a_corrupt_config_json_is_refused_in_one_line(tmp_path, finished_run, caplog, content):
+    config, run_dir = finished_run(tmp_path)
+    (run_dir / "config.json").write_bytes(content.encode("latin-1"))
+    before = _hashes(run_dir)
+    line = _refused(config, caplog)
+    assert str(run_dir / "config.json") in line
+    assert _hashes(run_dir) == before
+
+
+def test_resume_after_a_crash_before_the_first_checkpoint_still_works(tmp_path, monkeypatch):
+    """The one row a crash may leave after the checkpoint (here: round 1's, with no checkpoint yet)
+    is redone, not refused."""
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 1})
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 1)
+        with pytest.raises(Crash):
+            _start(config)
+    crashed = _rows(tmp_path / "run")
+    assert len(crashed) == 1 and not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+    _start({**config, "resume": True})
+    assert _rows(tmp_path / "run") == crashed
+
+
+def test_odd_output_paths_are_refused_in_one_line(tmp_path, caplog):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    line = _refused(_config(a_file, "run", "fedlora"), caplog)
+    assert f"cannot create the run folder {a_file / 'run'}: {a_file} is a file" in line
+    line = _refused(_config(a_file / "deeper", "run", "fedlora"), caplog)
+    assert f"{a_file} is a file" in line
+    line = _refused(_config(tmp_path, "a-file", "fedlora"), caplog)
+    assert f"run-name: {a_file} is a file" in line
+    line = _refused(_config(tmp_path, "r" * 300, "fedlora"), caplog)
+    assert "run-name" in line and "300 characters" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"] and a_file.read_text() == "not a folder"
