@@ -19,6 +19,10 @@ needed. ``resume = true`` reopens the run: the config must match ``config.json``
 round 1 if no round was checkpointed). A run folder whose rows go further than that (its checkpoint
 deleted, or older than its rows), or whose ``config.json`` or checkpoint is unreadable, is refused
 in one line before anything is written: a resume never drops recorded rounds.
+
+The server tells each client the last round it trained in (:func:`last_trained_rounds`, from the
+rows' ``participants``), so that a client whose state is gone fails instead of starting afresh
+(``fedlora_flwr.store``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from logging import INFO
@@ -139,6 +143,16 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     arrays = ArrayRecord({key: Array.from_numpy_ndarray(tensors[key].numpy()) for key in keys})
     return Checkpoint(round=checkpoint_round, arrays=arrays, elapsed_s=elapsed_s, strategy=strategy,
                       pending_evaluation=state.get("pending_evaluation"))
+
+
+def last_trained_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
+    """Partition id -> the last round whose update from that client was aggregated (the rows'
+    ``participants``): what the server tells each client (``fedlora_flwr.store.LAST_TRAINED``)."""
+    last: dict[int, int] = {}
+    for row in rows:
+        for pid in row.get("participants", ()):
+            last[int(pid)] = max(last.get(int(pid), 0), int(row["round"]))
+    return last
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

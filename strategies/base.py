@@ -74,8 +74,8 @@ from flwr.serverapp.strategy import FedAvg, Result
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedlora_flwr.config import ConfigError, RunConfig
-from fedlora_flwr.results import RunRecorder
-from fedlora_flwr.store import PersonalStateStore
+from fedlora_flwr.results import RunRecorder, last_trained_rounds
+from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
 
 ARRAYS = "arrays"
 METRICS = "metrics"
@@ -194,6 +194,8 @@ class PersonalizedStrategy(FedAvg):
             self.restore(checkpoint.strategy)
             if checkpoint.pending_evaluation:
                 self._pending = PendingEvaluation.from_json(checkpoint.pending_evaluation)
+        #: partition id -> the last round its update was aggregated; sent to it as LAST_TRAINED
+        self.last_trained = last_trained_rounds([*recorder.rounds, *([self._pending.row] if self._pending else [])])
 
     @classmethod
     def check(cls, config: RunConfig) -> None:
@@ -245,16 +247,17 @@ class PersonalizedStrategy(FedAvg):
         self, messages: list[Message], arrays: ArrayRecord, config: ConfigRecord, server_round: int, training: bool
     ) -> list[Message]:
         """One fresh record per node (Flower's FedAvg shares one record between all messages), with
-        this node's arrays and, for the clients picked to fail, the fault to inject."""
+        this node's arrays, the last round it trained in and, for the clients picked to fail, the
+        fault to inject."""
         partition_ids = [self.partition_ids.get(message.metadata.dst_node_id) for message in messages]
         faulty = self._faulty(partition_ids, server_round) if training else set()
-        if not self.per_client_messages and not faulty:
-            return messages
         records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
                    else [arrays for _ in messages])
         personalized = []
         for message, record, pid in zip(messages, records, partition_ids, strict=True):
             message_config = ConfigRecord(dict(config))
+            if pid is not None:
+                message_config[LAST_TRAINED] = self.last_trained.get(pid, 0)
             if pid in faulty:
                 message_config["fault"] = self.config.fault_kind
             personalized.append(Message(
@@ -417,6 +420,7 @@ class PersonalizedStrategy(FedAvg):
             num_participants=len(valid),
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )
+        self.last_trained.update(dict.fromkeys(self._round["participants"], server_round))
         if not valid:
             return None, None
         records = [message.content[ARRAYS] for message in valid]

@@ -304,3 +304,80 @@ def test_odd_output_paths_are_refused_in_one_line(tmp_path, caplog):
     line = _refused(_config(tmp_path, "r" * 300, "fedlora"), caplog)
     assert "run-name" in line and "300 characters" in line
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"] and a_file.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------- state that vanished fails loudly
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps (partition id, message type, server round, reason) of every error reply; with
+    ``before_delivery``, calls it with each message first (to damage a client's state on disk)."""
+
+    before_delivery = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors: list[tuple[int, str, int, str]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            if self.before_delivery is not None:
+                self.before_delivery(message)
+        ids = super().push_messages(messages)
+        for message, message_id in zip(messages, ids, strict=True):
+            reply = self._replies[message_id]
+            if reply.has_error():
+                pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+                server_round = int(message.content["config"].get("server-round", 0))
+                self.errors.append((pid, message.metadata.message_type, server_round, reply.error.reason))
+        return ids
+
+
+def test_client_whose_state_vanished_fails_instead_of_starting_afresh(tmp_path):
+    """Client 1 trained in round 1 (the run's record); its folder is gone before round 2: its
+    round-2 train and evaluate replies fail with the StateError naming its state file, it is no
+    participant of round 2, and nothing is written in its place."""
+    config = _config(tmp_path, "run", "fedlora", **{"fraction-train": 1.0, "num-server-rounds": 2})
+    client_dir = tmp_path / "run" / "clients" / "1"
+
+    def lose_client_1(message):
+        if message.content["config"].get("server-round") == 2 and client_dir.exists():
+            shutil.rmtree(client_dir)
+
+    grid_class = type("LosingGrid", (RecordingGrid,), {"before_delivery": staticmethod(lose_client_1)})
+    grid = _start(config, grid_class)
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["participants"] == [0, 1, 2]
+    assert rows[1]["participants"] == [0, 2] and "1" not in rows[1]["acc_per_client"]
+    assert rows[1]["num_failures"] == 1
+    assert [(pid, kind, server_round) for pid, kind, server_round, _ in grid.errors] == [(1, "train", 2), (1, "evaluate", 2)]
+    for *_, reason in grid.errors:
+        assert reason.startswith("StateError: ") and str(client_dir / "personal.safetensors") in reason, reason
+        assert "trained in round 1" in reason
+    assert not client_dir.exists()
+
+
+def test_resume_without_the_previous_state_of_the_redone_round_fails_that_client(tmp_path, monkeypatch):
+    """Crash before round 2's checkpoint; a client that trained in rounds 1 and 2 lost its round-1
+    state (``.previous``): its redone round-2 training fails with that path, nothing is trained in
+    its place, and its round-2 state stays as it was."""
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 2})
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 2)
+        with pytest.raises(Crash):
+            _start(config)
+    rows = _rows(run_dir)
+    pid = sorted(set(rows[0]["participants"]) & set(rows[1]["participants"]))[0]
+    previous = run_dir / "clients" / str(pid) / "personal.previous.safetensors"
+    previous.unlink()
+    newest = (run_dir / "clients" / str(pid) / "personal.safetensors").read_bytes()
+
+    grid = _start({**config, "resume": True}, RecordingGrid)
+    train_errors = [(server_round, reason) for error_pid, kind, server_round, reason in grid.errors
+                    if error_pid == pid and kind == "train"]
+    assert train_errors and train_errors[0][0] == 2, grid.errors
+    assert "StateError" in train_errors[0][1] and f"{previous} is missing" in train_errors[0][1]
+    assert pid not in _rows(run_dir)[1]["participants"]
+    assert (run_dir / "clients" / str(pid) / "personal.safetensors").read_bytes() == newest
