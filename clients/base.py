@@ -103,7 +103,9 @@ class MethodClient:
         """Load the server's shared tensors, then this client's personal tensors if it has any yet."""
         model = session.model
         load_group(model, received, self.partition.keys(model, "shared"), "shared arrays from the server")
-        personal = session.store.load(session.partition_id, expected=self.partition.state(model, "personal"))
+        expected = self.partition.state(model, "personal")
+        # nothing personal: nothing stored (save), and no stored state for the server's record to require
+        personal = session.store.load(session.partition_id, expected=expected) if expected else None
         if personal is not None:
             load_group(model, personal, personal.keys(), f"personal state of client {session.partition_id}")
 

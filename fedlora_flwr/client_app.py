@@ -11,7 +11,10 @@ this client's personal tensors from the on-disk store, then
   the previous round (``evaluate-round``): the client first evaluates that round exactly as an
   evaluate message would, then trains, and replies with both.
 
-The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent.
+The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent. A message
+names the last round the server recorded this client training in (``last-trained-round``): when
+that round's state is gone the store raises ``StateError`` naming the path, and the reply fails
+with it instead of the client starting afresh.
 
 Nothing is kept in module globals except per-process caches of immutable data (the dataset
 arrays and the partition indices, in ``fedlora_flwr.data``): Ray reuses one worker process for
@@ -40,7 +43,7 @@ from fedlora_flwr.data import (
 from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import get_method
 from fedlora_flwr.results import CLIENTS_DIR
-from fedlora_flwr.store import PersonalStateStore
+from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
 from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
@@ -92,9 +95,11 @@ class ClientSession:
 
     @classmethod
     def create(
-        cls, config: RunConfig, partition_id: int, num_partitions: int, store_root: Path, server_round: int
+        cls, config: RunConfig, partition_id: int, num_partitions: int, store_root: Path, server_round: int,
+        last_trained: int = 0,
     ) -> ClientSession:
-        """Build the seeded model and find the client's data; call :meth:`load` next."""
+        """Build the seeded model and find the client's data; call :meth:`load` next. ``last_trained``:
+        the last round the server recorded this client training in (0: never), whose state must exist."""
         method = get_method(config.method).client(config)
         dataset = load_dataset(config.dataset, config.data_dir)
         expected = task_spec(config.dataset, config.data_dir)  # what the server built its model for
@@ -129,7 +134,8 @@ class ClientSession:
             dataset=dataset,
             split=split,
             model=model,
-            store=PersonalStateStore(store_root, config.method, round=server_round),
+            store=PersonalStateStore(store_root, config.method, round=server_round,
+                                     trained={partition_id: last_trained}),
             device=device,
             server_round=server_round,
         )
@@ -153,6 +159,7 @@ class ClientSession:
             num_partitions=int(context.node_config["num-partitions"]),
             store_root=Path(str(state_dir)) / run_dir.name if state_dir else run_dir / CLIENTS_DIR,
             server_round=evaluate_round or int(instructions["server-round"]),
+            last_trained=int(instructions.get(LAST_TRAINED, 0)),
         )
         training = evaluate_round is None and message.metadata.message_type.startswith("train")
         session.load(message.content[ARRAYS].to_torch_state_dict(), training=training)

@@ -19,8 +19,15 @@ then carries the evaluation gathered so far): the arrays the next round starts f
 metadata, the round, the elapsed time and the strategy's state. The per-client state on disk is versioned by round
 (``fedlora_flwr.store``) and every random draw derives from (seed, round), so nothing else is
 needed. ``resume = true`` reopens the run: the config must match ``config.json`` except for a
-``num-server-rounds`` at least as large; ``metrics.jsonl`` rows after the checkpoint are dropped
-and the run continues with the next round (from round 1 if no round was checkpointed).
+``num-server-rounds`` at least as large; the row of the round a crash interrupted between its
+``metrics.jsonl`` row and its checkpoint is dropped and the run continues with the next round (from
+round 1 if no round was checkpointed). A run folder whose rows go further than that (its checkpoint
+deleted, or older than its rows), or whose ``config.json`` or checkpoint is unreadable, is refused
+in one line before anything is written: a resume never drops recorded rounds.
+
+The server tells each client the last round it trained in (:func:`last_trained_rounds`, from the
+rows' ``participants``), so that a client whose state is gone fails instead of starting afresh
+(``fedlora_flwr.store``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from logging import INFO
@@ -68,11 +75,18 @@ def create_run_dir(config: RunConfig) -> Path:
     if config.resume:
         check_resumable(run_dir, config)
         return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(
-            f"run-name: {run_dir} already holds a run; choose another run-name or move that folder away"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"run-name: {run_dir} is a file, not a run folder; choose another run-name")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(
+                f"run-name: {run_dir} already holds a run; choose another run-name or move that folder away"
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocking = next((parent for parent in run_dir.parents if parent.exists() and not parent.is_dir()), None)
+        reason = f"{blocking} is a file" if blocking else err.strerror or str(err)
+        raise ConfigError(f"output-dir: cannot create the run folder {run_dir}: {reason}") from None
     return run_dir
 
 
@@ -81,7 +95,12 @@ def check_resumable(run_dir: Path, config: RunConfig) -> None:
     recorded_path = run_dir / "config.json"
     if not recorded_path.is_file():
         raise ConfigError(f"resume: no run {config.run_name!r} in {config.output_dir} ({recorded_path} does not exist)")
-    recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"resume: {recorded_path} is unreadable: {err}") from None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("num-server-rounds"), int):
+        raise ConfigError(f"resume: {recorded_path} is not a run config (no num-server-rounds)")
     current = config.as_record()
     changed = sorted(key for key in set(recorded) | set(current)
                      if key not in RESUMABLE_CHANGES and recorded.get(key, "<absent>") != current.get(key, "<absent>"))
@@ -116,15 +135,33 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, method: str) -> None:
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The run's last checkpoint (checksums verified), or None if no round was checkpointed."""
+    """The run's last checkpoint (checksums verified), or None if no round was checkpointed;
+    :class:`StateError` naming the file if it is unreadable."""
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    tensors, metadata, _ = read_verified(path)
-    state = json.loads(metadata["checkpoint"])
-    arrays = ArrayRecord({key: Array.from_numpy_ndarray(tensors[key].numpy()) for key in state["keys"]})
-    return Checkpoint(round=state["round"], arrays=arrays, elapsed_s=state["elapsed_s"], strategy=state["strategy"],
+    tensors, metadata, stored_keys = read_verified(path, what="checkpoint")
+    try:
+        state = json.loads(metadata["checkpoint"])
+        keys, checkpoint_round = [str(key) for key in state["keys"]], int(state["round"])
+        elapsed_s, strategy = float(state["elapsed_s"]), dict(state["strategy"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"checkpoint {path} is corrupt: unreadable metadata ({type(err).__name__}: {err})") from None
+    if set(keys) != stored_keys:
+        raise StateError(f"checkpoint {path} is corrupt: its tensors are not the {len(keys)} recorded keys")
+    arrays = ArrayRecord({key: Array.from_numpy_ndarray(tensors[key].numpy()) for key in keys})
+    return Checkpoint(round=checkpoint_round, arrays=arrays, elapsed_s=elapsed_s, strategy=strategy,
                       pending_evaluation=state.get("pending_evaluation"))
+
+
+def last_trained_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
+    """Partition id -> the last round whose update from that client was aggregated (the rows'
+    ``participants``): what the server tells each client (``fedlora_flwr.store.LAST_TRAINED``)."""
+    last: dict[int, int] = {}
+    for row in rows:
+        for pid in row.get("participants", ()):
+            last[int(pid)] = max(last.get(int(pid), 0), int(row["round"]))
+    return last
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -162,10 +199,16 @@ class RunRecorder:
     def _restore(self) -> None:
         """Keep the ``metrics.jsonl`` rows up to the checkpoint (each round appended one row, fsynced
         before its checkpoint was written; with ``fused-evaluation`` the checkpoint's own row may
-        still be pending) and drop the rest, atomically."""
+        still be pending) and drop the one a crash may have left after them, atomically; refuse
+        (:class:`StateError`, nothing written) when more rows follow the checkpoint."""
         checkpoint = self.checkpoint
         done = checkpoint.round - (1 if checkpoint.pending_evaluation else 0) if checkpoint else 0
         lines = self.metrics_path.read_text(encoding="utf-8").splitlines() if self.metrics_path.is_file() else []
+        if len(lines) > done + 1:
+            held = f"holds round {checkpoint.round}" if checkpoint else "does not exist"
+            raise StateError(f"resume: {self.metrics_path} records {len(lines)} rounds but "
+                             f"{self.run_dir / CHECKPOINT_FILE} {held}; resuming would drop {len(lines) - done} "
+                             "recorded rounds; nothing was changed (restore the checkpoint, or start a new run-name)")
         try:
             rows = [json.loads(line) for line in lines[:done]]
         except json.JSONDecodeError as err:

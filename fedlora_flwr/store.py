@@ -8,20 +8,30 @@ named slots (pFedSD's ``teacher``). The server keeps its per-client state (FedAM
 customized models) in the same kind of store under the run folder. Only the client being served
 is ever loaded, so memory does not grow with the number of clients.
 
-Versions by round, for checkpoint and resume: every file records the server round that wrote it.
-A store is a view from one round (:meth:`PersonalStateStore.at_round`): a save writes that round's
-version; when the newest file is from an earlier round it is first kept as
-``<slot>.previous.safetensors``, the state this round started from (so at most two versions
-exist). Training in round r loads the newest version from before r; evaluation also sees round
-r's. A run resumed from its round-t checkpoint thus starts round t+1 from the round-t state even
-if a client had already saved round t+1 before the crash.
+Versions by round, for checkpoint and resume: every file records the server round that wrote it
+and the round of the version it replaced (none for a client's first). A store is a view from one
+round (:meth:`PersonalStateStore.at_round`): a save writes that round's version; when the newest
+file is from an earlier round it is first kept as ``<slot>.previous.safetensors``, the state this
+round started from (so at most two versions exist). Training in round r loads the newest version
+from before r; evaluation also sees round r's. A run resumed from its round-t checkpoint thus
+starts round t+1 from the round-t state even if a client had already saved round t+1 before the
+crash; when that state is needed but gone (the previous version deleted) the load fails with its
+path instead of starting the client afresh.
+
+Every file is bound to its owner: its metadata names the method, the partition id, the slot and
+the round, and a load refuses a file whose method, partition id or slot differ (a file copied
+from another client). The server may also tell a view the last round each client trained in
+(``trained``, sent as the message config key :data:`LAST_TRAINED`): a load for such a client that
+finds no version from that round or later fails, as its state was lost. Every slot a client loads
+must therefore be saved by each of its trainings (a method with no personal tensors loads none).
 
 Writes are atomic: a temporary file in the same folder is written, fsynced and renamed over the
 old one, then the folder is fsynced, so a crash leaves either the old or the new state, never a
 torn file. Every tensor's SHA-256 is kept in the file's metadata, so a file corrupted later (a bad
 disk, a copy cut short) is reported with its path instead of being loaded as garbage, and never
 deleted: a save that would replace a corrupt previous version stops with its path. Loads check
-the checksums, the method tag, the key set, shapes and dtypes against the model.
+the checksums, the owner (method, partition id, slot), the key set, shapes and dtypes against the
+model.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +49,9 @@ from safetensors.torch import save as save_safetensors
 
 PERSONAL = "personal"
 PREVIOUS = "previous"
+#: The train/evaluate message config key by which the server tells a client the last round it
+#: trained in (0: never), from the run's recorded participants (``results.last_trained_rounds``).
+LAST_TRAINED = "last-trained-round"
 
 
 class StateError(RuntimeError):
@@ -51,13 +64,16 @@ class PersonalStateStore:
 
     ``round``: the round whose version :meth:`save` writes and below which loads look (None: a
     read-only view of the newest versions). ``training``: loads see only earlier rounds' versions
-    (the state the round's training starts from), otherwise this round's too.
+    (the state the round's training starts from), otherwise this round's too. ``trained``:
+    partition id -> the last round the server recorded that client training in; its loads must
+    find a version from that round or later.
     """
 
     root: Path
     method: str
     round: int | None = None
     training: bool = False
+    trained: Mapping[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -73,11 +89,34 @@ class PersonalStateStore:
         """The version before the newest one, kept for a resume from the round it belongs to."""
         return self.root / str(int(partition_id)) / f"{slot}.{PREVIOUS}.safetensors"
 
+    def sees(self, server_round: int) -> bool:
+        """Whether a version saved in ``server_round`` is visible to this view."""
+        return self.round is None or server_round < self.round + (0 if self.training else 1)
+
     def visible_path(self, partition_id: int, slot: str = PERSONAL) -> Path | None:
-        """The version this view loads: the newest one from a round it may see, or None."""
-        for path in (self.path(partition_id, slot), self.previous_path(partition_id, slot)):
-            if path.is_file() and (self.round is None or saved_round(path) < self.round + (0 if self.training else 1)):
+        """The version this view loads: the newest one if it sees its round, else the version that
+        one replaced (kept as the previous one), or None when there is none: no file yet, or a
+        first version from a round it does not see. :class:`StateError` when the version it needs
+        is gone."""
+        newest, previous = self.path(partition_id, slot), self.previous_path(partition_id, slot)
+        # no newest file but a previous one: a save stopped between keeping it and writing the new one
+        path = newest if newest.is_file() else previous if previous.is_file() else None
+        while path is not None:
+            metadata = read_metadata(path)
+            saved = recorded_round(path, metadata)
+            if self.sees(saved):
                 return path
+            before = replaced_round(path, metadata)
+            if before is None:  # the client's first version: it had no state before
+                return None
+            needed = f"round {saved} replaced round {before}'s state, which round {self.round} needs"
+            if path == previous:
+                raise StateError(f"personal state {path}: {needed}, and it is no longer kept")
+            if not previous.is_file():
+                raise StateError(f"personal state {previous} is missing: {path} of {needed}")
+            if saved_round(previous) != before:
+                raise StateError(f"personal state {previous} is from round {saved_round(previous)}: {path} of {needed}")
+            path = previous
         return None
 
     def exists(self, partition_id: int, slot: str = PERSONAL) -> bool:
@@ -96,11 +135,19 @@ class PersonalStateStore:
         if self.round is None:
             raise ValueError("PersonalStateStore.save needs the server round the state belongs to (use at_round)")
         path, previous = self.path(partition_id, slot), self.previous_path(partition_id, slot)
-        if path.is_file() and saved_round(path) < self.round:
-            if previous.is_file():
-                read_verified(previous)  # a corrupt file stops the save with its path; it is never deleted
-            os.replace(path, previous)
-        metadata = {"method": self.method, "partition-id": str(int(partition_id)), "round": str(self.round)}
+        before = None  # the round of the version this one replaces
+        if path.is_file():
+            metadata = read_metadata(path)
+            newest = recorded_round(path, metadata)
+            if newest < self.round:
+                if previous.is_file():
+                    read_verified(previous)  # a corrupt file stops the save with its path; it is never deleted
+                os.replace(path, previous)
+                before = newest
+            else:  # this round again (a resumed run): the previous version stays what it was
+                before = replaced_round(path, metadata)
+        metadata = {"method": self.method, "partition-id": str(int(partition_id)), "slot": slot,
+                    "round": str(self.round), REPLACED: "" if before is None else str(before)}
         write_safetensors_atomic(path, tensors, metadata)
         return path
 
@@ -114,11 +161,22 @@ class PersonalStateStore:
         only those tensors (checked against ``expected`` all the same).
         """
         path = self.visible_path(partition_id, slot)
+        trained = self.trained.get(int(partition_id), 0)
         if path is None:
+            if trained:
+                raise StateError(f"personal state {self.path(partition_id, slot)} is missing: client {partition_id} "
+                                 f"trained in round {trained} (the server's record)")
             return None
         tensors, metadata, stored_keys = read_verified(path, keys)
-        if metadata.get("method") != self.method:
-            raise StateError(f"personal state {path} belongs to method {metadata.get('method')!r}, not {self.method!r}")
+        owner = {"method": self.method, "partition-id": str(int(partition_id)), "slot": slot}
+        differs = [f"{key} {metadata.get(key)!r} (expected {value!r})" for key, value in owner.items()
+                   if metadata.get(key) != value]
+        if differs:
+            raise StateError(f"personal state {path} is another owner's: it records {', '.join(differs)}")
+        if recorded_round(path, metadata) < trained:
+            raise StateError(f"personal state {path} is from round {recorded_round(path, metadata)}, but client "
+                             f"{partition_id} trained in round {trained} (the server's record): its newer state "
+                             "is gone")
         if stored_keys != set(expected):
             missing = sorted(set(expected) - stored_keys)
             extra = sorted(stored_keys - set(expected))
@@ -135,34 +193,57 @@ class PersonalStateStore:
         return tensors
 
 
-def saved_round(path: Path) -> int:
-    """The server round recorded in a state file's metadata."""
+#: Metadata key: the round of the version a file replaced ("" for a client's first version).
+REPLACED = "replaced-round"
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A state file's metadata (its header only); :class:`StateError` naming the path if unreadable."""
     try:
         with safe_open(path, framework="pt") as handle:
-            recorded = (handle.metadata() or {}).get("round")
+            return handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise StateError(f"personal state {path} is corrupt: {err}") from None
+
+
+def recorded_round(path: Path, metadata: Mapping[str, str]) -> int:
+    recorded = metadata.get("round")
     if recorded is None or not recorded.isdigit():
         raise StateError(f"personal state {path} records no round (not written by this store)")
     return int(recorded)
 
 
-def read_verified(path: Path, keys: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
+def replaced_round(path: Path, metadata: Mapping[str, str]) -> int | None:
+    """The round of the version ``path`` replaced, None when it was its client's first."""
+    recorded = metadata.get(REPLACED)
+    if recorded is None or not (recorded == "" or recorded.isdigit()):
+        raise StateError(f"personal state {path} records no {REPLACED} (not written by this version of the store)")
+    return int(recorded) if recorded else None
+
+
+def saved_round(path: Path) -> int:
+    """The server round recorded in a state file's metadata."""
+    return recorded_round(path, read_metadata(path))
+
+
+def read_verified(
+    path: Path, keys: list[str] | None = None, what: str = "personal state"
+) -> tuple[dict[str, torch.Tensor], dict[str, str], set[str]]:
     """(tensors, metadata, every stored key) of a safetensors file whose ``keys`` (default: all)
-    match their recorded SHA-256; :class:`StateError` naming the path otherwise."""
+    match their recorded SHA-256; :class:`StateError` naming ``what`` and the path otherwise."""
     try:
         with safe_open(path, framework="pt") as handle:
             metadata = handle.metadata() or {}
             stored_keys = set(handle.keys())
             tensors = {key: handle.get_tensor(key) for key in (stored_keys if keys is None else keys) if key in stored_keys}
     except (SafetensorError, OSError, ValueError) as err:
-        raise StateError(f"personal state {path} is corrupt: {err}") from None
+        raise StateError(f"{what} {path} is corrupt: {err}") from None
     for key, tensor in tensors.items():
         recorded = metadata.get(CHECKSUM + key)
         if recorded is None:
-            raise StateError(f"personal state {path} has no checksum for {key} (not written by this store)")
+            raise StateError(f"{what} {path} has no checksum for {key} (not written by this store)")
         if recorded != tensor_checksum(tensor):
-            raise StateError(f"personal state {path} is corrupt: {key} does not match its checksum")
+            raise StateError(f"{what} {path} is corrupt: {key} does not match its checksum")
     return tensors, metadata, stored_keys
 
 

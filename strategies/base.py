@@ -56,7 +56,8 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from fedlora_flwr.config import ConfigError
 from fedlora_flwr.exits import NoValidReplies
-from fedlora_flwr.store import PersonalStateStore
+from fedlora_flwr.results import last_trained_rounds
+from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
 from strategies.evaluation import FusedEvaluation, PendingEvaluation, evaluation_result
 from strategies.faults import FaultInjector
 from strategies.protocol import ARRAYS, FAULT, METRICS, instruction
@@ -165,6 +166,9 @@ class PersonalizedStrategy(Strategy):
         self.server_store = server_store
         self.recorder = recorder
         self.aggregated_rounds = 0
+        #: partition id -> the last round its update was aggregated (sent to it as LAST_TRAINED, so
+        #: that a client whose state vanished fails instead of starting afresh)
+        self.last_trained: dict[int, int] = {}
         self.initial_arrays = ArrayRecord()  # the round-1 arrays (FedAMP's w⁰), set by start()
         self.num_rounds = 0  # set by start()
         # the round in progress
@@ -286,15 +290,22 @@ class PersonalizedStrategy(Strategy):
     def _resume(self, initial_arrays: ArrayRecord) -> tuple[int, ArrayRecord]:
         """The first round to run and its arrays: round 1 from ``initial_arrays``, or the round
         after the recorder's checkpoint, with the strategy's saved state restored."""
-        checkpoint = self.recorder.checkpoint if self.recorder is not None else None
-        if checkpoint is None:
+        if self.recorder is None:
             return 1, initial_arrays
-        self.restore(checkpoint.strategy)
-        if checkpoint.pending_evaluation is not None:
+        checkpoint = self.recorder.checkpoint
+        pending = None
+        if checkpoint is not None and checkpoint.pending_evaluation is not None:
             if self.fused is None:
                 raise ValueError(f"the checkpoint of round {checkpoint.round} holds a fused evaluation, "
                                  "but this strategy was built without fused_evaluation")
-            self.fused.pending = PendingEvaluation.from_json(checkpoint.pending_evaluation)
+            pending = PendingEvaluation.from_json(checkpoint.pending_evaluation)
+        # rows written so far, and a fused run's pending row (not in the rows yet)
+        self.last_trained = last_trained_rounds([*self.recorder.rounds, *([pending.row] if pending else [])])
+        if checkpoint is None:
+            return 1, initial_arrays
+        self.restore(checkpoint.strategy)
+        if pending is not None:
+            self.fused.pending = pending
         log(INFO, "[fedlora-flwr] rounds 1..%d are in the checkpoint: starting at round %d", checkpoint.round,
             checkpoint.round + 1)
         return checkpoint.round + 1, checkpoint.arrays
@@ -308,15 +319,22 @@ class PersonalizedStrategy(Strategy):
 
     def _instructions(self, node_ids: list[int], message_type: str, arrays: ArrayRecord, config: dict,
                       server_round: int) -> list[Message]:
-        """One message per node: its arrays (:meth:`client_arrays`) and, for the participants picked
-        to fail, the fault to inject."""
+        """One message per node: its arrays (:meth:`client_arrays`), the last round it trained in
+        and, for the participants picked to fail, the fault to inject."""
         training = message_type == MessageType.TRAIN
         partition_ids = [self.sampler.partition_ids.get(node) for node in node_ids]
         faulty = self.faults.faulty(partition_ids, server_round) if training and self.faults else set()
         records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
                    else [arrays for _ in node_ids])
-        return [instruction(node, message_type, record, {**config, FAULT: self.faults.kind} if pid in faulty else config)
-                for node, pid, record in zip(node_ids, partition_ids, records, strict=True)]
+        messages = []
+        for node, pid, record in zip(node_ids, partition_ids, records, strict=True):
+            node_config = dict(config)
+            if pid is not None:
+                node_config[LAST_TRAINED] = self.last_trained.get(pid, 0)
+            if pid in faulty:
+                node_config[FAULT] = self.faults.kind
+            messages.append(instruction(node, message_type, record, node_config))
+        return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         drawn = self.fused.participants(server_round) if self.fused else None
@@ -353,6 +371,7 @@ class PersonalizedStrategy(Strategy):
             num_participants=len(valid),
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )
+        self.last_trained.update(dict.fromkeys(self._round["participants"], server_round))
         if not valid:
             raise NoValidReplies(_no_valid_replies(server_round, len(self._sent_train), replies, len(checked.rejected)))
         records = [message.content[ARRAYS] for message in valid]

@@ -27,6 +27,7 @@ class Recorder(Protocol):
     """Writes a strategy's rounds and checkpoints."""
 
     checkpoint: ResumePoint | None  # where a resumed run continues (None: from round 1)
+    rounds: list[dict[str, Any]]  # the rows written so far (a resumed run's earlier rounds)
 
     def elapsed(self) -> float:
         """Seconds since the run started (a resumed run goes on from its checkpoint's)."""

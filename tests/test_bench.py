@@ -105,8 +105,9 @@ def test_the_paper_protocol_is_the_papers_cifar10_setup(tmp_path, real_npz):
     assert clients == 40 and config.num_server_rounds == 3 and config.data_dir == str(real_npz.resolve())
     assert (config.method, config.model, config.dataset, config.partition, config.alpha) == (
         "fedlora", "resnet8", "npz", "dirichlet", 0.1)
-    assert (config.train_per_client, config.test_per_client, config.local_epochs, config.lora_epochs) == (500, 100, 5, 2)
-    assert (config.batch_size, config.lr, config.momentum, config.rank_conv, config.rank_linear) == (100, 0.1, 0.9, 0.6, 0.6)
+    assert (config.train_per_client, config.test_per_client, config.local_epochs, config.params.lora_epochs) == (500, 100, 5, 2)
+    assert (config.batch_size, config.lr, config.momentum, config.params.rank_conv, config.params.rank_linear) == (
+        100, 0.1, 0.9, 0.6, 0.6)
     assert (config.fraction_train, config.device, config.precision) == (1.0, "cpu", "fp32")
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
 from test_federation import _arrays, _eval_type, _identical, _metrics, _run, _state, _train_type
 
 from clients.pfedlora import ADAPTER_SLOT, FedAvgAdapterClient, PFedLoRAClient
@@ -23,7 +25,7 @@ from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import registry
 from fedlora_flwr.models import MODEL_FAMILIES, MODELS, build_model, family_member
 from fedlora_flwr.report import make_report
-from fedlora_flwr.store import PersonalStateStore, StateError
+from fedlora_flwr.store import CHECKSUM, PersonalStateStore, StateError, write_safetensors_atomic
 from fedlora_flwr.training import train_schedule
 from strategies.base import ARRAYS, average_arrays
 
@@ -261,24 +263,31 @@ def _state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def test_a_stored_local_model_of_another_architecture_is_one_line_and_nothing_is_overwritten(pfedlora_run):
     """Client 0 builds CNN-1; a CNN-3 file (same keys, FC1 2000 → 1000 wide) or a CNN-2 file in its
-    place is refused with one line and left as it was."""
+    place is refused with one line and left as it was: as another client's file, and, relabelled as
+    client 0's, for its shapes."""
     run_dir, grid, run_config = pfedlora_run
     config = load_config(run_config)
     received = _state_dict(grid.sent[(2, _eval_type(grid))][0])
     store = PersonalStateStore(run_dir / "clients", "pfedlora")
+    path = store.path(0)
+    original = path.read_bytes()
+    with safe_open(path, framework="pt") as handle:
+        own_metadata = {key: value for key, value in handle.metadata().items() if not key.startswith(CHECKSUM)}
     for impostor, needle in [(2, "local.fc1.weight is torch.float32(1000, 800)"), (1, "local.conv2.weight is torch.float32(16, 16, 5, 5)")]:
-        path = store.path(0)
-        original = path.read_bytes()
-        path.write_bytes((run_dir / "clients" / str(impostor) / "personal.safetensors").read_bytes())
-        foreign = path.read_bytes()
-        try:
-            session = ClientSession.create(config, 0, 5, run_dir / "clients", server_round=3)
-            with pytest.raises(StateError) as info:
-                session.load(received, training=True)
-            assert needle in str(info.value) and "\n" not in str(info.value)
-            assert path.read_bytes() == foreign
-        finally:
-            path.write_bytes(original)
+        impostor_path = run_dir / "clients" / str(impostor) / "personal.safetensors"
+        relabelled = dict(load_file(impostor_path))
+        for write, message in [(lambda: path.write_bytes(impostor_path.read_bytes()), f"partition-id '{impostor}' (expected '0')"),
+                               (lambda: write_safetensors_atomic(path, relabelled, own_metadata), needle)]:
+            write()
+            foreign = path.read_bytes()
+            try:
+                session = ClientSession.create(config, 0, 5, run_dir / "clients", server_round=3)
+                with pytest.raises(StateError) as info:
+                    session.load(received, training=True)
+                assert message in str(info.value) and "\n" not in str(info.value)
+                assert path.read_bytes() == foreign
+            finally:
+                path.write_bytes(original)
 
 
 @pytest.mark.parametrize("method", ["local", "fedavg-adapter"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from safetensors import safe_open
 from test_federation import _quiet_flower, _run_config
 
 from fedlora_flwr import client_app, server_app
-from fedlora_flwr.exits import RunConfigError
+from fedlora_flwr.exits import RunConfigError, RunStateError
 from fedlora_flwr.results import CHECKPOINT_FILE, RunRecorder
 from fedlora_flwr.store import saved_round
 
@@ -130,9 +131,9 @@ def _error_lines(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
 
 
-def _refused(config: dict, caplog) -> str:
+def _refused(config: dict, caplog, failure: type = RunConfigError) -> str:
     caplog.clear()
-    with pytest.raises(RunConfigError):
+    with pytest.raises(failure):
         _start(config)
     (line,) = _error_lines(caplog)
     assert "\n" not in line
@@ -215,3 +216,168 @@ def test_resume_after_sigkill_of_the_superlink_equals_the_uninterrupted_run(tmp_
     assert _rows(run_dir) == _rows(reference)
     assert _summary(run_dir) == _summary(reference)
     assert _state_files(run_dir) == _state_files(reference)
+
+
+# --------------------------------------------------------------------------- resume never destroys
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 2-round run, copied afresh for each test that damages it."""
+    source = tmp_path_factory.mktemp("finished")
+    config = _config(source, "run", "fedlora", **{"num-server-rounds": 2})
+    _start(config)
+
+    def copy(tmp_path: Path) -> tuple[dict, Path]:
+        shutil.copytree(source / "run", tmp_path / "run")
+        return {**config, "output-dir": str(tmp_path), "resume": True}, tmp_path / "run"
+
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated", "flipped", "metadata"])
+def test_resume_with_an_unreadable_checkpoint_is_refused_and_changes_nothing(tmp_path, finished_run, caplog, damage):
+    """Today a deleted checkpoint restarts the run from round 1 in place, dropping every row."""
+    from fedlora_flwr.store import write_safetensors_atomic
+
+    config, run_dir = finished_run(tmp_path)
+    checkpoint = run_dir / CHECKPOINT_FILE
+    data = checkpoint.read_bytes()
+    if damage == "deleted":
+        checkpoint.unlink()
+    elif damage == "truncated":
+        checkpoint.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped":
+        checkpoint.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        write_safetensors_atomic(checkpoint, {}, {"method": "fedlora", "checkpoint": "{not json"})
+    before = _hashes(run_dir)
+    line = _refused(config, caplog, RunStateError)
+    assert str(checkpoint) in line
+    if damage == "deleted":
+        assert "records 2 rounds" in line and "does not exist" in line
+    else:
+        assert "corrupt" in line
+    assert _hashes(run_dir) == before
+
+
+@pytest.mark.parametrize("content", ["{\"method\": \"fedlo", "[1, 2]", "\xff\xfe"])
+def test_resume_with_a_corrupt_config_json_is_refused_in_one_line(tmp_path, finished_run, caplog, content):
+    config, run_dir = finished_run(tmp_path)
+    (run_dir / "config.json").write_bytes(content.encode("latin-1"))
+    before = _hashes(run_dir)
+    line = _refused(config, caplog)
+    assert str(run_dir / "config.json") in line
+    assert _hashes(run_dir) == before
+
+
+def test_resume_after_a_crash_before_the_first_checkpoint_still_works(tmp_path, monkeypatch):
+    """The one row a crash may leave after the checkpoint (here: round 1's, with no checkpoint yet)
+    is redone, not refused."""
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 1})
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 1)
+        with pytest.raises(Crash):
+            _start(config)
+    crashed = _rows(tmp_path / "run")
+    assert len(crashed) == 1 and not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+    _start({**config, "resume": True})
+    assert _rows(tmp_path / "run") == crashed
+
+
+def test_odd_output_paths_are_refused_in_one_line(tmp_path, caplog):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    line = _refused(_config(a_file, "run", "fedlora"), caplog)
+    assert f"cannot create the run folder {a_file / 'run'}: {a_file} is a file" in line
+    line = _refused(_config(a_file / "deeper", "run", "fedlora"), caplog)
+    assert f"{a_file} is a file" in line
+    line = _refused(_config(tmp_path, "a-file", "fedlora"), caplog)
+    assert f"run-name: {a_file} is a file" in line
+    line = _refused(_config(tmp_path, "r" * 300, "fedlora"), caplog)
+    assert "run-name" in line and "300 characters" in line
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"] and a_file.read_text() == "not a folder"
+
+
+# --------------------------------------------------------------------------- state that vanished fails loudly
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps (partition id, message type, server round, reason) of every error reply; with
+    ``before_delivery``, calls it with each message first (to damage a client's state on disk)."""
+
+    before_delivery = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.errors: list[tuple[int, str, int, str]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            if self.before_delivery is not None:
+                self.before_delivery(message)
+        ids = super().push_messages(messages)
+        for message, message_id in zip(messages, ids, strict=True):
+            reply = self._replies[message_id]
+            if reply.has_error():
+                pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+                server_round = int(message.content["config"].get("server-round", 0))
+                self.errors.append((pid, message.metadata.message_type, server_round, reply.error.reason))
+        return ids
+
+
+def test_client_whose_state_vanished_fails_instead_of_starting_afresh(tmp_path):
+    """Client 1 trained in round 1 (the run's record); its folder is gone before round 2: its
+    round-2 train and evaluate replies fail with the StateError naming its state file, it is no
+    participant of round 2, and nothing is written in its place."""
+    config = _config(tmp_path, "run", "fedlora", **{"fraction-train": 1.0, "num-server-rounds": 2})
+    client_dir = tmp_path / "run" / "clients" / "1"
+
+    def lose_client_1(message):
+        if message.content["config"].get("server-round") == 2 and client_dir.exists():
+            shutil.rmtree(client_dir)
+
+    grid_class = type("LosingGrid", (RecordingGrid,), {"before_delivery": staticmethod(lose_client_1)})
+    grid = _start(config, grid_class)
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["participants"] == [0, 1, 2]
+    assert rows[1]["participants"] == [0, 2] and "1" not in rows[1]["acc_per_client"]
+    assert rows[1]["num_failures"] == 1
+    assert [(pid, kind, server_round) for pid, kind, server_round, _ in grid.errors] == [(1, "train", 2), (1, "evaluate", 2)]
+    for *_, reason in grid.errors:
+        assert reason.startswith("StateError: ") and str(client_dir / "personal.safetensors") in reason, reason
+        assert "trained in round 1" in reason
+    assert not client_dir.exists()
+
+
+def test_resume_without_the_previous_state_of_the_redone_round_fails_that_client(tmp_path, monkeypatch):
+    """Crash before round 2's checkpoint; a client that trained in rounds 1 and 2 lost its round-1
+    state (``.previous``): its redone round-2 training fails with that path, nothing is trained in
+    its place, and its round-2 state stays as it was."""
+    config = _config(tmp_path, "run", "fedlora", **{"num-server-rounds": 2})
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _crash_at(patch, 2)
+        with pytest.raises(Crash):
+            _start(config)
+    rows = _rows(run_dir)
+    pid = sorted(set(rows[0]["participants"]) & set(rows[1]["participants"]))[0]
+    previous = run_dir / "clients" / str(pid) / "personal.previous.safetensors"
+    previous.unlink()
+    newest = (run_dir / "clients" / str(pid) / "personal.safetensors").read_bytes()
+
+    grid = _start({**config, "resume": True}, RecordingGrid)
+    train_errors = [(server_round, reason) for error_pid, kind, server_round, reason in grid.errors
+                    if error_pid == pid and kind == "train"]
+    assert train_errors and train_errors[0][0] == 2, grid.errors
+    assert "StateError" in train_errors[0][1] and f"{previous} is missing" in train_errors[0][1]
+    assert pid not in _rows(run_dir)[1]["participants"]
+    assert (run_dir / "clients" / str(pid) / "personal.safetensors").read_bytes() == newest

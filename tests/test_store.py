@@ -274,3 +274,74 @@ def test_client_killed_while_saving_leaves_its_previous_state(tmp_path, server_r
     assert _value(store.at_round(2, training=True)) == 1.0 and _value(store) == 1.0
     temporary = [name for name in _files(tmp_path / "0") if name.startswith(".")]
     assert len(temporary) == 1, _files(tmp_path / "0")
+
+
+# --------------------------------------------------------------------------- bound to owner and round
+
+
+def test_swapped_client_files_are_refused(tmp_path):
+    """Two clients' files swapped (a copy gone wrong): each load names the path and the owner it records."""
+    store = PersonalStateStore(tmp_path, "fedlora", round=1)
+    first, second = store.save(0, _tensors(0)), store.save(1, _tensors(1))
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+    for pid, other in ((0, 1), (1, 0)):
+        with pytest.raises(StateError) as info:
+            store.load(pid, expected=_tensors())
+        assert str(store.path(pid)) in str(info.value) and f"partition-id '{other}' (expected '{pid}')" in str(info.value)
+
+
+def test_file_of_another_slot_is_refused(tmp_path):
+    store = PersonalStateStore(tmp_path, "pfedsd", round=1)
+    teacher = store.save(0, _tensors(), slot="teacher")
+    store.path(0).write_bytes(teacher.read_bytes())  # same keys, shapes and dtypes
+    with pytest.raises(StateError, match="slot 'teacher' \\(expected 'personal'\\)") as info:
+        store.load(0, expected=_tensors())
+    assert str(store.path(0)) in str(info.value)
+
+
+@pytest.mark.parametrize("redone", [False, True], ids=["first-try", "saved-again"])
+def test_missing_previous_version_of_a_redone_round_is_an_error(tmp_path, redone):
+    """Round 2 is being redone (a resume) and the round-1 state it starts from was deleted: the
+    load names the missing file instead of starting the client afresh."""
+    _save(tmp_path, 1, 1.0)
+    _save(tmp_path, 2, 2.0)
+    if redone:
+        _save(tmp_path, 2, 2.5)  # saving round 2 again keeps the record of what it replaced
+    store = PersonalStateStore(tmp_path, "fedlora")
+    store.previous_path(0).unlink()
+    with pytest.raises(StateError, match="is missing") as info:
+        _value(store.at_round(2, training=True))
+    assert str(store.previous_path(0)) in str(info.value) and "round 1" in str(info.value)
+    assert _value(store.at_round(2)) == (2.5 if redone else 2.0), "evaluation of round 2 sees the round-2 state"
+
+
+def test_previous_version_from_another_round_is_refused(tmp_path):
+    """The round-3 state replaced round 2's; a round-1 file in the previous version's place is refused."""
+    other = tmp_path / "other"
+    _save(other, 1, 1.0)
+    _save(other, 2, 2.0)
+    for server_round in (1, 2, 3):
+        _save(tmp_path, server_round, float(server_round))
+    store = PersonalStateStore(tmp_path, "fedlora")
+    store.previous_path(0).write_bytes(PersonalStateStore(other, "fedlora").previous_path(0).read_bytes())
+    with pytest.raises(StateError, match="is from round 1") as info:
+        _value(store.at_round(3, training=True))
+    assert str(store.previous_path(0)) in str(info.value)
+
+
+def test_server_record_of_the_last_training_requires_its_state(tmp_path):
+    """``trained``: the server recorded client 0 training in round 2."""
+    store = PersonalStateStore(tmp_path, "fedlora", trained={0: 2})
+    with pytest.raises(StateError, match="is missing: client 0 trained in round 2") as info:
+        _value(store.at_round(3, training=True))
+    assert str(store.path(0)) in str(info.value)
+    _save(tmp_path, 1, 1.0)
+    with pytest.raises(StateError, match="is from round 1, but client 0 trained in round 2"):
+        _value(store.at_round(3, training=True))
+    _save(tmp_path, 2, 2.0)
+    assert _value(store.at_round(3, training=True)) == 2.0 and _value(store.at_round(2)) == 2.0
+    _save(tmp_path, 3, 3.0)  # trained in round 3 too, though the server did not aggregate that update
+    assert _value(store.at_round(4, training=True)) == 3.0
+    assert _value(PersonalStateStore(tmp_path, "fedlora", trained={1: 0}).at_round(4, training=True), 1) is None

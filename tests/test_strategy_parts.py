@@ -196,14 +196,14 @@ class MemoryRecorder:
 
     def __init__(self, checkpoint: Checkpoint | None = None) -> None:
         self.checkpoint = checkpoint
-        self.rows: list[dict] = []
+        self.rounds: list[dict] = []  # the rows written
         self.saved: list[int] = []
 
     def elapsed(self) -> float:
         return 0.0
 
     def record_round(self, record: dict) -> None:
-        self.rows.append(record)
+        self.rounds.append(record)
 
     def save_checkpoint(self, server_round, arrays, strategy_state, pending_evaluation=None) -> None:
         self.saved.append(server_round)
@@ -240,5 +240,5 @@ def test_resumed_start_runs_only_the_rounds_after_the_checkpoint():
     result = strategy.start(grid, _record(TEMPLATE), num_rounds=4)
     assert sorted(grid.trained) == [3, 4], "the checkpointed rounds are not entered"
     assert all(np.array_equal(grid.trained[3][key].numpy(), saved[key].numpy()) for key in saved)
-    assert [row["round"] for row in recorder.rows] == recorder.saved == [3, 4]
+    assert [row["round"] for row in recorder.rounds] == recorder.saved == [3, 4]
     assert strategy.aggregated_rounds == 4 and sorted(result.evaluate_metrics_clientapp) == [3, 4]
