@@ -19,17 +19,16 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
 from torch import nn
 
-from pydantic import Field
-
 from clients.base import MethodClient, local_length
-from clients.params import LoRA, AdapterInput, LocalSteps
-from fedlora_flwr.requirements import Requirements
+from clients.params import AdapterInput, LocalSteps, LoRA
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, any_of, none_of, nothing
 from fedlora_flwr.models import image_backbone, image_lora_targets
 from fedlora_flwr.peft_models import AdapterKind, AdapterSpec, is_backbone, is_lora_a, is_lora_b, is_vera_lambda_b, wrap
+from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.structure import in_head
 from fedlora_flwr.text_models import ModelError, is_pretrained_text_model, text_classifier
 

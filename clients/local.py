@@ -1,7 +1,7 @@
 """Local training's clients: the plain model (:class:`LocalClient`) and the decomposed one (:class:`LocalLoRAClient`)."""
 
 from clients.base import MethodClient
-from clients.params import LoRA, Decomposition
+from clients.params import Decomposition, LoRA
 from fedlora_flwr.groups import ParameterPartition, everything
 from fedlora_flwr.requirements import Requirements
 

@@ -7,9 +7,8 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from pydantic import Field
+from torch import nn
 
 from clients.base import MethodClient
 from fedlora_flwr.config import MethodParams

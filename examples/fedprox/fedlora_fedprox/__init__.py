@@ -53,7 +53,7 @@ class FedProxClient(MethodClient):
         self.anchor = [param.detach().clone() for param in session.model.parameters()]  # w^t, as received
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        proximal = sum(((param - anchor) ** 2).sum() for param, anchor in zip(model.parameters(), self.anchor))
+        proximal = sum(((param - anchor) ** 2).sum() for param, anchor in zip(model.parameters(), self.anchor, strict=True))
         return F.cross_entropy(model(x), y) + self.params.fedprox_mu / 2 * proximal
 
 
