@@ -186,7 +186,9 @@ def test_federation_across_network_namespaces(hosts, tmp_path, real_npz):
         assert exits[pid] != 0, f"{how}: {node_logs[pid][-2000:]}"
         assert not state_dirs[pid].exists(), how
     # Flower's SuperNode logs its exit code 305 (SUPERNODE_CONNECTION_ERROR) and why
-    for pid, why in {2: "Failed to activate SuperNode", 3: "CERTIFICATE_VERIFY_FAILED",
-                     4: "Server disconnected without sending a response"}.items():
+    # (a plaintext client at a TLS port sees either a disconnect or a reset, depending on timing)
+    for pid, whys in {2: ("Failed to activate SuperNode",), 3: ("CERTIFICATE_VERIFY_FAILED",),
+                      4: ("Server disconnected without sending a response", "Connection reset by peer")}.items():
         node_log = node_logs[pid]
-        assert f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in node_log and why in node_log, node_log[-2000:]
+        assert f"Exit Code: {ExitCode.SUPERNODE_CONNECTION_ERROR}" in node_log, node_log[-2000:]
+        assert any(why in node_log for why in whys), node_log[-2000:]
