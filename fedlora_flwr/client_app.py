@@ -24,13 +24,12 @@ many simulated clients.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -48,7 +47,7 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS
+from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
 
 app = ClientApp()
 
@@ -239,20 +238,39 @@ class InjectedFault(RuntimeError):
     """Raised by a client the server told to fail (``fault-kind = "raise"``)."""
 
 
-def inject_fault(kind: str, upload: dict[str, torch.Tensor], round_timeout: float) -> dict[str, torch.Tensor]:
-    """Make this reply fail the way ``fault-kind`` says (the server picked this client)."""
+def inject_fault(kind: str, message: Message, reply: Message, num_partitions: int) -> Message:
+    """``reply`` spoilt the way ``fault-kind`` says (the server picked this client;
+    ``strategies/faults.py`` lists the kinds). ``timeout`` is modelled: an immediate reply with a
+    ``modelled-timeout`` record, which the server treats as one that missed ``round-timeout``
+    (sleeping would hold a simulation's Ray actor, and every message queued behind it, past the
+    round)."""
     if kind == "raise":
         raise InjectedFault("injected fault (fault-kind = 'raise')")
     if kind == "timeout":
-        time.sleep(round_timeout + 5.0)
-        return upload
-    key = next(key for key, value in upload.items() if value.is_floating_point() and value.dim() > 0)
-    value = upload[key].detach().clone()
-    if kind == "nan":
-        value.view(-1)[0] = float("nan")
-    else:  # wrong-shape
-        value = value[:-1]
-    return {**upload, key: value}
+        return Message(RecordDict({MODELLED_TIMEOUT: ConfigRecord({"fault-kind": kind})}), reply_to=message)
+    content = reply.content
+    metrics = content[METRICS]
+    if kind == "nan-weight":
+        metrics["num-examples"] = float("nan")
+    elif kind == "negative-weight":
+        metrics["num-examples"] = -int(metrics["num-examples"])
+    elif kind == "forged-id":
+        metrics["partition-id"] = (int(metrics["partition-id"]) + 1) % num_partitions
+    elif kind == "bad-eval":  # the evaluation this reply carries: its own, or a fused one
+        evaluation = content[EVALUATION] if EVALUATION in content else metrics
+        evaluation["accuracy"] = float(evaluation["accuracy"]) + 1.5
+    elif kind in ("nan", "wrong-shape"):
+        arrays = content[ARRAYS]
+        key = next(key for key in arrays if np.issubdtype(arrays[key].dtype, np.floating) and arrays[key].shape)
+        value = arrays[key].numpy().copy()
+        if kind == "nan":
+            value.reshape(-1)[0] = np.nan
+        else:
+            value = value[:-1]
+        arrays[key] = Array.from_numpy_ndarray(value)
+    else:
+        raise ValueError(f"unknown fault-kind {kind!r}")
+    return reply
 
 
 @app.train()
@@ -262,21 +280,20 @@ def train(message: Message, context: Context) -> Message:
                   if evaluate_round is not None else None)
     session = ClientSession.open(message, context)
     stats, upload = session.train()
-    fault = message.content["config"].get(FAULT)
-    if fault:
-        upload = inject_fault(str(fault), upload, session.config.round_timeout)
     metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}
     reply = session.reply(message, metrics, ArrayRecord(upload))
     if evaluation is not None:
         reply.content[EVALUATION] = MetricRecord(evaluation)
-    return reply
+    fault = message.content["config"].get(FAULT)
+    return inject_fault(str(fault), message, reply, int(context.node_config["num-partitions"])) if fault else reply
 
 
 @app.query()
 def identify(message: Message, context: Context) -> Message:
     """Name this node's partition and the federation's size: the server maps node ids (random per
     run) to partition ids so that it can sample participants reproducibly and address per-client
-    state, and waits for ``num-partitions`` of them before round 1 (``min-available-nodes``)."""
+    state, and waits for the ``num-partitions`` a strict majority of them reports before round 1
+    (``strategies/identity.py``)."""
     node = context.node_config
     metrics = MetricRecord({"partition-id": int(node["partition-id"]), "num-partitions": int(node["num-partitions"])})
     return Message(RecordDict({METRICS: metrics}), reply_to=message)
@@ -285,4 +302,6 @@ def identify(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
-    return session.reply(message, session.evaluation_metrics())
+    reply = session.reply(message, session.evaluation_metrics())
+    fault = message.content["config"].get(FAULT)
+    return inject_fault(str(fault), message, reply, int(context.node_config["num-partitions"])) if fault else reply

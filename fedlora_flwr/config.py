@@ -42,6 +42,8 @@ from fedlora_flwr.text import TEXT_DATASETS
 from fedlora_flwr.text_models import HF_PREFIX, is_pretrained_text_model, is_text_model
 
 _PATH_KEYS = ("data-dir", "output-dir", "backbone")
+#: How a client told to fail fails (``fault-kind``; strategies/faults.py says what each one does).
+FaultKind = Literal["raise", "timeout", "nan", "wrong-shape", "nan-weight", "negative-weight", "forged-id", "bad-eval"]
 #: The longest run-name: the run folder's name must stay well within a file name's 255 bytes.
 MAX_RUN_NAME = 120
 
@@ -119,7 +121,7 @@ class RunConfig(Settings):
     min_available_nodes: int = operational(0, "SuperNodes connected before round 1; 0 = num-partitions", ge=0)
     node_wait_timeout: float = operational(600.0, "seconds to wait for them, then the run stops", gt=0)
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
-    fault_kind: Literal["raise", "timeout", "nan", "wrong-shape"] = Field("raise", description="how they fail")
+    fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
 
     # Text data and pretrained image backbones (README "Text").

@@ -13,7 +13,8 @@ the server averages whatever keys arrive:
 :class:`PersonalizedStrategy` is a Flower ``Strategy`` built from plain keyword arguments and
 composed of parts with one job each:
 
-- :class:`strategies.sampling.ParticipantSampler`: who trains, reproducibly, by partition id;
+- :class:`strategies.sampling.ParticipantSampler`: who trains, reproducibly, by partition id,
+  with :class:`strategies.identity.Identities`: each node's partition id, bound once;
 - :class:`strategies.validation.ReplyValidator`: which replies may be used, and why not;
 - :class:`strategies.evaluation.FusedEvaluation`: evaluation riding on the next train message;
 - :class:`strategies.faults.FaultInjector` (optional): clients told to fail, for tests;
@@ -60,10 +61,10 @@ from fedlora_flwr.results import last_trained_rounds
 from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
 from strategies.evaluation import FusedEvaluation, PendingEvaluation, evaluation_result
 from strategies.faults import FaultInjector
-from strategies.protocol import ARRAYS, FAULT, METRICS, instruction
+from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, instruction
 from strategies.recording import Recorder
 from strategies.sampling import ParticipantSampler
-from strategies.validation import ReplyValidator
+from strategies.validation import Checked, ReplyValidator
 
 if TYPE_CHECKING:
     from fedlora_flwr.config import RunConfig
@@ -117,9 +118,11 @@ class PersonalizedStrategy(Strategy):
     - ``aggregation``: ``"mean"`` (eq. 8) or ``"weighted"`` (by ``num-examples``); None: the
       class's ``default_aggregation``;
     - ``partial_average``: ``"participants"`` or ``"all-clients"`` (absent clients hold σ̄^t);
-    - ``min_available_nodes``: nodes round 1 waits for (0: the ``num-partitions`` they report),
-      at most ``node_wait_timeout`` seconds; ``query_timeout``: seconds to wait for partition-id
-      answers;
+    - ``min_available_nodes``: nodes round 1 waits for (0: the ``num-partitions`` a strict majority
+      of them reports), at most ``node_wait_timeout`` seconds; ``query_timeout``: seconds to wait
+      for partition-id answers (:mod:`strategies.sampling`, :mod:`strategies.identity`);
+    - ``train_per_client``, ``test_per_client``: the most examples a client holds, the bounds of a
+      reply's ``num-examples`` (None: no upper bound; :mod:`strategies.validation`);
     - ``fused_evaluation``: evaluate round t in round t+1's train messages
       (:mod:`strategies.evaluation`; not with ``per_client_messages``);
     - ``faults``: a :class:`FaultInjector` telling some participants to fail (tests);
@@ -144,6 +147,8 @@ class PersonalizedStrategy(Strategy):
         min_available_nodes: int = 0,
         node_wait_timeout: float = 600.0,
         query_timeout: float = 3600.0,
+        train_per_client: int | None = None,
+        test_per_client: int | None = None,
         fused_evaluation: bool = False,
         faults: FaultInjector | None = None,
         server_store: PersonalStateStore | None = None,
@@ -160,7 +165,7 @@ class PersonalizedStrategy(Strategy):
             raise ValueError(f"{type(self).__name__} sends each client its own arrays: no fused evaluation")
         self.partial_average = partial_average
         self.sampler = ParticipantSampler(fraction_train, seed, min_available_nodes, node_wait_timeout, query_timeout)
-        self.validator = ReplyValidator(upload_template)
+        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client)
         self.fused = FusedEvaluation() if fused_evaluation else None
         self.faults = faults
         self.server_store = server_store
@@ -207,6 +212,8 @@ class PersonalizedStrategy(Strategy):
             min_available_nodes=config.min_available_nodes,
             node_wait_timeout=config.node_wait_timeout,
             query_timeout=config.round_timeout,
+            train_per_client=config.train_per_client,
+            test_per_client=config.test_per_client,
             fused_evaluation=config.fused_evaluation,
             faults=faults,
             server_store=PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method),
@@ -315,15 +322,16 @@ class PersonalizedStrategy(Strategy):
         log(INFO, "\t├──> Participants: %g of the partitions, drawn by (seed %d, round)", sampler.fraction, sampler.seed)
         log(INFO, "\t├──> Shared tensors: %s mean over %s", self.aggregation, self.partial_average)
         log(INFO, "\t└──> Round 1 waits for %s SuperNodes (node-wait-timeout %g s)",
-            sampler.min_available_nodes or "num-partitions", sampler.node_wait_timeout)
+            sampler.min_available_nodes or "the num-partitions a strict majority reports", sampler.node_wait_timeout)
 
     def _instructions(self, node_ids: list[int], message_type: str, arrays: ArrayRecord, config: dict,
                       server_round: int) -> list[Message]:
         """One message per node: its arrays (:meth:`client_arrays`), the last round it trained in
-        and, for the participants picked to fail, the fault to inject."""
+        and, for the clients picked to fail, the fault to inject."""
         training = message_type == MessageType.TRAIN
         partition_ids = [self.sampler.partition_ids.get(node) for node in node_ids]
-        faulty = self.faults.faulty(partition_ids, server_round) if training and self.faults else set()
+        evaluates = config.get(EVALUATE_ROUND) if training else server_round
+        faulty = self.faults.faulty(partition_ids, server_round, training, evaluates) if self.faults else set()
         records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
                    else [arrays for _ in node_ids])
         messages = []
@@ -356,12 +364,11 @@ class PersonalizedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        names = self.sampler.partition_ids
-        checked = self.validator.train(replies, server_round, names)
+        identities = self.sampler.identities
+        checked = self.validator.train(replies, server_round, identities)
         valid = sorted(checked.valid, key=lambda message: int(message.content[METRICS]["partition-id"]))
-        self.sampler.learn(valid)
         if self.fused is not None and self.fused.pending is not None:
-            self._record(self.fused.finish(self.validator.evaluations(replies, server_round, names)))
+            self._record(self.fused.finish(self.validator.evaluations(replies, server_round, identities)))
         self._failed_train = self._sent_train - {message.metadata.src_node_id for message in valid}
         if self.recorder is not None:
             self._round["train_elapsed_s"] = self.recorder.elapsed()
@@ -373,7 +380,7 @@ class PersonalizedStrategy(Strategy):
         )
         self.last_trained.update(dict.fromkeys(self._round["participants"], server_round))
         if not valid:
-            raise NoValidReplies(_no_valid_replies(server_round, len(self._sent_train), replies, len(checked.rejected)))
+            raise NoValidReplies(_no_valid_replies(server_round, len(self._sent_train), checked))
         records = [message.content[ARRAYS] for message in valid]
         metrics = [message.content[METRICS] for message in valid]
         if self.aggregation == "mean":
@@ -401,15 +408,16 @@ class PersonalizedStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         names = self.sampler.partition_ids
-        valid = self.validator.evaluate(replies, server_round, names).valid
-        self.sampler.learn(valid)
+        valid = self.validator.evaluate(replies, server_round, self.sampler.identities).valid
         failed = self._failed_train | (self._sent_evaluate - {message.metadata.src_node_id for message in valid})
         deferred = self.fused.deferred_nodes if self.fused else set()
         evaluation = PendingEvaluation(
             server_round, dict(self._round), dict(evaluation_result(message, METRICS) for message in valid),
             deferred={names[node] for node in deferred},
             failed={names[node] for node in failed if node in names},
-            failed_unidentified=len([node for node in failed if node not in names]),
+            # nodes that failed without a bound partition id, and nodes refused this round (once each)
+            failed_unidentified=(len([node for node in failed if node not in names])
+                                 + self.sampler.identities.take_refusals()),
         )
         if evaluation.deferred:  # fused evaluation: the rest comes with round t+1's train replies
             self.fused.pending = evaluation
@@ -432,9 +440,12 @@ class PersonalizedStrategy(Strategy):
                                           pending.to_json() if pending else None)
 
 
-def _no_valid_replies(server_round: int, asked: int, replies: list[Message], bad: int) -> str:
-    """One line: how a round's train replies failed, with the first error's reason."""
-    errors = [message.error.reason for message in replies if message.has_error()]
+def _no_valid_replies(server_round: int, asked: int, checked: Checked) -> str:
+    """One line: how a round's train replies failed, with the first error's and bad update's reasons."""
+    errors = [message.error.reason for message in checked.errors]
     first = f"; first error: {' '.join(errors[0].split())[:300]}" if errors else ""
-    return (f"round {server_round}: no client sent a valid reply ({asked} asked, {len(replies)} replied, "
-            f"{len(errors)} errors, {bad} bad updates){first}")
+    first += f"; first bad update: {checked.rejected[0][1][:300]}" if checked.rejected else ""
+    replied = len(checked.errors) + len(checked.rejected) + len(checked.valid)
+    late = f", {len(checked.late)} past round-timeout (modelled)" if checked.late else ""
+    return (f"round {server_round}: no client sent a valid reply ({asked} asked, {replied} replied, "
+            f"{len(errors)} errors, {len(checked.rejected)} bad updates{late}){first}")

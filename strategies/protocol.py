@@ -20,8 +20,11 @@ CLIENT_INFO = "client-info"
 #: num-examples, eval-loss), and the train config key naming that round.
 EVALUATION = "evaluation"
 EVALUATE_ROUND = "evaluate-round"
-#: Train config key telling a client how to fail (fault injection, ``strategies.faults``).
+#: Message config key telling a client how to fail (fault injection, ``strategies.faults``).
 FAULT = "fault"
+#: Reply record of a modelled straggler (``fault-kind = "timeout"``): the server treats the reply
+#: as one that arrived after ``round-timeout``.
+MODELLED_TIMEOUT = "modelled-timeout"
 
 
 def instruction(node_id: int, message_type: str, arrays: ArrayRecord, config: Mapping) -> Message:

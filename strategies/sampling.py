@@ -3,20 +3,22 @@
 Flower draws node ids from ``os.urandom`` and samples them with the unseeded global ``random``,
 so the same seed would train different clients every run. :class:`ParticipantSampler` instead
 asks every node it does not know yet for its partition id (a ``query`` message, answered by the
-ClientApp with ``partition-id`` and ``num-partitions``), then draws ``fraction`` of the sorted
-partition ids with ``numpy.random.default_rng([seed, round])``: the same seed trains the same
-clients every round, in simulation and in deployment, and a resumed run draws the same rounds.
+ClientApp with ``partition-id`` and ``num-partitions``; the answer binds the node's partition id
+once, :mod:`strategies.identity`), then draws ``fraction`` of the sorted bound partition ids with
+``numpy.random.default_rng([seed, round])``: the same seed trains the same clients every round,
+in simulation and in deployment, and a resumed run draws the same rounds.
 
-Round 1 first waits until ``min_available_nodes`` nodes are connected (0: the ``num-partitions``
-they report), at most ``node_wait_timeout`` seconds, then raises :class:`FederationIncomplete`
-(Flower's FedAvg would start round 1 with the first node, or wait forever). Later rounds sample
-whoever is connected and known.
+Round 1 waits, at most ``node_wait_timeout`` seconds, until ``min_available_nodes`` nodes are
+connected (0: the ``num-partitions`` a strict majority of the answering nodes report) and a
+strict majority agrees on the federation's size, which is then fixed; else it raises
+:class:`FederationIncomplete` (Flower's FedAvg would start round 1 with the first node, or wait
+forever). Every connected node counts as present, whatever it answered: a failing or refused
+node's failures are counted as any client's. Later rounds sample whoever is connected and bound.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from logging import INFO
 
 import numpy as np
@@ -25,12 +27,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlora_flwr.exits import FederationIncomplete
+from strategies.identity import Identities
 from strategies.protocol import CONFIG, METRICS
 from strategies.validation import ReplyValidator
 
 
 class ParticipantSampler:
-    """Who trains each round: ``fraction`` of the known partition ids, drawn by (seed, round).
+    """Who trains each round: ``fraction`` of the bound partition ids, drawn by (seed, round).
 
     ``query_timeout``: seconds to wait for the answers to a round's partition-id queries (a node
     that does not answer is asked again next round and is not sampled meanwhile).
@@ -43,36 +46,47 @@ class ParticipantSampler:
         self.min_available_nodes = min_available_nodes
         self.node_wait_timeout = node_wait_timeout
         self.query_timeout = query_timeout
-        self.partition_ids: dict[int, int] = {}  # node id -> partition id
-        self.federation_size = 0  # the largest num-partitions a node reported
+        self.identities = Identities()
         self.ready = False  # the federation was complete once (round 1 waited for it)
 
-    def learn(self, replies: Iterable[Message]) -> None:
-        """Take the partition ids that valid replies name."""
-        for message in replies:
-            self.partition_ids[message.metadata.src_node_id] = int(message.content[METRICS]["partition-id"])
+    @property
+    def partition_ids(self) -> dict[int, int]:
+        """node id -> bound partition id."""
+        return self.identities.bound
+
+    @property
+    def federation_size(self) -> int:
+        """The federation's size once fixed (0 before)."""
+        return self.identities.size or 0
 
     def identify(self, grid: Grid, node_ids: list[int], server_round: int, timeout: float | None = None) -> None:
-        """Ask the nodes whose partition id is not known yet (waiting ``timeout`` s, default ``query_timeout``)."""
-        unknown = sorted(set(node_ids) - set(self.partition_ids))
+        """Ask the nodes that have not answered yet (waiting ``timeout`` s, default ``query_timeout``);
+        a malformed answer refuses its node."""
+        identities = self.identities
+        unknown = sorted(node for node in node_ids if not identities.answered(node))
         if not unknown:
             return
         questions = [Message(RecordDict({CONFIG: ConfigRecord({"server-round": server_round})}),
                              dst_node_id=node_id, message_type=MessageType.QUERY) for node_id in unknown]
-        replies = grid.send_and_receive(questions, timeout=timeout or self.query_timeout)
-        valid = ReplyValidator.query(replies, server_round).valid
-        self.learn(valid)
-        sizes = [int(reply.content[METRICS].get("num-partitions", 0)) for reply in valid]
-        self.federation_size = max([self.federation_size, *sizes])
+        checked = ReplyValidator.query(grid.send_and_receive(questions, timeout=timeout or self.query_timeout), server_round)
+        for message, reason in checked.rejected:
+            identities.refuse(message.metadata.src_node_id, f"bad query reply: {reason}", server_round)
+        for message in checked.valid:
+            metrics = message.content[METRICS]
+            identities.answer(message.metadata.src_node_id, metrics["partition-id"], metrics["num-partitions"],
+                              server_round)
+        if self.ready and identities.size is None and (size := identities.majority()) is not None:
+            identities.fix(size, server_round)  # round 1 started before any node answered
 
     def connected(self, grid: Grid) -> list[int]:
-        """The connected node ids, once at least one is (at most ``node_wait_timeout`` s)."""
+        """The connected node ids not refused, once at least one node is connected (at most
+        ``node_wait_timeout`` s)."""
         deadline = time.monotonic() + self.node_wait_timeout
         while not (node_ids := list(grid.get_node_ids())):
             if time.monotonic() > deadline:
                 raise FederationIncomplete(f"node-wait-timeout: no SuperNode connected for {self.node_wait_timeout:g} s")
             time.sleep(1.0)
-        return node_ids
+        return [node for node in node_ids if node not in self.identities.refused]
 
     def sample(self, grid: Grid, server_round: int) -> list[int]:
         """The node ids that train ``server_round``, sorted by partition id (the first call waits
@@ -91,26 +105,34 @@ class ParticipantSampler:
         return [by_partition[int(pid)] for pid in sorted(chosen)]
 
     def _await_federation(self, grid: Grid, server_round: int) -> list[int]:
-        """The connected node ids once ``min_available_nodes`` (0: the reported ``num-partitions``)
-        are connected and asked for their partition id. A connected node whose ClientApp fails
-        counts as present: its failures are counted in the rounds, as any client's."""
+        """The connected node ids not refused, once ``min_available_nodes`` (0: the num-partitions
+        a strict majority reports) are connected and asked for their partition id, with the
+        federation's size fixed. With ``min_available_nodes`` and no well-formed answer at all the
+        size stays open (fixed by later answers)."""
+        identities = self.identities
         deadline = time.monotonic() + self.node_wait_timeout
         reported = None
         while True:
             node_ids = list(grid.get_node_ids())
             self.identify(grid, node_ids, server_round, timeout=max(deadline - time.monotonic(), 1.0))
-            needed = self.min_available_nodes or self.federation_size
-            if needed and len(node_ids) >= needed:
-                return node_ids
-            known = sorted(self.partition_ids[node] for node in node_ids if node in self.partition_ids)
+            size = identities.majority()
+            needed = self.min_available_nodes or size
+            present = len(node_ids)
+            if needed and present >= needed and (size is not None or not identities.reports()):
+                if size is not None:
+                    identities.fix(size, server_round)
+                return [node for node in node_ids if node not in identities.refused]
+            known = sorted(pid for node, (pid, _) in identities.waiting().items() if node in node_ids)
             if time.monotonic() > deadline:
-                wanted = needed or "num-partitions (no node reported it)"
+                reports = dict(sorted(identities.reports().items()))
+                disagree = f"; no strict majority of them reports one num-partitions {reports}" if size is None and reports else ""
+                wanted = needed or ("num-partitions" if reports else "num-partitions (no node reported it)")
                 raise FederationIncomplete(
-                    f"node-wait-timeout: {len(node_ids)} of {wanted} SuperNodes connected after "
-                    f"{self.node_wait_timeout:g} s (partition ids {known}); start the missing SuperNodes, "
+                    f"node-wait-timeout: {present} of {wanted} SuperNodes connected after "
+                    f"{self.node_wait_timeout:g} s (partition ids {known}){disagree}; start the missing SuperNodes, "
                     f"or lower min-available-nodes"
                 )
-            if reported != (len(node_ids), known):
-                log(INFO, "Waiting for SuperNodes: %d of %s connected, partition ids %s", len(node_ids), needed or "?", known)
-                reported = (len(node_ids), known)
+            if reported != (present, known):
+                log(INFO, "Waiting for SuperNodes: %d of %s connected, partition ids %s", present, needed or "?", known)
+                reported = (present, known)
             time.sleep(1.0)

@@ -443,7 +443,7 @@ class ScriptedGrid(InProcessGrid):
                 metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "train-samples": 10, "partition-id": pid})
                 content = RecordDict({ARRAYS: message.content[ARRAYS], METRICS: metrics})
             else:
-                metrics = MetricRecord({"num-examples": 10, "accuracy": self.accuracies[server_round], "eval-loss": 1.0,
+                metrics = MetricRecord({"num-examples": 8, "accuracy": self.accuracies[server_round], "eval-loss": 1.0,
                                         "partition-id": pid})
                 content = RecordDict({METRICS: metrics})
             message_id = f"s{len(self._replies)}-{next(self._ids)}"

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
+from safetensors.numpy import load_file
 from test_federation import CapturingGrid, _metrics, _run_config, _start, _train_type
 
 from clients.fedlora import FedLoRAClient
@@ -146,11 +147,14 @@ def test_injected_faults_are_seeded_counted_and_survived(tmp_path, kind, bad):
         assert set(m["acc_per_client"]) == {str(pid) for pid in range(NUM_CLIENTS)}, "every client still evaluates"
 
 
-@pytest.mark.parametrize(("kind", "bad"), [("raise", 0), ("nan", 6), ("wrong-shape", 6)])
+@pytest.mark.parametrize(("kind", "bad"), [("raise", 0), ("nan", 6), ("wrong-shape", 6), ("timeout", 0), ("nan-weight", 6),
+                                           ("negative-weight", 6), ("forged-id", 6), ("bad-eval", 0)])
 def test_thirty_percent_faults_on_twenty_clients(tmp_path, kind, bad):
     """Issue 11: with fault-fraction 0.3 of 20 clients every round completes, 6 failures a round are
     counted, and every client's personal state is present and loadable afterwards (a faulty client
-    trained and saved before its reply went wrong). ``timeout`` runs through Ray in test_flwr_run.py."""
+    trained and saved before its reply went wrong). Issue 18: also with the sample count, the
+    partition id or the evaluation spoilt, and with modelled stragglers: the averaged participants are
+    unique and in range, the recorded accuracies in [0, 1]. ``flwr run`` on Ray: test_flwr_run.py."""
     clients = 20
     config = _run_config(tmp_path / "outputs", kind, **{"num-server-rounds": 2, "fault-fraction": 0.3, "fault-kind": kind,
                                                           "train-per-client": 8, "test-per-client": 4, "local-epochs": 1})
@@ -159,11 +163,18 @@ def test_thirty_percent_faults_on_twenty_clients(tmp_path, kind, bad):
     run_dir = tmp_path / "outputs" / kind
     metrics = _metrics(run_dir)
     assert [m["round"] for m in metrics] == [1, 2]
+    everyone = set(range(clients))
     for m in metrics:
-        faulty = {int(p) for p in np.random.default_rng([1, m["round"], 1]).choice(clients, size=6, replace=False)}
-        assert m["participants"] == sorted(set(range(clients)) - faulty)
+        stream = 2 if kind == "bad-eval" else 1
+        faulty = {int(p) for p in np.random.default_rng([1, m["round"], stream]).choice(clients, size=6, replace=False)}
+        trained = everyone if kind == "bad-eval" else everyone - faulty
+        evaluated = everyone - faulty if kind == "bad-eval" else everyone
+        assert m["participants"] == sorted(trained)
         assert m["num_failures"] == 6 and m["num_bad_updates"] == bad
-        assert len(m["acc_per_client"]) == clients
+        assert set(m["acc_per_client"]) == {str(pid) for pid in evaluated}
+        assert all(0.0 <= acc <= 1.0 for acc in m["acc_per_client"].values())
+    shared = load_file(str(run_dir / "shared.safetensors"))
+    assert all(np.isfinite(value).all() for value in shared.values() if value.dtype.kind == "f")
     run_config = load_config(config)
     client = FedLoRAClient(run_config)
     model = client.build_model(TaskSpec(num_classes=10, image_shape=(3, 32, 32)), partition_id=0)

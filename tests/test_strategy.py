@@ -117,7 +117,8 @@ class _Harness:
         pid = message.metadata.dst_node_id - 1000
         content = RecordDict({
             ARRAYS: _record(arrays),
-            METRICS: MetricRecord({"num-examples": num_examples, "train-loss": loss, "partition-id": pid}),
+            METRICS: MetricRecord({"num-examples": num_examples, "train-loss": loss, "train-samples": num_examples,
+                                    "partition-id": pid}),
         })
         return Message(content, reply_to=message)
 

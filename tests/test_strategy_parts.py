@@ -20,7 +20,8 @@ from strategies.evaluation import FusedEvaluation, PendingEvaluation
 from strategies.faults import FaultInjector
 from strategies.fedamp import FedAMPStrategy
 from strategies.fedlora import FedLoRAStrategy
-from strategies.protocol import ARRAYS, CONFIG, EVALUATE_ROUND, EVALUATION, FAULT, METRICS
+from strategies.protocol import ARRAYS, CONFIG, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
+from strategies.identity import Identities
 from strategies.sampling import FederationIncomplete, ParticipantSampler
 from strategies.validation import ReplyValidator
 
@@ -81,15 +82,16 @@ def _reply(content: RecordDict | Error, node_id: int = 1000) -> Message:
 
 
 def _train_content(arrays=None, **metrics) -> RecordDict:
-    values = {"partition-id": 0, "num-examples": 10, "train-loss": 1.0, **metrics}
+    values = {"partition-id": 0, "num-examples": 10, "train-loss": 1.0, "train-samples": 20, **metrics}
     return RecordDict({ARRAYS: _record(TEMPLATE if arrays is None else arrays),
                        METRICS: MetricRecord({k: v for k, v in values.items() if v is not None})})
 
 
 @pytest.mark.parametrize(("content", "reason"), [
     (_train_content(), None),
-    (RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 1, "train-loss": 1.0})}), "'arrays' array record"),
-    (_train_content(**{"num-examples": None}), "lacks a number for ['num-examples']"),
+    (RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 1, "train-loss": 1.0, "train-samples": 1})}),
+     "lacks its 'arrays' ArrayRecord"),
+    (_train_content(**{"num-examples": None}), "num-examples = None is not an integer"),
     (_train_content({"w": TEMPLATE["w"]}), "missing ['n']"),
     (_train_content({**TEMPLATE, "x": TEMPLATE["w"]}), "unexpected ['x']"),
     (_train_content({**TEMPLATE, "w": np.zeros((3, 2), np.float32)}), "expected float32(2, 3)"),
@@ -102,22 +104,34 @@ def test_train_replies_are_checked_against_the_template(content, reason):
     assert problem is None if reason is None else reason in problem, problem
 
 
+def _bound(size: int, **nodes: int) -> Identities:
+    """Identities of a federation of ``size`` with ``nodes`` (``n<node id>=partition id``) bound."""
+    identities = Identities()
+    for node, pid in nodes.items():
+        identities.answer(int(node[1:]), pid, size, server_round=1)
+    identities.fix(size, server_round=1)
+    return identities
+
+
 def test_replies_are_sorted_into_valid_errors_and_rejected():
     validator = ReplyValidator(_record(TEMPLATE))
+    identities = _bound(1, n1000=0)
     good, bad = _reply(_train_content()), _reply(_train_content({"w": TEMPLATE["w"]}))
     error = _reply(Error(code=0, reason="injected"))
-    checked = validator.train([error, good, bad], server_round=1, names={1000: 0})
+    late = _reply(RecordDict({MODELLED_TIMEOUT: ConfigRecord({"fault-kind": "timeout"})}))
+    checked = validator.train([error, good, bad, late], server_round=1, identities=identities)
     assert checked.valid == [good] and checked.errors == [error] and [m for m, _ in checked.rejected] == [bad]
-    evaluate = _reply(RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 5})}))
-    assert "['accuracy']" in ReplyValidator.evaluate_problem(evaluate)
-    assert validator.evaluate([evaluate], 1, {}).valid == []
+    assert checked.late == [late]
+    evaluate = _reply(RecordDict({METRICS: MetricRecord({"partition-id": 0, "num-examples": 5, "eval-loss": 1.0})}))
+    assert "accuracy = None is not a finite number" in validator.evaluate_problem(evaluate)
+    assert validator.evaluate([evaluate], 1, identities).valid == []
     assert ReplyValidator.query([_reply(RecordDict({METRICS: MetricRecord({"num-partitions": 3})}))], 1).valid == []
     fused = _train_content()
-    fused[EVALUATION] = MetricRecord({"accuracy": 0.5, "num-examples": 4})
+    fused[EVALUATION] = MetricRecord({"accuracy": 0.5, "num-examples": 4, "eval-loss": 1.0})
     malformed = _train_content()
     malformed[EVALUATION] = MetricRecord({"accuracy": 0.5})
     carrying, broken = _reply(fused), _reply(malformed)
-    assert validator.evaluations([good, carrying, broken, error], 2, {}) == [carrying]
+    assert validator.evaluations([good, carrying, broken, error], 2, identities) == [carrying]
 
 
 # --------------------------------------------------------------------------- faults
@@ -125,9 +139,17 @@ def test_replies_are_sorted_into_valid_errors_and_rejected():
 
 def test_faults_are_a_seeded_fraction_of_the_identified_participants():
     injector = FaultInjector(fraction=0.4, kind="nan", seed=3)
-    faulty = injector.faulty([4, None, 0, 2, 7, 9], server_round=2)
+    faulty = injector.faulty([4, None, 0, 2, 7, 9], server_round=2, training=True)
     assert faulty == {int(p) for p in np.random.default_rng([3, 2, 1]).choice([0, 2, 4, 7, 9], size=2, replace=False)}
-    assert FaultInjector(0.1, "raise", 3).faulty([0, 1, 2], 1) == set(), "0.3 of a client rounds to none"
+    assert injector.faulty([4, None, 0, 2, 7, 9], server_round=2, training=False, evaluates=2) == set()
+    third = {int(p) for p in np.random.default_rng([3, 3, 1]).choice([0, 2, 4, 7, 9], size=2, replace=False)}
+    assert injector.faulty([4, None, 0, 2, 7, 9], server_round=3, training=True, evaluates=2) == third
+    assert FaultInjector(0.1, "raise", 3).faulty([0, 1, 2], 1, training=True) == set(), "0.3 of a client rounds to none"
+    bad_eval = FaultInjector(fraction=0.4, kind="bad-eval", seed=3)
+    assert bad_eval.faulty([0, 1, 2, 3, 4], 2, training=True) == set(), "a train batch that evaluates nothing"
+    drawn = {int(p) for p in np.random.default_rng([3, 2, 2]).choice(5, size=2, replace=False)}
+    assert bad_eval.faulty([0, 1, 2, 3, 4], 2, training=False, evaluates=2) == drawn
+    assert bad_eval.faulty([0, 1, 2, 3, 4], 3, training=True, evaluates=2) == drawn, "fused: round 2's evaluations"
     with pytest.raises(ValueError, match="kind"):
         FaultInjector(0.5, "explode", 3)
 
@@ -187,7 +209,7 @@ def test_every_message_has_its_own_record_and_the_callers_config_is_untouched():
     assert len({id(message.content[CONFIG]) for message in messages}) == 4
     assert dict(config) == {"run-dir": "x"}
     faulty = [_partitions(grid, [m.metadata.dst_node_id])[0] for m in messages if FAULT in m.content[CONFIG]]
-    assert set(faulty) == FaultInjector(0.5, "raise", 1).faulty([0, 1, 2, 3], 1) and len(faulty) == 2
+    assert set(faulty) == FaultInjector(0.5, "raise", 1).faulty([0, 1, 2, 3], 1, training=True) and len(faulty) == 2
     assert all(message.content[CONFIG]["server-round"] == 1 for message in messages)
 
 
