@@ -19,8 +19,8 @@ A *spec* is a TOML file (``experiments/grids/`` holds one per experiment of the 
     alpha = [0.1]
 
     [[paper]]                    # optional: the paper's numbers (best mean client accuracy, %)
-    method = "fedlora"           # matched against the runs on the [grid] keys the row gives;
-    dataset = "cifar10"          # its other keys describe the paper's setting, not compared
+    method = "fedlora"           # matches the runs whose config has every key it names
+    dataset = "cifar10"          # (fedlora_flwr.paper: npz with a cifar10*.npz file is cifar10)
     alpha = 0.1
     acc = 85.47
     std = 2.06                   # optional; `note = "..."` optional too
@@ -79,6 +79,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from fedlora_flwr.config import ConfigError, flower_run_config, load_config
+from fedlora_flwr.paper import META_KEYS, matches
 from fedlora_flwr.runs import RunsError, load_runs
 from fedlora_flwr.store import write_atomic
 
@@ -93,7 +94,6 @@ RUNNER_KEYS = {
     "output-dir": "set by the grid runner (--out)",
     "run-name": "set by the grid runner",
 }
-PAPER_FIELDS = ("acc", "std", "note", "table", "source")  # not compared with the runs (as in report.py)
 
 
 class SpecError(ValueError):
@@ -164,21 +164,6 @@ class ExperimentSpec(BaseModel):
                 if not isinstance(row.get(key, ""), str):
                     raise ValueError(f"row {number}: {key} must be text")
         return rows
-
-    def paper_for(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The [[paper]] row matching a grid point (on the [grid] keys it gives), or None."""
-        rows = [row for row in self.paper if _row_matches(row, params, self.grid)]
-        return dict(rows[0]) if rows else None
-
-
-def _row_matches(row: Mapping[str, Any], params: Mapping[str, Any], grid: Mapping[str, Any]) -> bool:
-    return all(_same(row[key], params[key]) for key in row if key in grid)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
 
 
 def _where(loc: tuple) -> str:
@@ -347,8 +332,8 @@ def expand(
         raise SpecError(f"{source}: [grid] {key}: also set in [base]; keep it in one of them")
     for number, row in enumerate(spec.paper, start=1):
         for key in row:
-            if key not in PAPER_FIELDS and key not in defaults:
-                raise SpecError(f"{source}: [[paper]] row {number} {key}: {known[:-1]}, or {'/'.join(PAPER_FIELDS)})")
+            if key not in META_KEYS and key not in defaults:
+                raise SpecError(f"{source}: [[paper]] row {number} {key}: {known[:-1]}, or {'/'.join(sorted(META_KEYS))})")
 
     runs: list[PlannedRun] = []
     paper_hits = [0] * len(spec.paper)
@@ -356,12 +341,7 @@ def expand(
         # an integer for a float key (alpha = [1]) is that float: one run name per value
         params = {key: float(value) if isinstance(defaults[key], float) and type(value) is int else value
                   for key, value in zip(spec.grid, values, strict=True)}
-        matches = [number for number, row in enumerate(spec.paper) if _row_matches(row, params, spec.grid)]
-        if len(matches) > 1:
-            raise SpecError(f"{source}: [[paper]] rows {matches[0] + 1} and {matches[1] + 1} both match "
-                            f"{_describe(params)}; give them distinct [grid] values")
-        for number in matches:
-            paper_hits[number] += 1
+        matched: list[int] | None = None
         for seed in spec.experiment.seeds:
             name = run_name(spec, params, seed)
             raw = {**defaults, **spec.base, **params, "seed": seed,
@@ -372,12 +352,19 @@ def expand(
                 origin = _origin(str(err), spec)
                 message = str(err).removeprefix("invalid run config: ") if origin else str(err)
                 raise SpecError(f"{source}: {origin}{message}") from None
-            paper = dict(spec.paper[matches[0]]) if matches else None
+            if matched is None:  # a [[paper]] row names no seed: the first seed's config decides
+                matched = [number for number, row in enumerate(spec.paper) if matches(row, config)]
+                if len(matched) > 1:
+                    raise SpecError(f"{source}: [[paper]] rows {matched[0] + 1} and {matched[1] + 1} both match "
+                                    f"{_describe(params)}; give them distinct values")
+                for number in matched:
+                    paper_hits[number] += 1
+            paper = dict(spec.paper[matched[0]]) if matched else None
             runs.append(PlannedRun(name, experiment_dir / name, params, seed, config, paper))
     for number, hits in enumerate(paper_hits, start=1):
         if not hits:
-            row = {key: value for key, value in spec.paper[number - 1].items() if key in spec.grid}
-            raise SpecError(f"{source}: [[paper]] row {number}: matches no run of the grid ({_describe(row) or 'no [grid] key'})")
+            row = {key: value for key, value in spec.paper[number - 1].items() if key not in META_KEYS}
+            raise SpecError(f"{source}: [[paper]] row {number}: matches no run of the grid ({_describe(row)})")
     names = [run.run_name for run in runs]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import _thread
 import io
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -22,9 +25,11 @@ import tomli_w
 from conftest import REAL_NPZ, REPO
 
 from fedlora_flwr import grid
-from fedlora_flwr.config import RunConfig
 from fedlora_flwr.cli import main
+from fedlora_flwr.config import RunConfig
 from fedlora_flwr.grid import SpecError, expand, load_spec, parse_spec, run_grid
+from fedlora_flwr.report import make_report
+from fedlora_flwr.runs import load_runs
 
 SPECS = sorted((REPO / "experiments" / "grids").glob("*.toml"))
 
@@ -51,7 +56,7 @@ alpha = [0.1, 0.5]
 
 [[paper]]
 method = "local"
-dataset = "cifar10"
+dataset = "synthetic"
 alpha = 0.5
 acc = 60.15
 std = 0.86
@@ -639,3 +644,116 @@ method = ["fedavg", "local"]
     again = run_grid(spec, out_dir="out", parallel=2, cwd=tmp_path, stream=io.StringIO())
     assert again.count("skipped") == 2 and again.exit_code == 0
     assert set(_statuses(experiment_dir).values()) == {"skipped"}
+
+
+RESUME_SPEC = """\
+[experiment]
+name = "{name}"
+seeds = {seeds}
+num-clients = 2
+client-cpus = 1
+
+[base]
+dataset = "synthetic"
+model = "cnn"
+num-server-rounds = 2
+local-epochs = 2
+lora-epochs = 1
+train-per-client = 200
+test-per-client = 40
+device = "cpu"
+
+[grid]
+method = {methods}
+"""
+WALL_CLOCK = {"elapsed_s", "train_elapsed_s", "wall_seconds", "run_dir", "run-dir"}
+
+
+def _grid_process(spec: Path, out: Path) -> subprocess.Popen:
+    """``fedlora-flwr grid SPEC --out OUT`` in its own process group, with Python's Ctrl-C handler
+    (a shell's background job would start it with SIGINT ignored)."""
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from fedlora_flwr.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "grid", str(spec), "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen) -> str:
+    """Wait for the grid process (Ctrl-C first, then its process group killed by id) and return its output."""
+    try:
+        output, _ = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+    return output
+
+
+def _rows_without_clock(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_real_grid_interrupted_mid_run_resumes_it_from_its_checkpoint(tmp_path):
+    """`fedlora-flwr grid` on 2 methods × 2 seeds × 2 rounds, Ctrl-C (SIGINT to its pid) once the
+    first run checkpointed round 1; the same command again resumes that run (not from round 1) and
+    it ends with the metrics and summary of an uninterrupted grid of that run. load_runs on the grid
+    gives one row per run × round; the report gives 2 rows with n = 2."""
+    started = time.monotonic()
+    spec = tmp_path / "e2e.toml"
+    spec.write_text(RESUME_SPEC.format(name="e2e", seeds="[1, 2]", methods='["fedlora", "fedavg"]'))
+    experiment_dir = tmp_path / "out" / "e2e"
+    first_run = experiment_dir / "e2e__method_fedlora__seed_1"
+    process = _grid_process(spec, tmp_path / "out")
+    try:
+        deadline = time.monotonic() + 400
+        while not (first_run / "checkpoint.safetensors").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "no round-1 checkpoint"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+    finally:
+        output = _stop(process)
+    assert process.returncode == 130, output
+    assert not (first_run / "summary.json").exists(), "the grid finished the run before Ctrl-C: " + output
+    assert _statuses(experiment_dir)["e2e__method_fedlora__seed_1"] == "interrupted"
+    rounds_before = len((first_run / "metrics.jsonl").read_text().splitlines())
+    assert rounds_before >= 1
+
+    process = _grid_process(spec, tmp_path / "out")
+    output = _stop(process)
+    assert process.returncode == 0, output
+    assert f"start e2e__method_fedlora__seed_1 (resuming from its checkpoint after round {rounds_before})" in output
+    entries = {entry["run_name"]: entry for entry in _grid_json(experiment_dir)["runs"]}
+    assert entries["e2e__method_fedlora__seed_1"]["resumed_after_round"] == rounds_before
+    assert {entry["status"] for entry in entries.values()} == {"done"}
+    assert not list(experiment_dir.glob("*.incomplete-*"))
+
+    reference = tmp_path / "reference.toml"
+    reference.write_text(RESUME_SPEC.format(name="e2e", seeds="[1]", methods='["fedlora"]'))
+    process = _grid_process(reference, tmp_path / "ref")
+    output = _stop(process)
+    assert process.returncode == 0, output
+    uninterrupted = tmp_path / "ref" / "e2e" / "e2e__method_fedlora__seed_1"
+    assert _rows_without_clock(first_run) == _rows_without_clock(uninterrupted)
+    summaries = [{k: v for k, v in json.loads((folder / "summary.json").read_text()).items() if k not in WALL_CLOCK}
+                 for folder in (first_run, uninterrupted)]
+    assert summaries[0] == summaries[1] and summaries[0]["rounds"] == 2
+
+    frame = load_runs(experiment_dir)
+    assert len(frame) == 8 and frame.groupby("run").size().tolist() == [2] * 4
+    assert frame["round"].tolist() == [1, 2] * 4 and set(frame.status) == {"finished"}
+    assert sorted(frame.groupby(["method", "seed"]).size().index) == [
+        ("fedavg", 1), ("fedavg", 2), ("fedlora", 1), ("fedlora", 2)]
+    assert {"acc_mean", "best_acc_mean", "final_acc_mean", "num_clients", "num-server-rounds"} <= set(frame.columns)
+    resumed = frame[frame.run == "e2e__method_fedlora__seed_1"]
+    assert resumed["resume"].tolist() == [True, True] and resumed.best_acc_mean.notna().all()
+    report = make_report(experiment_dir, out=tmp_path / "report", echo=lambda _: None)
+    assert report.table[["method", "n"]].values.tolist() == [["fedavg", 2], ["fedlora", 2]]
+    assert report.table.runs.map(len).tolist() == [2, 2] and not report.skipped
+    print(f"interrupted + resumed grid of 4 runs and the reference run: {time.monotonic() - started:.1f}s")
