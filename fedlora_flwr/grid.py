@@ -1,29 +1,10 @@
 """The experiment grid runner: ``fedlora-flwr grid SPEC`` runs configurations × seeds, resumably.
 
-A *spec* is a TOML file (``experiments/grids/`` holds one per experiment of the paper)::
-
-    [experiment]
-    name = "table1-cpu"          # folder under --out; letters, digits, '.', '-'
-    description = "..."
-    seeds = [1, 2, 3]            # every grid point runs once per seed (the run-config key `seed`)
-    num-clients = 10             # simulation size (num-supernodes)
-    client-cpus = 1              # client-resources-num-cpus (an integer)
-    client-gpus = 0.0            # client-resources-num-gpus (fractions share a GPU)
-
-    [base]                       # run-config keys shared by every run ([tool.flwr.app.config])
-    dataset = "npz"
-    data-dir = "../shared/data/cifar10/cifar10.npz"
-
-    [grid]                       # each key a list; the runs are the cartesian product × seeds
-    method = ["fedavg", "local", "fedlora"]
-    alpha = [0.1]
-
-    [[paper]]                    # optional: the paper's numbers (best mean client accuracy, %)
-    method = "fedlora"           # matches the runs whose config has every key it names
-    dataset = "cifar10"          # (fedlora_flwr.paper: npz with a cifar10*.npz file is cifar10)
-    alpha = 0.1
-    acc = 85.47
-    std = 2.06                   # optional; `note = "..."` optional too
+A *spec* is a TOML file (``experiments/grids/`` holds one per experiment of the paper; its README
+gives the format): ``[experiment]`` (``name``, ``description``, ``seeds``, ``num-clients``,
+``client-cpus``, ``client-gpus``), ``[base]`` (run-config keys shared by every run), ``[grid]``
+(a list of values per key: the runs are the cartesian product × seeds) and optional ``[[paper]]``
+rows (config keys + ``acc``, ``std`` in %, matched to the runs by :mod:`fedlora_flwr.paper`).
 
 Every run's full run config is the app's defaults (``[tool.flwr.app.config]`` of the app folder's
 ``pyproject.toml``) + ``[base]`` + the grid point + ``seed`` + ``output-dir``/``run-name`` (set by
@@ -261,10 +242,14 @@ class PlannedRun:
             return None
         return load_runs(self.run_dir).iloc[-1]
 
+    def state(self) -> tuple[str, int]:
+        """(``absent`` — no ``config.json`` — or the folder's status, the rounds it recorded)."""
+        last = self.recorded()
+        return ("absent", 0) if last is None else (last.status, 0 if pd.isna(last["round"]) else int(last["round"]))
+
     @property
     def finished(self) -> bool:
-        last = self.recorded()
-        return last is not None and last.status == "finished"
+        return self.state()[0] == "finished"
 
     @property
     def log_path(self) -> Path:
@@ -507,10 +492,10 @@ def prepare(run: PlannedRun) -> tuple[PlannedRun, int, Path | None]:
     """How a pending run starts: an interrupted one (``config.json``, no ``summary.json``) resumes
     from its checkpoint (``resume = true``; returns the rounds it recorded), any other folder is
     moved aside (returns where) and the run starts afresh."""
-    last = run.recorded()
-    if last is not None and last.status == "unfinished":
+    status, recorded = run.state()
+    if status == "unfinished":
         move_aside(run, log_only=True)
-        return replace(run, config={**run.config, "resume": True}), 0 if pd.isna(last["round"]) else int(last["round"]), None
+        return replace(run, config={**run.config, "resume": True}), recorded, None
     return run, 0, move_aside(run)
 
 
@@ -576,12 +561,10 @@ class Progress:
         with self.lock:
             for name, state in self.running.items():
                 try:
-                    last = state[0].recorded()
+                    state[3] = max(state[3], state[0].state()[1])
                 except RunsError:  # a row being appended right now: the next poll reads it
                     continue
-                if last is not None and not pd.isna(last["round"]):
-                    state[3] = int(last["round"])
-                    self.left[name] = int(state[0].config["num-server-rounds"]) - state[3]
+                self.left[name] = int(state[0].config["num-server-rounds"]) - state[3]
             self._refresh()
 
     def finished(self, run: PlannedRun, status: str, wall: float, reason: str = "") -> None:
@@ -632,23 +615,10 @@ class GridResult:
 
 
 def _entry(run: PlannedRun, status: str) -> dict[str, Any]:
-    return {
-        "run_name": run.run_name,
-        "run_dir": str(run.run_dir),
-        "status": status,
-        "params": run.params,
-        "seed": run.seed,
-        "paper": run.paper,
-        "config": run.config,
-        "wall_seconds": None,
-        "exit_code": None,
-        "error": None,
-        "log": None,
-        "moved_aside": None,
-        "resumed_after_round": None,
-        "started": None,
-        "finished": None,
-    }
+    return {"run_name": run.run_name, "run_dir": str(run.run_dir), "status": status, "params": run.params,
+            "seed": run.seed, "paper": run.paper, "config": run.config, "wall_seconds": None, "exit_code": None,
+            "error": None, "log": None, "moved_aside": None, "resumed_after_round": None, "started": None,
+            "finished": None}
 
 
 def _print_plan(spec: ExperimentSpec, runs: list[PlannedRun], experiment_dir: Path, parallel: int,
@@ -663,17 +633,13 @@ def _print_plan(spec: ExperimentSpec, runs: list[PlannedRun], experiment_dir: Pa
           f"{parallel} at a time{cap}", file=stream)
     counts = {"run": 0, "skip": 0, "resume": 0, "redo": 0}
     for run in runs:
-        last = run.recorded()
-        if last is not None and last.status == "finished":
-            action, why = "skip", "(finished: summary.json)"
-        elif last is not None and last.status == "unfinished":
-            rounds = 0 if pd.isna(last["round"]) else int(last["round"])
-            action, why = "resume", f"(interrupted after round {rounds}: resumes from its checkpoint)"
-        elif run.run_dir.exists():
-            state = last.status if last is not None else "no config.json"
-            action, why = "redo", f"({state}: would move it to {run.run_name}.incomplete-<UTC time>)"
-        else:
-            action, why = "run", ""
+        status, rounds = run.state()
+        action, why = {
+            "finished": ("skip", "(finished: summary.json)"),
+            "unfinished": ("resume", f"(interrupted after round {rounds}: resumes from its checkpoint)"),
+            "absent": ("redo", f"(no config.json: would move it to {run.run_name}.incomplete-<UTC time>)")
+            if run.run_dir.exists() else ("run", ""),
+        }.get(status, ("redo", f"({status}: would move it to {run.run_name}.incomplete-<UTC time>)"))
         counts[action] += 1
         paper = ""
         if run.paper:
@@ -736,20 +702,11 @@ def run_grid(
 
     def save() -> None:
         with grid_lock:
-            payload = {
-                "name": e.name,
-                "description": e.description,
-                "experiment": e.model_dump(by_alias=True),
-                "base": spec.base,
-                "grid": spec.grid,
-                "paper": spec.paper,
-                "app_dir": str(app_dir),
-                "parallel": parallel,
-                "updated": _now(),
-                "counts": {status: result.count(status) for status in
-                           ("done", "skipped", "failed", "planned", "running", "interrupted")},
-                "runs": result.runs,
-            }
+            counts = {status: result.count(status) for status in
+                      ("done", "skipped", "failed", "planned", "running", "interrupted")}
+            payload = {"name": e.name, "description": e.description, "experiment": e.model_dump(by_alias=True),
+                       "base": spec.base, "grid": spec.grid, "paper": spec.paper, "app_dir": str(app_dir),
+                       "parallel": parallel, "updated": _now(), "counts": counts, "runs": result.runs}
             write_atomic(experiment_dir / GRID_FILE, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
     tails: dict[str, deque[str]] = {}
@@ -796,9 +753,8 @@ def run_grid(
     progress = Progress(len(runs), len(runs) - len(pending), parallel, stream)
     try:
         for run in pending:
-            last = run.recorded()
-            progress.pending(run, int(last["round"]) if last is not None and last.status == "unfinished"
-                             and not pd.isna(last["round"]) else 0)
+            status, recorded = run.state()
+            progress.pending(run, recorded if status == "unfinished" else 0)
         progress.note(f"{e.name}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run, "
                       f"{parallel} at a time -> {experiment_dir}")
         save()
