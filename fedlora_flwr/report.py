@@ -137,7 +137,7 @@ def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -
         best_mean=("best", "mean"), best_std=("best", lambda s: s.std(ddof=0)), best_values=("best", list),
         final_mean=("final", "mean"), final_std=("final", lambda s: s.std(ddof=0)), data_dir=("data_dir", "first"),
     ).reset_index()
-    varying = [k for k in keys if k not in LABEL_KEYS and k != "paper_dataset" and table[k].map(_text).nunique() > 1]
+    varying = [k for k in _settings(table, keys) if k not in LABEL_KEYS and table[k].map(_text).nunique() > 1]
     label_keys = [*LABEL_KEYS, *varying]
     order = sorted(range(len(table)), key=lambda i: (
         *(_sort_value(table.at[i, k]) for k in ("dataset", "alpha", *varying)), _method_rank(table.at[i, "method"])))
@@ -148,6 +148,12 @@ def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -
     table["paper_source"] = [p.get("source", "") for p in papers]
     table["diff"] = table.best_mean - table.paper
     return table.drop(columns="data_dir"), keys, label_keys
+
+
+def _settings(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
+    """The keys that tell rows apart: every key but ``paper_dataset`` and a method's own keys held
+    constant (``lora-epochs`` only in FedLoRA's config.json: missing from other rows, one value)."""
+    return [k for k in keys if k != "paper_dataset" and (table[k].notna().all() or table[k].dropna().map(_text).nunique() > 1)]
 
 
 def _cell(row: pd.Series, key: str) -> str:
@@ -192,13 +198,13 @@ def _order(items: Sequence[tuple[str, float]]) -> str:
 
 def _clusters(table: pd.DataFrame, keys: Sequence[str]) -> list[pd.DataFrame]:
     """Rows that differ by method alone, in row order."""
-    others = [k for k in keys if k != "method"]
+    others = [k for k in _settings(table, keys) if k != "method"]
     ids = table[others].map(_text).apply(tuple, axis=1)
     return [table[ids == key] for key in dict.fromkeys(ids)]
 
 
 def _cluster_label(rows: pd.DataFrame, keys: Sequence[str]) -> str:
-    return " ".join(f"{k}={_cell(rows.iloc[0], k)}" for k in keys if k != "method")
+    return " ".join(f"{k}={_cell(rows.iloc[0], k)}" for k in keys if k != "method")  # label keys
 
 
 def ordering_lines(table: pd.DataFrame, keys: Sequence[str], label_keys: Sequence[str]) -> list[str]:
@@ -258,7 +264,8 @@ def _layout(table: pd.DataFrame, keys: Sequence[str], label_keys: Sequence[str])
     if len(clusters) <= MAX_PANELS:
         methods = sorted(set(table.method), key=_method_rank)
         color_of = {m: colormaps["tab10"](i % 10) for i, m in enumerate(methods)}
-        panels = [(textwrap.fill(" ".join(f"{k}={_cell(rows.iloc[0], k)}" for k in differing), 40), list(rows.index))
+        panels = [(textwrap.fill(" ".join(f"{k}={_cell(rows.iloc[0], k)}" for k in differing), 40, break_on_hyphens=False),
+                   list(rows.index))
                   for rows in clusters]
         return _Layout(panels, lambda i: color_of[table.at[i, "method"]], lambda i: table.at[i, "method"], common)
     differing = [k for k in label_keys if k not in shared]
@@ -296,7 +303,8 @@ def _finish(fig, axes, layout: _Layout | None, title: str, path: Path) -> Path:
         fig.legend(entries.values(), entries.keys(), fontsize="small", loc="outside right upper" if beside else
                    "outside lower center", ncols=1 if beside else min(len(entries), 6))
     text = title + (f"\n{layout.common}" if layout and layout.common else "")
-    fig.suptitle("\n".join(textwrap.fill(line, max(40, int(fig.get_figwidth() * 12))) for line in text.split("\n")))
+    width = max(40, int(fig.get_figwidth() * 12))
+    fig.suptitle("\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n")))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     write_atomic(path, buffer.getvalue())
@@ -324,7 +332,7 @@ def plot_curves(frame, table, keys, label_keys, path: Path) -> Path:
                 ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"],
                                 color=layout.color(i), alpha=0.2, linewidth=0)
         ax.set(title=title, xlabel="round", ylabel="mean client test accuracy (%)")
-    return _finish(fig, axes, layout, "Mean client accuracy per round (line: mean over seeds, band: ± std)", path)
+    return _finish(fig, axes, layout, "Mean client accuracy per round (mean over seeds ± std)", path)
 
 
 def plot_per_client(frame, table, keys, label_keys, path: Path, clients: pd.DataFrame) -> Path:
@@ -488,7 +496,8 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
 
     shown = shown_table(table, label_keys)
     ordering = ordering_lines(table, keys, label_keys)
-    common = ", ".join(f"{k}={_text(table.at[0, k])}" for k in keys if k not in label_keys and k != "paper_dataset")
+    common = ", ".join(f"{k}={_text(table[k].dropna().iloc[0])}" + ("" if table[k].notna().all() else " (where set)")
+                       for k in keys if k not in label_keys and k != "paper_dataset" and table[k].notna().any())
     footer = [f"{name} (%): {what} (`{column}` × 100 of each run)." for name, (column, what) in SELECTIONS.items()]
     footer += ["Best-by-validation is not reported: the clients hold no validation split.",
                ("best and final: mean ± std over the n seeds of a row, std the population standard deviation "
@@ -510,12 +519,15 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
 
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    csv = table[[*label_keys, "n", "seeds", "best_mean", "best_std", "best_values", "final_mean", "final_std", "paper",
-                 "paper_std", "diff", "paper_source", "runs"]].copy()
+    csv = table[["n", "seeds", "best_mean", "best_std", "best_values", "final_mean", "final_std", "paper", "paper_std",
+                 "diff", "paper_source", "runs"]].astype(object)
+    numbers = ["best_mean", "best_std", "final_mean", "final_std", "paper", "paper_std", "diff"]
+    csv[numbers] = csv[numbers].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     for column in ("seeds", "best_values", "runs"):
         csv[column] = csv[column].map(lambda values: " ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
                                                                   for v in values))
-    write_atomic(out / "table.csv", csv.to_csv(index=False, float_format="%.4f").encode("utf-8"))
+    csv = pd.concat([table[label_keys].map(lambda v: _text(v).replace("—", "")), csv], axis=1)
+    write_atomic(out / "table.csv", csv.to_csv(index=False).encode("utf-8"))
     write_atomic(out / "table.md", text.encode("utf-8"))
     write_atomic(out / "table.tex", shown.to_latex(index=False, escape=True, column_format="l" * len(shown.columns)).encode("utf-8"))
     files = [out / "table.md", out / "table.csv", out / "table.tex"]
