@@ -133,7 +133,7 @@ def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -
     runs = runs.sort_values(["seed", "run_dir"], key=lambda col: col.map(_sort_value))
     runs["data_dir"] = runs.get("data-dir", "")
     table = runs.groupby(keys, dropna=False, sort=False).agg(  # std: ddof=0, the paper does not say which
-        n=("best", "count"), seeds=("seed", list), runs=("run", list),
+        n=("best", "count"), seeds=("seed", list), runs=("run", list), run_dirs=("run_dir", list),
         best_mean=("best", "mean"), best_std=("best", lambda s: s.std(ddof=0)), best_values=("best", list),
         final_mean=("final", "mean"), final_std=("final", lambda s: s.std(ddof=0)), data_dir=("data_dir", "first"),
     ).reset_index()
@@ -232,9 +232,9 @@ def group_accuracy_table(frame: pd.DataFrame, table: pd.DataFrame, label_keys: S
     columns = sorted(c for c in frame.columns if c.startswith("acc_per_group."))
     if not columns:
         return None
-    best = frame[frame["round"] == frame["best_round"]].set_index("run")[columns] * 100
-    cells = {c.removeprefix("acc_per_group."): [_pm(best.loc[runs, c].mean(), best.loc[runs, c].std(ddof=0))
-                                                 for runs in table.runs] for c in columns}
+    best = frame[frame["round"] == frame["best_round"]].set_index("run_dir")[columns] * 100
+    cells = {c.removeprefix("acc_per_group."): [_pm(best.reindex(dirs)[c].mean(), best.reindex(dirs)[c].std(ddof=0))
+                                                 for dirs in table.run_dirs] for c in columns}
     return markdown(pd.concat([shown_table(table, label_keys)[list(label_keys)], pd.DataFrame(cells)], axis=1))
 
 
@@ -312,10 +312,10 @@ def _finish(fig, axes, layout: _Layout | None, title: str, path: Path) -> Path:
 
 
 def _per_round(frame: pd.DataFrame, runs: list[str], key: str) -> pd.DataFrame:
-    """Mean and std (ddof=0) over ``runs`` of ``key`` per round (rounds no run logged: left out)."""
+    """Mean and std (ddof=0) over ``runs`` (run folders) of ``key`` per round (rounds no run logged: left out)."""
     if key not in frame:
         return pd.DataFrame(columns=["mean", "std"])
-    rows = frame[frame.run.isin(runs)]
+    rows = frame[frame.run_dir.isin(runs)]
     values = pd.to_numeric(rows[key], errors="coerce")
     return values.groupby(rows["round"]).agg(["mean", lambda s: s.std(ddof=0)]).set_axis(["mean", "std"], axis=1).dropna(
         subset=["mean"])
@@ -326,7 +326,7 @@ def plot_curves(frame, table, keys, label_keys, path: Path) -> Path:
     fig, axes = _figure(len(layout.panels))
     for ax, (title, rows) in zip(axes, layout.panels, strict=True):
         for i in rows:
-            curve = _per_round(frame, table.at[i, "runs"], "acc_mean") * 100
+            curve = _per_round(frame, table.at[i, "run_dirs"], "acc_mean") * 100
             ax.plot(curve.index, curve["mean"], color=layout.color(i), label=f"{layout.label(i)} (n={table.at[i, 'n']})")
             if table.at[i, "n"] > 1:
                 ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"],
@@ -342,9 +342,9 @@ def plot_per_client(frame, table, keys, label_keys, path: Path, clients: pd.Data
         ids = sorted(set(clients.client))
         width = 0.8 / max(1, len(rows))
         for j, i in enumerate(rows):
-            run = table.at[i, "runs"][0]
-            best = frame.loc[frame.run == run, "best_round"].iloc[0]
-            acc = clients[(clients.run == run) & (clients["round"] == best)].set_index("client").acc.dropna() * 100
+            run = table.at[i, "run_dirs"][0]
+            best = frame.loc[frame.run_dir == run, "best_round"].iloc[0]
+            acc = clients[(clients.run_dir == run) & (clients["round"] == best)].set_index("client").acc.dropna() * 100
             name = layout.label(i)
             if len(ids) * len(rows) <= 240:
                 ax.bar(acc.index + (j - (len(rows) - 1) / 2) * width, acc, width=width, color=layout.color(i), label=name)
@@ -365,7 +365,7 @@ def _plot_series(frame, table, keys, label_keys, path: Path, key: str, scale: fl
     fig, axes = _figure(len(layout.panels))
     for ax, (panel, rows) in zip(axes, layout.panels, strict=True):
         for j, i in enumerate(rows):
-            curve = _per_round(frame, table.at[i, "runs"], key) * scale
+            curve = _per_round(frame, table.at[i, "run_dirs"], key) * scale
             label = layout.label(i) + (" (not logged)" if curve.empty else " (all 0)" if (curve["mean"] == 0).all() else "")
             ax.plot(curve.index, curve["mean"], color=layout.color(i), label=label, marker=MARKERS[j % len(MARKERS)],
                     markersize=7 - j % 3 * 2, markevery=max(1, len(curve) // 15))  # lines that coincide stay visible
@@ -398,7 +398,7 @@ def plot_partition(table: pd.DataFrame, frame: pd.DataFrame, path: Path, echo: C
 
     keys = ["dataset", "data-dir", "partition", "alpha", "classes-per-client", "train-per-client",
             "test-per-client", "num_clients"]
-    firsts = frame[frame.run.isin([runs[0] for runs in table.runs])].drop_duplicates("run")
+    firsts = frame[frame.run_dir.isin([dirs[0] for dirs in table.run_dirs])].drop_duplicates("run_dir")
     panels = []
     for _, run in firsts.drop_duplicates([k for k in keys if k in firsts]).head(MAX_PANELS).iterrows():
         dataset, data_dir = str(run["dataset"]), str(run.get("data-dir", ""))
