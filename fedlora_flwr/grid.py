@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from fedlora_flwr.config import ConfigError, flower_run_config, load_config
-from fedlora_flwr.paper import META_KEYS, matches
+from fedlora_flwr.paper import META_KEYS, entry_problem, matches
 from fedlora_flwr.runs import RunsError, load_runs
 from fedlora_flwr.store import write_atomic
 
@@ -135,15 +135,8 @@ class ExperimentSpec(BaseModel):
     @classmethod
     def _paper_numbers(cls, rows: list[dict[str, Scalar]]) -> list[dict[str, Scalar]]:
         for number, row in enumerate(rows, start=1):
-            for key in ("acc", "std"):
-                value = row.get(key)
-                if key == "acc" and value is None:
-                    raise ValueError(f"row {number}: acc is missing")
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise ValueError(f"row {number}: {key}={value!r} is not a number")
-            for key in ("note", "table", "source"):
-                if not isinstance(row.get(key, ""), str):
-                    raise ValueError(f"row {number}: {key} must be text")
+            if entry_problem(row):
+                raise ValueError(f"row {number}: {entry_problem(row)}")
         return rows
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["META_KEYS", "PAPER_SOURCE", "PAPER_TABLE1", "matches", "paper_dataset", "paper_entry"]
+__all__ = ["META_KEYS", "PAPER_SOURCE", "PAPER_TABLE1", "entry_problem", "matches", "paper_dataset", "paper_entry"]
 
 PAPER_SOURCE = (
     "FedLoRA paper (../shared/papers/fedlora.txt), Table 1: Dirichlet non-IID, N = 40 clients, "
@@ -129,6 +129,19 @@ PAPER_TABLE1: dict[tuple[str, str, float], tuple[float, float]] = {
 
 #: Keys of an entry that are not config keys.
 META_KEYS = frozenset({"acc", "std", "source", "note", "table"})
+
+
+def entry_problem(entry: Mapping[str, Any]) -> str | None:
+    """Why ``entry`` is not an entry (``acc`` a number, ``std`` a number if given, ``note``,
+    ``table`` and ``source`` text, at least one config key), or None."""
+    for key in ("acc", "std"):
+        value = entry.get(key)
+        if (key == "acc" or value is not None) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key} must be a number (%), not {value!r}"
+    for key in ("note", "table", "source"):
+        if not isinstance(entry.get(key, ""), str):
+            return f"{key} must be text"
+    return None if set(entry) - META_KEYS else "names no config key to match"
 
 
 def paper_dataset(config: Mapping[str, Any]) -> str:

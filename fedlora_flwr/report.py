@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from fedlora_flwr.config import OPERATIONAL_KEYS
-from fedlora_flwr.paper import META_KEYS, PAPER_SOURCE, paper_dataset, paper_entry
+from fedlora_flwr.paper import PAPER_SOURCE, entry_problem, paper_dataset, paper_entry
 from fedlora_flwr.runs import RunsError, load_client_accuracies, load_runs
 from fedlora_flwr.store import write_atomic
 
@@ -79,12 +79,8 @@ def load_paper_spec(path: str | Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ReportError(f"--spec: {path}: 'paper' must be an array of tables ([[paper]])")
     for number, entry in enumerate(entries, 1):
-        for key, required in (("acc", True), ("std", False)):
-            value = entry.get(key)
-            if (required or value is not None) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-                raise ReportError(f"--spec: {path}: [[paper]] entry {number} needs a number '{key}' (in %)")
-        if not set(entry) - META_KEYS:
-            raise ReportError(f"--spec: {path}: [[paper]] entry {number} names no config key to match")
+        if entry_problem(entry):
+            raise ReportError(f"--spec: {path}: [[paper]] entry {number}: {entry_problem(entry)}")
         entry["source"] = f"spec {path.name}"
     return entries
 

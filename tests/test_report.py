@@ -208,7 +208,7 @@ def test_cli_report_and_its_errors(two_methods, tmp_path, capsys):
     bad_spec.write_text("[[paper]]\nmethod = 'fedlora'\nstd = 1.0\n")  # no acc
     args = _cli(["report", str(two_methods), "--spec", str(bad_spec)])
     assert args.func(args) == 2
-    assert "[[paper]] entry 1 needs a number 'acc'" in capsys.readouterr().err
+    assert "[[paper]] entry 1: acc must be a number (%), not None" in capsys.readouterr().err
 
     args = _cli(["report", str(two_methods), "--spec", str(tmp_path / "nope.toml")])
     assert args.func(args) == 2
