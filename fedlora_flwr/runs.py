@@ -128,7 +128,8 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         (``num_clients``, ``best_acc_mean``, ``best_round``, ``final_acc_mean``, ``wall_seconds``,
         ``failure``, ``reason``, … ; missing before the run ends); and the ``metrics.jsonl`` fields
         of the round (``round``, ``acc_mean``, ``bytes_up``, … ; ``acc_per_group.<group>`` for a
-        ``model-family`` run). Per-client accuracies: :func:`load_client_accuracies`. A run that
+        ``model-family`` run; ``participants`` is left out). Per-client accuracies (``acc_per_client``):
+        :func:`load_client_accuracies`. A run that
         recorded no round has one row with ``round`` missing. Sorted by ``run_dir`` and ``round``;
         ``attrs["config_columns"]`` lists the config keys.
 
