@@ -549,6 +549,17 @@ def test_cli_invalid_spec_exits_2_with_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and err.startswith("fedlora-flwr grid: ") and "[grid] alpha=0.0" in err
 
 
+def test_cli_a_corrupt_run_folder_exits_2_with_one_line_naming_the_file(tmp_path, capsys):
+    run_dir = tmp_path / "out" / "tiny" / TINY_NAMES[0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "acc\n')
+    assert main(["grid", str(_spec_file(tmp_path)), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedlora-flwr grid: {run_dir / 'metrics.jsonl'} line 2: not JSON (Unterminated string starting at: " \
+                  "line 1 column 14 (char 13))"
+
+
 def test_cli_usage(capsys):
     assert main(["grid", "--help"]) == 0
     assert "--dry-run" in capsys.readouterr().out
