@@ -269,35 +269,39 @@ def _layout(table: pd.DataFrame, keys: Sequence[str], label_keys: Sequence[str])
                    lambda i: " ".join(f"{k}={_cell(table.iloc[i], k)}" for k in differing), common)
 
 
-def _figure(n_panels: int, width: float = 5.5, height: float = 4.0):
+def _figure(n_panels: int, width: float = 5.5, height: float = 4.0, sharey: bool = True):
+    """Panels in rows of three (one y-axis for all, so that settings compare at a glance)."""
     from matplotlib.figure import Figure
 
     ncols = min(3, n_panels)
     nrows = math.ceil(n_panels / ncols)
+    width = max(width, 8.0) if n_panels == 1 else width  # room for the legend's columns below it
     fig = Figure(figsize=(width * ncols, height * nrows + 0.8), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=sharey).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, list(axes[:n_panels])
 
 
 def _finish(fig, axes, layout: _Layout | None, title: str, path: Path) -> Path:
-    """One legend for the figure, outside the panels (below them; beside one panel of many lines),
-    the wrapped title and the settings every row shares, then the PNG, written atomically. No
-    ``layout``: no legend."""
+    """One legend for the figure, below the panels (as many columns as its labels fit), the wrapped
+    title and the settings every row shares, then the PNG, written atomically. No ``layout``: no
+    legend."""
     import io
 
     from matplotlib.ticker import MaxNLocator
 
     if layout is not None:
         entries = {}
-        for ax in axes:
+        for number, ax in enumerate(axes):
+            if number % 3:  # the y-axis is shared: its label once per row
+                ax.set_ylabel("")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             entries.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels(), strict=True))
-        beside = len(layout.panels) == 1 and len(entries) > 4
-        fig.legend(entries.values(), entries.keys(), fontsize="small", loc="outside right upper" if beside else
-                   "outside lower center", ncols=1 if beside else min(len(entries), 6))
+        fits = int(fig.get_figwidth() * 13 // (max(map(len, entries)) + 6))  # ~13 small characters per inch
+        fig.legend(entries.values(), entries.keys(), fontsize="small", loc="outside lower center",
+                   ncols=max(1, min(len(entries), 6, fits)))
     text = title + (f"\n{layout.common}" if layout and layout.common else "")
     width = max(40, int(fig.get_figwidth() * 12))
     fig.suptitle("\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in text.split("\n")))
@@ -346,14 +350,15 @@ def plot_per_client(frame, table, keys, label_keys, path: Path, clients: pd.Data
                 ax.bar(acc.index + (j - (len(rows) - 1) / 2) * width, acc, width=width, color=layout.color(i), label=name)
             else:
                 ax.plot(acc.index, acc, linewidth=0.8, color=layout.color(i), label=name)
-            ax.axhline(acc.mean(), color=layout.color(i), linestyle="--", linewidth=1)
+            if len(rows) <= 4:  # more mean lines than that only hide the bars
+                ax.axhline(acc.mean(), color=layout.color(i), linestyle="--", linewidth=1)
         ax.set(title=title, xlabel="client (partition id)", ylabel="test accuracy at the best round (%)", ylim=(0, 100))
         ax.set_yticks(range(0, 101, 20))
         if len(ids) <= 40:
             ax.set_xticks(ids)
             ax.tick_params(axis="x", labelsize="x-small")
     return _finish(fig, axes, layout, "Per-client test accuracy at each run's best round, first seed of each row "
-                   "(paper Fig. 7; dashed: mean over clients)", path)
+                   "(paper Fig. 7; dashed, up to 4 rows a panel: mean over clients)", path)
 
 
 def _plot_series(frame, table, keys, label_keys, path: Path, key: str, scale: float, ylabel: str, title: str) -> Path:
@@ -416,7 +421,8 @@ def plot_partition(table: pd.DataFrame, frame: pd.DataFrame, path: Path, echo: C
     if not panels:
         echo("partition.png: skipped (no partition could be recomputed)")
         return None
-    fig, axes = _figure(len(panels), width=5.0, height=max(3.5, 0.22 * max(p[2].shape[0] for p in panels) + 1.5))
+    fig, axes = _figure(len(panels), width=5.0, height=max(3.5, 0.22 * max(p[2].shape[0] for p in panels) + 1.5),
+                        sharey=False)
     for ax, (run, cfg, counts) in zip(axes, panels, strict=True):
         clients, classes = np.nonzero(counts)
         ax.scatter(classes, clients, s=counts[clients, classes] / counts.max() * 250, color="tab:red", alpha=0.7,
