@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from runfolders import fake_run
 
-from fedlora_flwr.paper import PAPER_TABLE1
+from fedlora_flwr.paper import PAPER_TABLE1, matches, paper_entry
 from fedlora_flwr.report import make_report, register, run_table
 from fedlora_flwr.runs import load_runs
 
@@ -213,3 +213,18 @@ def test_cli_report_and_its_errors(two_methods, tmp_path, capsys):
     args = _cli(["report", str(two_methods), "--spec", str(tmp_path / "nope.toml")])
     assert args.func(args) == 2
     assert "--spec: cannot read" in capsys.readouterr().err
+
+
+def test_one_paper_matcher_for_the_grid_and_the_report():
+    """fedlora_flwr.paper: every named key equal (numbers as numbers, booleans strictly), npz with a
+    cifar10 file is cifar10, the most specific entry wins, then the built-in Table 1."""
+    config = {"method": "fedlora", "dataset": "npz", "data-dir": "/x/cifar10.npz", "alpha": 0.1, "resume": False}
+    assert matches({"method": "fedlora", "dataset": "cifar10", "acc": 1}, config)
+    assert matches({"dataset": "npz", "alpha": 0.1000000000001, "acc": 1}, config)
+    assert not matches({"method": "fedlora", "dataset": "cifar100", "acc": 1}, config)
+    assert not matches({"resume": 0, "acc": 1}, config) and not matches({"rank-conv": 0.6, "acc": 1}, config)
+    entries = [{"method": "fedlora", "acc": 1.0}, {"method": "fedlora", "alpha": 0.1, "acc": 2.0}]
+    assert paper_entry(config, entries)["acc"] == 2.0
+    assert paper_entry(config) == {"method": "fedlora", "dataset": "cifar10", "alpha": 0.1, "acc": 85.47, "std": 2.06,
+                                   "source": "paper Table 1"}
+    assert paper_entry({**config, "dataset": "synthetic"}) is None
