@@ -1,4 +1,4 @@
-"""Run outputs: the contract of DESIGN.md §4 (other tools read it; extend, don't break).
+"""Run outputs: the contract of docs/concepts/outputs.md (other tools read it; extend, don't break).
 
 ``<output-dir>/<run-name>/`` holds ``config.json`` (the validated config, every key),
 ``metrics.jsonl`` (one object per round), ``summary.json`` and ``shared.safetensors`` (the

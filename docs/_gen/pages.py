@@ -5,13 +5,16 @@ Nothing here restates what the code says: every page is built from
 - ``fedlora_flwr.methods.registry()``: each :class:`Method`'s client docstring (the method's math,
   numpy-style), its ``params`` pydantic model (key, type, default, bounds, description), its
   strategy and its ``requires``;
-- ``fedlora_flwr.config.RunConfig.model_fields``: every core run-config key.
+- ``fedlora_flwr.config.RunConfig.model_fields``: every core run-config key;
+- a hand-written page's ``<!-- docstring: module.or.object -->`` line becomes that object's
+  docstring (the concept pages quote the modules that implement each concept).
 
 ``docs/_gen/nav.py`` (a MkDocs hook) lists the same method pages in the nav.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import typing
@@ -223,7 +226,39 @@ def methods_table(methods: dict[str, Method]) -> str:
     return "\n".join(out) + "\n"
 
 
+_MARKER = re.compile(r"^<!-- docstring: ([\w.]+) -->$", re.M)
+
+
+def docstring_of(dotted: str) -> str:
+    """The docstring of a module, or of an object in one (``package.module.Object``), as Markdown."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            obj = getattr(obj, name)
+        doc = inspect.getdoc(obj)
+        if not doc:
+            raise ValueError(f"docs: {dotted} has no docstring")
+        return f"*From the docstring of `{dotted}`:*\n\n" + rst_to_markdown(doc)
+    raise ValueError(f"docs: cannot import {dotted}")
+
+
+def expand_docstring_markers() -> None:
+    for file in mkdocs_gen_files.files:
+        if not file.src_uri.endswith(".md"):
+            continue
+        with mkdocs_gen_files.open(file.src_uri, "r") as page:
+            text = page.read()
+        if _MARKER.search(text):
+            with mkdocs_gen_files.open(file.src_uri, "w") as page:
+                page.write(_MARKER.sub(lambda match: docstring_of(match.group(1)), text))
+
+
 def main() -> None:
+    expand_docstring_markers()
     methods = registry()
     for method in methods.values():
         with mkdocs_gen_files.open(f"methods/{method.name}.md", "w") as page:
