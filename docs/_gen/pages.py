@@ -140,14 +140,21 @@ def requirements_text(method: Method) -> list[str]:
     return lines
 
 
+def first_paragraph(cls: type) -> str:
+    """The first paragraph of a class's own docstring, else of its module's (a class may rely on it)."""
+    doc = cls.__dict__.get("__doc__") or getattr(inspect.getmodule(cls), "__doc__", None) or ""
+    return " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+
+
 def method_page(method: Method) -> str:
     client = method.client
     summary, body, documented = split_docstring(client.__doc__ or "")
-    strategy_summary = " ".join(inspect.cleandoc(method.strategy.__doc__ or "").split("\n\n")[0].split())
+    strategy_summary = first_paragraph(method.strategy)
     out = [f"# `{method.name}`", "", rst_to_markdown(summary), ""]
     out += ["| | |", "|---|---|",
             f"| client | `{qualified(client)}` |",
-            f"| strategy | `{qualified(method.strategy)}`: {cell(rst_to_markdown(strategy_summary))} |",
+            f"| strategy | `{qualified(method.strategy)}`{': ' if strategy_summary else ''}"
+            f"{cell(rst_to_markdown(strategy_summary))} |",
             f"| own keys | `{qualified(method.params)}` |",
             f"| needs | {cell('; '.join(requirements_text(method)))} |", ""]
     out += ["*Generated from the method's client docstring and parameter model "
