@@ -62,6 +62,9 @@ def rst_to_markdown(text: str) -> str:
             body = inspect.cleandoc("\n".join(block))
             out += ["", "```text", body, "```", ""]
             continue
+        # Markdown starts a list only after a blank line; reST docstrings often omit it.
+        if line.startswith("- ") and out and out[-1].strip() and not out[-1].startswith(("- ", " ")):
+            out.append("")
         out.append(line)
         i += 1
     return "\n".join(out)
