@@ -135,7 +135,7 @@ class RunConfig(Settings):
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
 
-    # Text data and pretrained image backbones (README "Text").
+    # Text data and pretrained image backbones (docs/guide/text.md).
     max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
     backbone: str = Field("", description="safetensors of an image model's weights (e.g. a fedavg run's "
                           "shared.safetensors), frozen under the methods that fine-tune a pretrained model; \"\": none")
