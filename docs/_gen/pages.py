@@ -241,6 +241,16 @@ _MARKER = re.compile(r"^<!-- docstring: ([\w.]+) -->$", re.M)
 
 def docstring_of(dotted: str) -> str:
     """The docstring of a module, or of an object in one (``package.module.Object``), as Markdown."""
+    doc = inspect.getdoc(import_object(dotted))
+    if not doc:
+        raise ValueError(f"docs: {dotted} has no docstring")
+    return f"*From the docstring of `{dotted}`:*\n\n" + rst_to_markdown(doc)
+
+
+_MEMBERS = re.compile(r"^<!-- members: ([\w.]+)(?:: ([\w, ]+))? -->$", re.M)
+
+
+def import_object(dotted: str) -> Any:
     parts = dotted.split(".")
     for cut in range(len(parts), 0, -1):
         try:
@@ -249,11 +259,23 @@ def docstring_of(dotted: str) -> str:
             continue
         for name in parts[cut:]:
             obj = getattr(obj, name)
-        doc = inspect.getdoc(obj)
-        if not doc:
-            raise ValueError(f"docs: {dotted} has no docstring")
-        return f"*From the docstring of `{dotted}`:*\n\n" + rst_to_markdown(doc)
+        return obj
     raise ValueError(f"docs: cannot import {dotted}")
+
+
+def members_table(dotted: str, names: str | None) -> str:
+    """A table of a class's methods (its own public ones, or ``names``) with signature and docstring."""
+    cls = import_object(dotted)
+    chosen = ([name.strip() for name in names.split(",")] if names else
+              [name for name, value in vars(cls).items() if inspect.isfunction(value) and not name.startswith("_")])
+    out = [f"*Generated from `{dotted}`.*", "", "| hook | what it does |", "|---|---|"]
+    for name in chosen:
+        function = getattr(cls, name)
+        arguments = [parameter.name for parameter in inspect.signature(function).parameters.values()
+                     if parameter.name not in ("self", "cls")]
+        doc = inspect.getdoc(function) or ""
+        out.append(f"| `{name}({', '.join(arguments)})` | {cell(rst_to_markdown(doc))} |")
+    return "\n".join(out)
 
 
 def expand_docstring_markers() -> None:
@@ -262,9 +284,11 @@ def expand_docstring_markers() -> None:
             continue
         with mkdocs_gen_files.open(file.src_uri, "r") as page:
             text = page.read()
-        if _MARKER.search(text):
+        if _MARKER.search(text) or _MEMBERS.search(text):
+            text = _MARKER.sub(lambda match: docstring_of(match.group(1)), text)
+            text = _MEMBERS.sub(lambda match: members_table(match.group(1), match.group(2)), text)
             with mkdocs_gen_files.open(file.src_uri, "w") as page:
-                page.write(_MARKER.sub(lambda match: docstring_of(match.group(1)), text))
+                page.write(text)
 
 
 def main() -> None:
