@@ -1,7 +1,7 @@
 """Reports: finished run folders -> the paper's table layout (Markdown + CSV) and PNG plots.
 
 ``fedlora-flwr report ROOT [--spec SPEC.toml] [--out DIR]`` reads every run folder under ROOT
-(DESIGN.md §4: ``config.json``, ``metrics.jsonl``, ``summary.json``; folders without
+(docs/concepts/outputs.md: ``config.json``, ``metrics.jsonl``, ``summary.json``; folders without
 ``summary.json`` are unfinished and skipped) and writes to ``--out`` (default ``ROOT/report``):
 
 - ``table.md`` / ``table.csv``: one row per configuration, mean ± std over its seeds of
