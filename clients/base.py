@@ -87,6 +87,8 @@ class MethodClient:
         return model
 
     def schedule(self) -> list[Phase]:
+        """The local schedule: ordered phases, each training some groups for epochs or steps with its
+        own optimizer (default: shared and personal together for ``local-epochs`` epochs)."""
         return [Phase(groups=("shared", "personal"), epochs=self.config.local_epochs)]
 
     # ------------------------------------------------------------------ exchange and storage

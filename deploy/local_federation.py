@@ -14,7 +14,7 @@ run``'s (0: finished; see ``fedlora_flwr.exits``), or 124 after ``--timeout``. F
 ``keys/``). Relative ``data-dir``/``output-dir`` are taken from the current directory.
 
 ``certs`` writes the test CA, a server certificate for ``--hosts`` and ``--nodes`` SuperNode key
-pairs, for the commands of the README's "Deploy a real federation" section.
+pairs, for the commands of docs/deploy.md ("Deploy a real federation").
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
 """The ClientApp shared by every method (Flower Message API).
 
 Per message: validate the run config, build the method's model (seeded, so σ and the random
-``lora_A`` start identical on every client, METHODS.md A.2), load the received shared tensors and
-this client's personal tensors from the on-disk store, then
+``lora_A`` start identical on every client; docs/methods/fedlora.md), load the received shared
+tensors and this client's personal tensors from the on-disk store, then
 
 - ``train``: run the method's schedule, save the personal tensors, reply with what the method
   uploads (its shared tensors by default);
 - ``evaluate``: evaluate the model (received σ̄ + own τ_i for FedLoRA) on the client's own test
-  split, after aggregation (METHODS.md A.6). With ``fused-evaluation`` a train message may name
-  the previous round (``evaluate-round``): the client first evaluates that round exactly as an
-  evaluate message would, then trains, and replies with both.
+  split, after aggregation (as FedDecomp's ``src/server.py``; docs/concepts/strategies.md). With
+  ``fused-evaluation`` a train message may name the previous round (``evaluate-round``): the client
+  first evaluates that round exactly as an evaluate message would, then trains, and replies with both.
 
 The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent. A message
 names the last round the server recorded this client training in (``last-trained-round``): when

@@ -89,24 +89,35 @@ class RunConfig(Settings):
 
     method: str = Field("fedlora", description="a registered method (fedlora_flwr.methods), built in or from an "
                         "installed package's `fedlora_flwr.methods` entry point")
-    dataset: str = "cifar10"
+    dataset: str = Field("cifar10", description="cifar10, cifar100 (torchvision: downloaded into data-dir when online, "
+                         "else read from it), tiny-imagenet (the official tiny-imagenet-200/ folder in data-dir; val = "
+                         "test), npz (a file with x_train, y_train, x_test, y_test, uint8 HWC), synthetic (offline, for "
+                         "tests), agnews (text: a local agnews.jsonl.gz, or Hugging Face ag_news when online)")
     data_dir: str = operational("data", "the dataset's folder or file")
-    partition: Literal["dirichlet", "pathological", "iid"] = "dirichlet"
+    partition: Literal["dirichlet", "pathological", "iid"] = Field(
+        "dirichlet", description="dirichlet: q ~ Dir(α) per client, fixed sizes, test drawn with the same q (the "
+        "FedLoRA paper's protocol); pathological: classes-per-client classes per client; iid")
     alpha: float = Field(0.1, gt=0, description="Dirichlet concentration α")
     classes_per_client: int = Field(2, ge=1, description="k for the pathological partition")
-    train_per_client: int = Field(500, ge=1)
-    test_per_client: int = Field(100, ge=1)
-    model: str = "resnet8"
+    train_per_client: int = Field(500, ge=1, description="training samples per client")
+    test_per_client: int = Field(100, ge=1, description="test samples per client (drawn with its train distribution)")
+    model: str = Field("resnet8", description="resnet8, resnet10, cnn (small and fast), cnn-1 … cnn-5 (pFedLoRA's "
+                       "heterogeneous CNNs); text: minilm (pretrained all-MiniLM-L6-v2), hf:<name> (a Hugging Face "
+                       "encoder), transformer-small (FedLoRA's Table 6 Transformer, from scratch)")
     model_family: str = Field("", description="when set, client k builds member k mod n of this family; `model` is unused")
-    num_server_rounds: int = Field(3, ge=1, description="T")
-    local_epochs: int = Field(5, ge=1, description="E")
-    batch_size: int = Field(100, ge=1, description="B")
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    aggregation: Literal["auto", "mean", "weighted"] = "auto"
-    partial_average: Literal["participants", "all-clients"] = "participants"
-    seed: int = Field(1, ge=0, lt=2**32, description="numpy RandomState range")
+    num_server_rounds: int = Field(3, ge=1, description="T: rounds (the FedLoRA paper: 300)")
+    local_epochs: int = Field(5, ge=1, description="E: local epochs per round")
+    batch_size: int = Field(100, ge=1, description="B: mini-batch size")
+    lr: float = Field(0.1, gt=0, description="SGD learning rate (optimizers are rebuilt every phase and round)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="fraction of clients trained per round (all clients "
+                                  "evaluate), sampled by partition id with the seed and the round")
+    aggregation: Literal["auto", "mean", "weighted"] = Field(
+        "auto", description="mean: unweighted (FedLoRA eq. 8); weighted: by training samples; auto: the method's own rule")
+    partial_average: Literal["participants", "all-clients"] = Field(
+        "participants", description="the mean over the round's participants, or over all N clients with absent ones "
+        "holding the previous aggregate (FedDecomp's code)")
+    seed: int = Field(1, ge=0, lt=2**32, description="partition, model init, batch order and client sampling")
     output_dir: str = operational("outputs", "where run folders are written")
     run_name: str = operational("", "the run folder's name; \"\": <method>-<dataset>-<model>-a<alpha>-s<seed>-<time>")
     resume: bool = operational(False, "continue run-name in output-dir from its last checkpoint")
@@ -124,7 +135,7 @@ class RunConfig(Settings):
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
 
-    # Text data and pretrained image backbones (README "Text").
+    # Text data and pretrained image backbones (docs/guide/text.md).
     max_seq_length: int = Field(128, ge=2, description="tokens per text sample (truncated / padded)")
     backbone: str = Field("", description="safetensors of an image model's weights (e.g. a fedavg run's "
                           "shared.safetensors), frozen under the methods that fine-tune a pretrained model; \"\": none")

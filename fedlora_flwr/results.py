@@ -1,4 +1,4 @@
-"""Run outputs: the contract of DESIGN.md §4 (other tools read it; extend, don't break).
+"""Run outputs: the contract of docs/concepts/outputs.md (other tools read it; extend, don't break).
 
 ``<output-dir>/<run-name>/`` holds ``config.json`` (the validated config, every key),
 ``metrics.jsonl`` (one object per round), ``summary.json`` and ``shared.safetensors`` (the
@@ -279,7 +279,8 @@ class RunRecorder:
 
     def finish(self, shared: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Write ``shared.safetensors`` (the final aggregate) and ``summary.json`` with
-        ``"status": "finished"``: best round (ties go to the later round, METHODS.md A.6) and totals."""
+        ``"status": "finished"``: best round (ties go to the later round, as FedDecomp's ``src/server.py``;
+        docs/concepts/outputs.md) and totals."""
         write_safetensors_atomic(self.run_dir / SHARED_FILE, shared, {"method": self.config.method})
         summary = self._write_summary({"status": FINISHED})
         log(INFO, "[fedlora-flwr] finished: best acc_mean %s at round %s; outputs in %s",

@@ -1,4 +1,4 @@
-"""Personal-state store: what a client keeps between rounds, on disk (DESIGN.md §1).
+"""Personal-state store: what a client keeps between rounds, on disk (docs/concepts/state-store.md).
 
 Flower re-creates the ClientApp for every message and ``context.state`` lives in memory only, so
 each client's personal tensors (FedLoRA's τ_i, a Local client's whole model, ...) live in one

@@ -7,8 +7,9 @@ the server averages whatever keys arrive:
   float64 over the replies sorted by partition id (bit-for-bit reproducible whatever the arrival
   order) and cast back to each tensor's dtype (integer BN counters are rounded);
 - with ``partial_average = "all-clients"`` the mean is taken over all N clients, absent ones
-  holding the previous σ̄, as FedDecomp's code does (METHODS.md A.5);
-- every round, after aggregation, every connected client evaluates (METHODS.md A.6).
+  holding the previous σ̄, as FedDecomp's ``src/server.py`` does (docs/concepts/strategies.md);
+- every round, after aggregation, every connected client evaluates (as FedDecomp's ``src/server.py``;
+  docs/concepts/strategies.md).
 
 :class:`PersonalizedStrategy` is a Flower ``Strategy`` built from plain keyword arguments and
 composed of parts with one job each:

@@ -1,6 +1,6 @@
 """ServerApp + ClientApp end to end, in process (tests/inprocess.py): output contract and FL invariants.
 
-DESIGN.md §4 (run folder contract); FedLoRA (σ̄ the unweighted mean, every client evaluates after
+docs/concepts/outputs.md (run folder contract); FedLoRA (σ̄ the unweighted mean, every client evaluates after
 aggregation), FedAvg (all clients identical) and Local (nothing sent) as their clients document.
 """
 

@@ -1,6 +1,6 @@
 """A ``flwr run`` simulation on a Ray cluster started beforehand, attached through ``RAY_ADDRESS``.
 
-This is the README's multi-machine recipe on one machine: ``ray start --head``, then a SuperLink
+This is the multi-machine recipe of docs/guide/scale.md on one machine: ``ray start --head``, then a SuperLink
 whose environment holds ``RAY_ADDRESS`` (Flower 1.41's Ray backend calls ``ray.init()`` without an
 address, so Ray reads the variable), then ``flwr run``. The head runs in its own process group and
 temp dir; it and everything below it are stopped by PID, never with ``ray stop``.

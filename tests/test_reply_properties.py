@@ -44,7 +44,7 @@ def _is_finite(value) -> bool:
 
 
 def _train_ok(metrics: dict, pid: int) -> bool:
-    """The rules of a train reply's metrics (README "Failures"), restated."""
+    """The rules of a train reply's metrics (docs/concepts/strategies.md, "Reply checks"), restated."""
     examples, samples = metrics.get("num-examples"), metrics.get("train-samples")
     return (metrics.get("partition-id") == pid and _is_int(metrics.get("partition-id"))
             and _is_int(examples) and 1 <= examples <= TRAIN_MAX

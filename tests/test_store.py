@@ -1,4 +1,4 @@
-"""Personal-state store (fedlora_flwr.store, DESIGN.md §1): atomic per-client safetensors files."""
+"""Personal-state store (fedlora_flwr.store, docs/concepts/state-store.md): atomic per-client safetensors files."""
 
 from __future__ import annotations
 
