@@ -107,13 +107,14 @@ def _text(value: Any) -> str:
 
 
 def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Group finished runs (one row each, :func:`load_runs` columns) into the report's rows.
+    """Group finished runs (one row each, :func:`load_runs` columns and ``attrs``) into the report's rows.
 
     Returns
     -------
     (table, keys, label_keys)
         ``table``: one row per configuration (sorted: dataset, alpha, the other label keys, method
-        in the paper's order) with the config ``keys``, ``n``, ``seeds``, ``runs``, ``best_mean``,
+        in the paper's order) with the config ``keys``, ``n``, ``seeds``, ``runs`` (names),
+        ``run_dirs`` (folders), ``best_mean``,
         ``best_std``, ``best_values``, ``final_mean``, ``final_std`` (%), ``paper``, ``paper_std``,
         ``paper_source`` and ``diff`` (best − paper); ``label_keys``: method, dataset, alpha and
         the keys that differ between rows.
