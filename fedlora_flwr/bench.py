@@ -68,6 +68,7 @@ from fedlora_flwr.data import PartitionConfig, load_dataset, partition_dataset
 from fedlora_flwr.grid import app_defaults, default_app_dir
 from fedlora_flwr.methods import get_method, registry
 from fedlora_flwr.models import MODEL_FAMILIES
+from fedlora_flwr.runs import load_runs
 from fedlora_flwr.store import write_atomic
 from fedlora_flwr.superlink import LocalSuperLink
 from fedlora_flwr.text_models import is_text_model
@@ -105,8 +106,9 @@ def _simulate(
     link: LocalSuperLink, overrides: dict[str, Any], num_clients: int, client_cpus: int, client_gpus: float = 0.0,
     sample_memory: bool = False, sample_gpu: bool = False,
 ) -> dict[str, Any]:
-    """One ``flwr run``; returns wall time, per-round metrics and (optionally) the peak memory of
-    the process tree, or the peak rise of the GPU memory in use."""
+    """One ``flwr run``; returns wall time, per-round metrics (:func:`~fedlora_flwr.runs.load_runs`'s
+    frame) and (optionally) the peak memory of the process tree, or the peak rise of the GPU memory
+    in use."""
     out = Path(overrides["output-dir"]) / overrides["run-name"]
     peak = {"rss": 0, "pss": 0, "gpu": 0}
     baseline = _gpu_used() if sample_gpu else 0
@@ -138,15 +140,14 @@ def _simulate(
     done.set()
     if sample_memory or sample_gpu:
         sampler.join()
-    if code != 0 or not (out / "summary.json").is_file():
+    metrics = load_runs(out) if (out / "config.json").is_file() else None
+    if code != 0 or metrics is None or metrics.status.iloc[0] != "finished":
         raise RuntimeError(f"benchmark run {out.name} failed (exit {code}):\n{log[-3000:]}")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Round t lasts from round t-1's aggregation to its own (its train messages and the evaluation
     # before them, fused or not); the last evaluation is in the total, elapsed_s of the last row.
-    aggregated = [m["train_elapsed_s"] for m in metrics]
-    round_seconds = [b - a for a, b in zip([0.0, *aggregated[:-1]], aggregated, strict=True)]
-    result = {"wall_s": round(wall, 2), "round_s": [round(s, 2) for s in round_seconds],
-              "rounds_s": metrics[-1]["elapsed_s"], "metrics": metrics}
+    round_seconds = metrics["train_elapsed_s"].diff().fillna(metrics["train_elapsed_s"])
+    result = {"wall_s": round(wall, 2), "round_s": [round(float(s), 2) for s in round_seconds],
+              "rounds_s": float(metrics["elapsed_s"].iloc[-1]), "metrics": metrics}
     if sample_memory:
         result["peak_rss_mib"] = round(peak["rss"] / 2**20, 1)
         result["peak_pss_mib"] = round(peak["pss"] / 2**20, 1)
@@ -335,7 +336,7 @@ def bench_paper(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "client_cpus": client_cpus, "client_gpus": client_gpus, "wall_s": result["wall_s"],
         "first_round_s": result["round_s"][0], "steady_s_per_round": round(_steady(result["round_s"]), 2),
         f"extrapolated_{PAPER_ROUNDS}_rounds_h": round(total / 3600, 2),
-        "acc_mean_last": round(result["metrics"][-1]["acc_mean"], 4),
+        "acc_mean_last": round(float(result["metrics"]["acc_mean"].iloc[-1]), 4),
     }]
     return {"rows": rows, "settings": {**overrides, "num_clients": clients, "protocol": str(PAPER_PROTOCOL)}}
 
@@ -367,11 +368,11 @@ def bench_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     "method": method, "model": model, "num-server-rounds": 1, "local-epochs": 1, "lora-epochs": 1,
                     "train-per-client": 20, "test-per-client": 10, "run-name": f"comm-{method}-{model}",
                 })
-                first = _simulate(link, overrides, args.clients, client_cpus=1)["metrics"][0]
+                first = _simulate(link, overrides, args.clients, client_cpus=1)["metrics"].iloc[0]
                 rows.append({
                     "method": method, "model": model, "clients": args.clients,
-                    "bytes_up_per_round": first["bytes_up"], "bytes_down_per_round": first["bytes_down"],
-                    "bytes_up_per_client": first["bytes_up"] // max(first["num_participants"], 1),
+                    "bytes_up_per_round": int(first["bytes_up"]), "bytes_down_per_round": int(first["bytes_down"]),
+                    "bytes_up_per_client": int(first["bytes_up"]) // max(int(first["num_participants"]), 1),
                 })
     return {"rows": rows, "settings": {"note": "bytes_down counts the train and the evaluate broadcasts"}}
 

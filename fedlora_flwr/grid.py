@@ -1,29 +1,10 @@
 """The experiment grid runner: ``fedlora-flwr grid SPEC`` runs configurations × seeds, resumably.
 
-A *spec* is a TOML file (``experiments/grids/`` holds one per experiment of the paper)::
-
-    [experiment]
-    name = "table1-cpu"          # folder under --out; letters, digits, '.', '-'
-    description = "..."
-    seeds = [1, 2, 3]            # every grid point runs once per seed (the run-config key `seed`)
-    num-clients = 10             # simulation size (num-supernodes)
-    client-cpus = 1              # client-resources-num-cpus (an integer)
-    client-gpus = 0.0            # client-resources-num-gpus (fractions share a GPU)
-
-    [base]                       # run-config keys shared by every run ([tool.flwr.app.config])
-    dataset = "npz"
-    data-dir = "../shared/data/cifar10/cifar10.npz"
-
-    [grid]                       # each key a list; the runs are the cartesian product × seeds
-    method = ["fedavg", "local", "fedlora"]
-    alpha = [0.1]
-
-    [[paper]]                    # optional: the paper's numbers (best mean client accuracy, %)
-    method = "fedlora"           # matched against the runs on the [grid] keys the row gives;
-    dataset = "cifar10"          # its other keys describe the paper's setting, not compared
-    alpha = 0.1
-    acc = 85.47
-    std = 2.06                   # optional; `note = "..."` optional too
+A *spec* is a TOML file (``experiments/grids/`` holds one per experiment of the paper; its README
+gives the format): ``[experiment]`` (``name``, ``description``, ``seeds``, ``num-clients``,
+``client-cpus``, ``client-gpus``), ``[base]`` (run-config keys shared by every run), ``[grid]``
+(a list of values per key: the runs are the cartesian product × seeds) and optional ``[[paper]]``
+rows (config keys + ``acc``, ``std`` in %, matched to the runs by :mod:`fedlora_flwr.paper`).
 
 Every run's full run config is the app's defaults (``[tool.flwr.app.config]`` of the app folder's
 ``pyproject.toml``) + ``[base]`` + the grid point + ``seed`` + ``output-dir``/``run-name`` (set by
@@ -37,16 +18,20 @@ runs get absolute paths.
 Run names are ``<name>__<key>_<value>__…__seed_<seed>`` with every [grid] key in spec order (keys are
 kebab-case, values never hold ``_``, so ``__`` and the first ``_`` split a name unambiguously).
 
-A run whose folder holds a finished run's ``summary.json`` is skipped, so re-running the command
-resumes an interrupted grid. Any other run folder (interrupted: no ``summary.json``; failed: its
-``summary.json`` says ``"status": "failed"``) is renamed aside to ``<run name>.incomplete-<UTC time>``
-(never deleted) and the run starts again. Each run goes through ``fedlora-flwr run``'s
+Run folders are read with :func:`fedlora_flwr.runs.load_runs`. A run whose folder holds a finished
+run's ``summary.json`` is skipped, so re-running the command resumes an interrupted grid. An
+interrupted run (``config.json``, no ``summary.json``) resumes from its checkpoint (``resume = true``,
+README "Checkpoint and resume"). Any other run folder (failed: its ``summary.json`` says ``"status":
+"failed"``; or no ``config.json``) is renamed aside to ``<run name>.incomplete-<UTC time>`` (never
+deleted) and the run starts again. Each run goes through ``fedlora-flwr run``'s
 :class:`~fedlora_flwr.runner.FlwrRun`, so its exit code is the run's status. A failed run (non-zero
-exit or no finished ``summary.json``) leaves the tail of its log in ``<run dir>.log``; the grid goes on
-and the command exits 1. ``<out>/<name>/grid.json`` lists every planned run with its grid values, seed, full
-config, the matching paper numbers and a status: ``skipped`` (finished before this invocation),
-``done``, ``failed``, ``planned`` (not run yet), ``running`` or ``interrupted`` (Ctrl-C; redone on
-the next invocation).
+exit status, or no finished ``summary.json``) leaves the tail of its log in ``<run dir>.log`` and is
+listed with its reason at the end; the grid goes on and the command exits 1. Progress (runs
+done/total, each running run's round read from its folder, an ETA) is a tqdm bar on stderr.
+``<out>/<name>/grid.json`` lists every planned run with its grid values, seed, full config, the
+matching paper numbers and a status: ``skipped`` (finished before this invocation), ``done``,
+``failed``, ``planned`` (not run yet), ``running`` or ``interrupted`` (Ctrl-C; resumed on the next
+invocation).
 """
 
 from __future__ import annotations
@@ -64,16 +49,19 @@ import tomllib
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
+import pandas as pd
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tqdm import tqdm
 
 from fedlora_flwr.config import ConfigError, flower_run_config, load_config
-from fedlora_flwr.results import SUMMARY_FILE, run_finished
+from fedlora_flwr.paper import META_KEYS, entry_problem, matches
+from fedlora_flwr.runs import RunsError, load_runs
 from fedlora_flwr.store import write_atomic
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the repository for an editable install
@@ -81,14 +69,12 @@ DEFAULT_OUT = Path("outputs") / "grids"
 GRID_FILE = "grid.json"
 LOCK_FILE = ".grid.lock"  # held while a `fedlora-flwr grid` runs this grid
 LOG_TAIL_LINES = 400
-ROUND_LINE = re.compile(r"\[fedlora-flwr\] round (\d+)/(\d+)")
 # keys the runner sets itself: not allowed in [base] / [grid]
 RUNNER_KEYS = {
     "seed": "set by [experiment] seeds",
     "output-dir": "set by the grid runner (--out)",
     "run-name": "set by the grid runner",
 }
-PAPER_FIELDS = ("acc", "std", "note", "table", "source")  # not compared with the runs (as in report.py)
 
 
 class SpecError(ValueError):
@@ -149,31 +135,9 @@ class ExperimentSpec(BaseModel):
     @classmethod
     def _paper_numbers(cls, rows: list[dict[str, Scalar]]) -> list[dict[str, Scalar]]:
         for number, row in enumerate(rows, start=1):
-            for key in ("acc", "std"):
-                value = row.get(key)
-                if key == "acc" and value is None:
-                    raise ValueError(f"row {number}: acc is missing")
-                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                    raise ValueError(f"row {number}: {key}={value!r} is not a number")
-            for key in ("note", "table", "source"):
-                if not isinstance(row.get(key, ""), str):
-                    raise ValueError(f"row {number}: {key} must be text")
+            if entry_problem(row):
+                raise ValueError(f"row {number}: {entry_problem(row)}")
         return rows
-
-    def paper_for(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The [[paper]] row matching a grid point (on the [grid] keys it gives), or None."""
-        rows = [row for row in self.paper if _row_matches(row, params, self.grid)]
-        return dict(rows[0]) if rows else None
-
-
-def _row_matches(row: Mapping[str, Any], params: Mapping[str, Any], grid: Mapping[str, Any]) -> bool:
-    return all(_same(row[key], params[key]) for key in row if key in grid)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    return a == b
 
 
 def _where(loc: tuple) -> str:
@@ -264,9 +228,21 @@ class PlannedRun:
     config: dict[str, Any]  # the full run config (every [tool.flwr.app.config] key, absolute paths)
     paper: dict[str, Any] | None = None  # the matching [[paper]] row
 
+    def recorded(self) -> pd.Series | None:
+        """The last :func:`~fedlora_flwr.runs.load_runs` row of the run folder (its status, last
+        round, summary), or None when the folder holds no ``config.json``."""
+        if not (self.run_dir / "config.json").is_file():
+            return None
+        return load_runs(self.run_dir).iloc[-1]
+
+    def state(self) -> tuple[str, int]:
+        """(``absent`` — no ``config.json`` — or the folder's status, the rounds it recorded)."""
+        last = self.recorded()
+        return ("absent", 0) if last is None else (last.status, 0 if pd.isna(last["round"]) else int(last["round"]))
+
     @property
     def finished(self) -> bool:
-        return run_finished(self.run_dir)
+        return self.state()[0] == "finished"
 
     @property
     def log_path(self) -> Path:
@@ -334,8 +310,8 @@ def expand(
         raise SpecError(f"{source}: [grid] {key}: also set in [base]; keep it in one of them")
     for number, row in enumerate(spec.paper, start=1):
         for key in row:
-            if key not in PAPER_FIELDS and key not in defaults:
-                raise SpecError(f"{source}: [[paper]] row {number} {key}: {known[:-1]}, or {'/'.join(PAPER_FIELDS)})")
+            if key not in META_KEYS and key not in defaults:
+                raise SpecError(f"{source}: [[paper]] row {number} {key}: {known[:-1]}, or {'/'.join(sorted(META_KEYS))})")
 
     runs: list[PlannedRun] = []
     paper_hits = [0] * len(spec.paper)
@@ -343,12 +319,7 @@ def expand(
         # an integer for a float key (alpha = [1]) is that float: one run name per value
         params = {key: float(value) if isinstance(defaults[key], float) and type(value) is int else value
                   for key, value in zip(spec.grid, values, strict=True)}
-        matches = [number for number, row in enumerate(spec.paper) if _row_matches(row, params, spec.grid)]
-        if len(matches) > 1:
-            raise SpecError(f"{source}: [[paper]] rows {matches[0] + 1} and {matches[1] + 1} both match "
-                            f"{_describe(params)}; give them distinct [grid] values")
-        for number in matches:
-            paper_hits[number] += 1
+        matched: list[int] | None = None
         for seed in spec.experiment.seeds:
             name = run_name(spec, params, seed)
             raw = {**defaults, **spec.base, **params, "seed": seed,
@@ -359,12 +330,19 @@ def expand(
                 origin = _origin(str(err), spec)
                 message = str(err).removeprefix("invalid run config: ") if origin else str(err)
                 raise SpecError(f"{source}: {origin}{message}") from None
-            paper = dict(spec.paper[matches[0]]) if matches else None
+            if matched is None:  # a [[paper]] row names no seed: the first seed's config decides
+                matched = [number for number, row in enumerate(spec.paper) if matches(row, config)]
+                if len(matched) > 1:
+                    raise SpecError(f"{source}: [[paper]] rows {matched[0] + 1} and {matched[1] + 1} both match "
+                                    f"{_describe(params)}; give them distinct values")
+                for number in matched:
+                    paper_hits[number] += 1
+            paper = dict(spec.paper[matched[0]]) if matched else None
             runs.append(PlannedRun(name, experiment_dir / name, params, seed, config, paper))
     for number, hits in enumerate(paper_hits, start=1):
         if not hits:
-            row = {key: value for key, value in spec.paper[number - 1].items() if key in spec.grid}
-            raise SpecError(f"{source}: [[paper]] row {number}: matches no run of the grid ({_describe(row) or 'no [grid] key'})")
+            row = {key: value for key, value in spec.paper[number - 1].items() if key not in META_KEYS}
+            raise SpecError(f"{source}: [[paper]] row {number}: matches no run of the grid ({_describe(row)})")
     names = [run.run_name for run in runs]
     if len(set(names)) != len(names):
         duplicate = next(name for name in names if names.count(name) > 1)
@@ -394,7 +372,7 @@ def _origin(message: str, spec: ExperimentSpec) -> str:
 Executor = Callable[[PlannedRun, Callable[[str], None]], tuple[int, str]]
 """Runs one planned run to completion: ``execute(run, on_line) -> (exit code, output)``. It must write
 the run folder ``run.run_dir`` (``summary.json`` when it succeeds) and may call ``on_line`` with each
-output line (``[fedlora-flwr] round R/T`` lines drive the progress display)."""
+output line (kept as the log tail of a run that raised)."""
 
 
 class SuperLinkExecutor:
@@ -482,9 +460,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def move_aside(run: PlannedRun) -> Path | None:
-    """Rename an unfinished run folder (interrupted or failed) to ``<name>.incomplete-<UTC time>`` (and a
-    stale ``<name>.log`` beside it to ``<that>.log``). Returns the new folder path, or None."""
+def move_aside(run: PlannedRun, log_only: bool = False) -> Path | None:
+    """Rename a run folder that cannot be resumed (failed, or without ``config.json``) to
+    ``<name>.incomplete-<UTC time>``, and a stale ``<name>.log`` beside it to ``<that>.log`` (only
+    the log with ``log_only``). Returns the new folder path, or None."""
     if not run.run_dir.exists() and not run.log_path.exists():
         return None
     stamp = _utc_stamp()
@@ -494,12 +473,23 @@ def move_aside(run: PlannedRun) -> Path | None:
         suffix += 1
         aside = run.run_dir.with_name(f"{run.run_name}.incomplete-{stamp}-{suffix}")
     moved = None
-    if run.run_dir.exists():
+    if run.run_dir.exists() and not log_only:
         os.rename(run.run_dir, aside)
         moved = aside
     if run.log_path.exists():
         os.rename(run.log_path, aside.with_name(aside.name + ".log"))
     return moved
+
+
+def prepare(run: PlannedRun) -> tuple[PlannedRun, int, Path | None]:
+    """How a pending run starts: an interrupted one (``config.json``, no ``summary.json``) resumes
+    from its checkpoint (``resume = true``; returns the rounds it recorded), any other folder is
+    moved aside (returns where) and the run starts afresh."""
+    status, recorded = run.state()
+    if status == "unfinished":
+        move_aside(run, log_only=True)
+        return replace(run, config={**run.config, "resume": True}), recorded, None
+    return run, 0, move_aside(run)
 
 
 def _duration(seconds: float) -> str:
@@ -514,76 +504,83 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    """Progress lines on stderr: runs done/total (skipped counted), each running run and its round,
-    an ETA from the mean wall time of the runs finished in this invocation."""
+    """The grid's progress on ``stream``: a tqdm bar of runs done/total, each running run's round
+    (read from its run folder, :meth:`poll`) and an ETA; starts and ends as lines.
 
-    def __init__(self, total: int, skipped: int, parallel: int, stream: TextIO) -> None:
-        self.total, self.skipped, self.parallel, self.stream = total, skipped, parallel, stream
-        self.done = 0
+    The ETA is the rounds left (over every unfinished run) × the seconds per round measured in
+    this invocation (runs' wall time, start-up included, over the rounds they ran) / ``parallel``.
+    """
+
+    def __init__(self, total: int, finished: int, parallel: int, stream: TextIO) -> None:
+        self.parallel, self.stream = parallel, stream
+        self.left: dict[str, int] = {}  # run name -> rounds it has still to run
+        self.running: dict[str, list] = {}  # run name -> [run, started, first round, last round seen]
+        self.spent = [0.0, 0]  # seconds and rounds of the runs that ended in this invocation
         self.failed = 0
-        self.walls: list[float] = []
-        self.running: dict[str, dict[str, Any]] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self.bar = tqdm(total=total, initial=finished, file=stream, mininterval=0, dynamic_ncols=True,
+                        bar_format="[grid] {n_fmt}/{total_fmt} runs |{bar:16}| {desc}")
 
-    def _emit(self, text: str) -> None:
-        print(f"[grid] {text}", file=self.stream, flush=True)
-
-    def _count(self) -> str:
-        finished = self.done + self.failed + self.skipped
-        extra = [f"{self.skipped} skipped"] if self.skipped else []
-        extra += [f"{self.failed} failed"] if self.failed else []
-        return f"{finished}/{self.total} runs" + (f" ({', '.join(extra)})" if extra else "")
+    def pending(self, run: PlannedRun, recorded: int) -> None:
+        self.left[run.run_name] = int(run.config["num-server-rounds"]) - recorded
 
     def eta(self) -> float | None:
-        remaining = self.total - self.done - self.failed - self.skipped - len(self.running)
-        if self.walls:
-            mean = sum(self.walls) / len(self.walls)
-        else:  # no run finished yet: extrapolate a running one from its rounds
-            estimates = [
-                (time.monotonic() - state["started"]) * state["rounds"] / state["round"]
-                for state in self.running.values() if state["round"]
-            ]
-            if not estimates:
-                return None
-            mean = max(estimates)
-        left_running = sum(max(mean - (time.monotonic() - s["started"]), 0.0) for s in self.running.values())
-        return (remaining * mean + left_running) / max(1, self.parallel)
+        seconds, rounds = self.spent
+        for _, started, first, current in self.running.values():
+            seconds, rounds = seconds + time.monotonic() - started, rounds + current - first
+        return sum(self.left.values()) * seconds / rounds / self.parallel if rounds else None
 
-    def status(self) -> str:
+    def _refresh(self) -> None:
+        parts = [f"{run.run_name} round {current}/{run.config['num-server-rounds']}"
+                 for run, _, _, current in self.running.values()]
         eta = self.eta()
-        return f"{self._count()} | ETA {_duration(eta) if eta is not None else 'n/a'}"
+        parts.append(f"ETA {_duration(eta) if eta is not None else 'n/a'}")
+        parts += [f"{self.failed} failed"] if self.failed else []
+        self.bar.set_description_str(" | ".join(parts))
 
-    def started(self, run: PlannedRun, moved: Path | None) -> None:
-        with self.lock:
-            self.running[run.run_name] = {"started": time.monotonic(), "round": 0,
-                                          "rounds": int(run.config.get("num-server-rounds", 0) or 0)}
-            if moved is not None:
-                self._emit(f"{run.run_name}: incomplete folder moved aside to {moved.name}")
-            self._emit(f"start {run.run_name} | {self.status()}")
+    def _line(self, text: str) -> None:
+        self.bar.write(f"[grid] {text}", file=self.stream)
 
-    def round(self, run: PlannedRun, current: int, rounds: int) -> None:
+    def started(self, run: PlannedRun, recorded: int, moved: Path | None) -> None:
         with self.lock:
-            state = self.running.get(run.run_name)
-            if state is None:
-                return
-            state["round"], state["rounds"] = current, rounds
-            self._emit(f"{run.run_name} round {current}/{rounds} | {self.status()}")
+            self.running[run.run_name] = [run, time.monotonic(), recorded, recorded]
+            why = f" (resuming from its checkpoint after round {recorded})" if run.config.get("resume") else ""
+            why += f" (its earlier folder moved aside to {moved.name})" if moved else ""
+            self._line(f"start {run.run_name}{why}")
+            self._refresh()
+
+    def poll(self) -> None:
+        """Read each running run's last recorded round from its folder."""
+        with self.lock:
+            for name, state in self.running.items():
+                try:
+                    state[3] = max(state[3], state[0].state()[1])
+                except RunsError:  # a row being appended right now: the next poll reads it
+                    continue
+                self.left[name] = int(state[0].config["num-server-rounds"]) - state[3]
+            self._refresh()
 
     def finished(self, run: PlannedRun, status: str, wall: float, reason: str = "") -> None:
         with self.lock:
-            self.running.pop(run.run_name, None)
-            if status == "done":
-                self.done += 1
-                self.walls.append(wall)
-            elif status == "failed":
-                self.failed += 1
+            self.poll()
+            _, _, first, current = self.running.pop(run.run_name)
+            if status != "interrupted":
+                self.left.pop(run.run_name, None)
+                self.spent = [self.spent[0] + wall, self.spent[1] + current - first]
+                self.bar.update(1)
+            self.failed += status == "failed"
             word = {"done": "done", "failed": "FAILED", "interrupted": "interrupted"}[status]
-            tail = f": {reason}" if reason else ""
-            self._emit(f"{word} {run.run_name} in {_duration(wall)}{tail} | {self.status()}")
+            total = run.config["num-server-rounds"]
+            self._line(f"{word} {run.run_name} at round {current}/{total} in {_duration(wall)}"
+                       + (f": {reason}" if reason else ""))
+            self._refresh()
 
     def note(self, text: str) -> None:
         with self.lock:
-            self._emit(text)
+            self._line(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 @dataclass
@@ -611,22 +608,10 @@ class GridResult:
 
 
 def _entry(run: PlannedRun, status: str) -> dict[str, Any]:
-    return {
-        "run_name": run.run_name,
-        "run_dir": str(run.run_dir),
-        "status": status,
-        "params": run.params,
-        "seed": run.seed,
-        "paper": run.paper,
-        "config": run.config,
-        "wall_seconds": None,
-        "exit_code": None,
-        "error": None,
-        "log": None,
-        "moved_aside": None,
-        "started": None,
-        "finished": None,
-    }
+    return {"run_name": run.run_name, "run_dir": str(run.run_dir), "status": status, "params": run.params,
+            "seed": run.seed, "paper": run.paper, "config": run.config, "wall_seconds": None, "exit_code": None,
+            "error": None, "log": None, "moved_aside": None, "resumed_after_round": None, "started": None,
+            "finished": None}
 
 
 def _print_plan(spec: ExperimentSpec, runs: list[PlannedRun], experiment_dir: Path, parallel: int,
@@ -639,21 +624,23 @@ def _print_plan(spec: ExperimentSpec, runs: list[PlannedRun], experiment_dir: Pa
     cap = f", Ray capped at {ray_cpus} CPUs per run" if ray_cpus else ""
     print(f"  each run: {e.num_clients} clients, client-cpus {e.client_cpus}, client-gpus {e.client_gpus}; "
           f"{parallel} at a time{cap}", file=stream)
-    counts = {"run": 0, "skip": 0, "redo": 0}
+    counts = {"run": 0, "skip": 0, "resume": 0, "redo": 0}
     for run in runs:
-        if run.finished:
-            action, why = "skip", "(finished: summary.json)"
-        elif run.run_dir.exists():
-            action, why = "redo", f"(unfinished: would move it to {run.run_name}.incomplete-<UTC time>)"
-        else:
-            action, why = "run", ""
+        status, rounds = run.state()
+        action, why = {
+            "finished": ("skip", "(finished: summary.json)"),
+            "unfinished": ("resume", f"(interrupted after round {rounds}: resumes from its checkpoint)"),
+            "absent": ("redo", f"(no config.json: would move it to {run.run_name}.incomplete-<UTC time>)")
+            if run.run_dir.exists() else ("run", ""),
+        }.get(status, ("redo", f"({status}: would move it to {run.run_name}.incomplete-<UTC time>)"))
         counts[action] += 1
         paper = ""
         if run.paper:
             std = run.paper.get("std")
             paper = f"  paper {run.paper['acc']}" + (f"±{std}" if std is not None else "")
-        print(f"  {action:<4}  {run.run_name}{paper}  {why}".rstrip(), file=stream)
-    print(f"would run {counts['run'] + counts['redo']} ({counts['redo']} incomplete to redo), skip {counts['skip']}", file=stream)
+        print(f"  {action:<6}  {run.run_name}{paper}  {why}".rstrip(), file=stream)
+    print(f"would run {counts['run'] + counts['resume'] + counts['redo']} ({counts['resume']} to resume, "
+          f"{counts['redo']} to redo), skip {counts['skip']}", file=stream)
 
 
 def run_grid(
@@ -708,51 +695,41 @@ def run_grid(
 
     def save() -> None:
         with grid_lock:
-            payload = {
-                "name": e.name,
-                "description": e.description,
-                "experiment": e.model_dump(by_alias=True),
-                "base": spec.base,
-                "grid": spec.grid,
-                "paper": spec.paper,
-                "app_dir": str(app_dir),
-                "parallel": parallel,
-                "updated": _now(),
-                "counts": {status: result.count(status) for status in
-                           ("done", "skipped", "failed", "planned", "running", "interrupted")},
-                "runs": result.runs,
-            }
+            counts = {status: result.count(status) for status in
+                      ("done", "skipped", "failed", "planned", "running", "interrupted")}
+            payload = {"name": e.name, "description": e.description, "experiment": e.model_dump(by_alias=True),
+                       "base": spec.base, "grid": spec.grid, "paper": spec.paper, "app_dir": str(app_dir),
+                       "parallel": parallel, "updated": _now(), "counts": counts, "runs": result.runs}
             write_atomic(experiment_dir / GRID_FILE, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
     tails: dict[str, deque[str]] = {}
 
     def on_line_for(run: PlannedRun) -> Callable[[str], None]:
-        tail = tails.setdefault(run.run_name, deque(maxlen=LOG_TAIL_LINES))
-
-        def on_line(line: str) -> None:
-            tail.append(line)
-            match = ROUND_LINE.search(line)
-            if match:
-                progress.round(run, int(match.group(1)), int(match.group(2)))
-
-        return on_line
+        return tails.setdefault(run.run_name, deque(maxlen=LOG_TAIL_LINES)).append
 
     def finish(run: PlannedRun, outcome: _Outcome, interrupted: bool) -> None:
         entry = entries[run.run_name]
         entry.update(wall_seconds=round(outcome.wall, 3), exit_code=outcome.code, finished=_now())
-        if outcome.code == 0 and run.finished:
+        try:
+            last, unreadable = run.recorded(), None
+        except RunsError as err:
+            last, unreadable = None, str(err)
+        if outcome.code == 0 and last is not None and last.status == "finished":
             entry.update(status="done", error=None)
             progress.finished(run, "done", outcome.wall)
         elif interrupted or outcome.interrupt is not None:
             entry.update(status="interrupted", error="interrupted")
             progress.finished(run, "interrupted", outcome.wall)
         else:
-            if outcome.error:
-                reason = outcome.error
-            elif outcome.code != 0:
-                reason = f"exit code {outcome.code}"
-            else:
-                reason = f"exit code 0 but no finished {SUMMARY_FILE} in {run.run_dir}"
+            reason = outcome.error or f"exit status {outcome.code}"
+            if unreadable:
+                reason += f"; {unreadable}"
+            elif last is None:
+                reason += f"; no config.json in {run.run_dir}"
+            elif last.status == "failed":
+                reason += f"; summary.json: failed ({last.get('failure')}: {last.get('reason')})"
+            elif last.status != "finished":
+                reason += f"; no summary.json in {run.run_dir}"
             lines = outcome.output.splitlines()[-LOG_TAIL_LINES:] if outcome.output else list(tails.get(run.run_name, ()))
             run.log_path.parent.mkdir(parents=True, exist_ok=True)
             header = f"# {run.run_name}: {reason} ({_now()}); last {len(lines)} lines of its output\n"
@@ -763,20 +740,26 @@ def run_grid(
                 print(f"    | {line}", file=stream, flush=True)
         save()
 
-    pending = deque(run for run in runs if not run.finished)
-    skipped = len(runs) - len(pending)
-    progress = Progress(len(runs), skipped, parallel, stream)
+    pending = deque(run for run in runs if entries[run.run_name]["status"] == "planned")
     experiment_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock(experiment_dir)
+    progress = Progress(len(runs), len(runs) - len(pending), parallel, stream)
     try:
-        progress.note(f"{e.name}: {len(runs)} runs, {skipped} finished before, {len(pending)} to run, "
+        for run in pending:
+            status, recorded = run.state()
+            progress.pending(run, recorded if status == "unfinished" else 0)
+        progress.note(f"{e.name}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run, "
                       f"{parallel} at a time -> {experiment_dir}")
         save()
         _execute_all(pending, parallel, execute, entries, progress, on_line_for, finish, save)
     finally:
+        progress.close()
         lock.close()
-    progress.note(f"{e.name} finished: {result.count('done')} done, {result.count('skipped')} skipped, "
-                  f"{result.count('failed')} failed; grid.json in {experiment_dir}")
+    for entry in result.runs:
+        if entry["status"] == "failed":
+            print(f"[grid] FAILED {entry['run_name']}: {entry['error']} (log: {entry['log']})", file=stream)
+    print(f"[grid] {e.name} finished: {result.count('done')} done, {result.count('skipped')} skipped, "
+          f"{result.count('failed')} failed; grid.json in {experiment_dir}", file=stream, flush=True)
     return result
 
 
@@ -822,14 +805,15 @@ def _execute_all(pending, parallel, execute, entries, progress, on_line_for, fin
     try:
         while pending or active:
             while pending and len(active) < parallel:
-                run = pending.popleft()
-                moved = move_aside(run)
-                entries[run.run_name].update(status="running", started=_now(),
+                run, recorded, moved = prepare(pending.popleft())
+                entries[run.run_name].update(status="running", started=_now(), resumed_after_round=recorded
+                                             if run.config.get("resume") else None,
                                              moved_aside=str(moved) if moved else None)
-                progress.started(run, moved)
+                progress.started(run, recorded, moved)
                 save()
                 active[pool.submit(work, run)] = run
             done, _ = wait(list(active), timeout=1.0, return_when=FIRST_COMPLETED)
+            progress.poll()
             for future in done:
                 run = active.pop(future)
                 outcome = future.result()
@@ -877,8 +861,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="run an experiment grid (configurations × seeds); resumable",
         description=(
             "Run every configuration × seed of an experiment spec (experiments/grids/*.toml) through a "
-            "private Flower SuperLink each, skipping runs whose folder already holds a finished summary.json (so an "
-            "interrupted grid resumes). Relative paths in the spec and --out resolve against the current "
+            "private Flower SuperLink each, skipping runs whose folder already holds a finished summary.json and "
+            "resuming interrupted runs from their checkpoint (so an interrupted grid resumes). Relative paths in the spec and --out resolve against the current "
             "working directory. Writes <out>/<name>/<run name>/ and <out>/<name>/grid.json. Exit code: "
             "0 when every run finished, 1 when a run failed, 2 for an invalid spec, 130 when interrupted."
         ),
@@ -911,11 +895,12 @@ def command(args: argparse.Namespace) -> int:
             spec = spec.model_copy(update={"experiment": spec.experiment.model_copy(update=overrides)})
         result = run_grid(spec, out_dir=args.out, app_dir=args.app_dir, parallel=args.parallel,
                           dry_run=args.dry_run, timeout=args.timeout)
-    except SpecError as err:
+    except (SpecError, RunsError) as err:
         print(f"fedlora-flwr grid: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedlora-flwr grid: interrupted; run the same command again to resume", file=sys.stderr)
+        print("fedlora-flwr grid: interrupted; run the same command again to resume (interrupted runs go on "
+              "from their checkpoint)", file=sys.stderr)
         return 130
     return result.exit_code
 

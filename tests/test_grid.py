@@ -10,8 +10,11 @@ from __future__ import annotations
 import _thread
 import io
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -22,9 +25,11 @@ import tomli_w
 from conftest import REAL_NPZ, REPO
 
 from fedlora_flwr import grid
-from fedlora_flwr.config import RunConfig
 from fedlora_flwr.cli import main
+from fedlora_flwr.config import RunConfig
 from fedlora_flwr.grid import SpecError, expand, load_spec, parse_spec, run_grid
+from fedlora_flwr.report import make_report
+from fedlora_flwr.runs import load_runs
 
 SPECS = sorted((REPO / "experiments" / "grids").glob("*.toml"))
 
@@ -51,7 +56,7 @@ alpha = [0.1, 0.5]
 
 [[paper]]
 method = "local"
-dataset = "cifar10"
+dataset = "synthetic"
 alpha = 0.5
 acc = 60.15
 std = 0.86
@@ -70,15 +75,17 @@ def _spec_file(tmp_path: Path, text: str = TINY, name: str = "spec.toml") -> Pat
 
 
 class FakeExecutor:
-    """Stands in for SuperLinkExecutor: writes a run folder like the ServerApp does, streams
-    round lines; ``fail`` maps run names to (exit code, write summary?), ``interrupt_at`` raises
-    KeyboardInterrupt on that call (after creating a partial run folder)."""
+    """Stands in for SuperLinkExecutor: writes a run folder like the ServerApp does (a resumed run
+    goes on after its recorded rows); ``fail`` maps run names to (exit code, summary status or None
+    for no summary), ``interrupt_at`` raises KeyboardInterrupt on that call (after round 1)."""
 
-    def __init__(self, fail: dict[str, tuple[int, bool]] | None = None, interrupt_at: int | None = None, delay: float = 0.0):
+    def __init__(self, fail: dict[str, tuple[int, str | None]] | None = None, interrupt_at: int | None = None,
+                 delay: float = 0.0):
         self.fail = fail or {}
         self.interrupt_at = interrupt_at
         self.delay = delay
         self.calls: list[str] = []
+        self.resumed: list[str] = []
         self.lock = threading.Lock()
         self.running = 0
         self.max_running = 0
@@ -90,18 +97,28 @@ class FakeExecutor:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         try:
-            assert not run.run_dir.exists(), "the runner must move an existing folder aside first"
-            run.run_dir.mkdir(parents=True)
+            metrics = run.run_dir / "metrics.jsonl"
+            if run.config["resume"]:
+                self.resumed.append(run.run_name)
+                assert (run.run_dir / "config.json").is_file(), "a resumed run keeps its folder"
+            else:
+                assert not run.run_dir.exists(), "the runner must move an existing folder aside first"
+                run.run_dir.mkdir(parents=True)
+                metrics.write_text("")
             (run.run_dir / "config.json").write_text(json.dumps(run.config))
-            if number == self.interrupt_at:
-                raise KeyboardInterrupt
             rounds = run.config["num-server-rounds"]
-            for current in range(1, rounds + 1):
+            for current in range(len(metrics.read_text().splitlines()) + 1, rounds + 1):
                 time.sleep(self.delay)
-                on_line(f"INFO :      [fedlora-flwr] round {current}/{rounds}  acc_mean 0.5000")
-            code, summary = self.fail.get(run.run_name, (0, True))
-            if summary:
-                (run.run_dir / "summary.json").write_text(json.dumps({"best_acc_mean": 0.5, "seed": run.seed}))
+                with metrics.open("a") as handle:
+                    handle.write(json.dumps({"round": current, "acc_mean": 0.5}) + "\n")
+                if number == self.interrupt_at:
+                    raise KeyboardInterrupt
+            code, status = self.fail.get(run.run_name, (0, "finished"))
+            if status:
+                summary = {"status": status, "best_acc_mean": 0.5, "seed": run.seed}
+                if status == "failed":
+                    summary.update(failure="no-valid-replies", reason="round 2: no client sent a valid reply")
+                (run.run_dir / "summary.json").write_text(json.dumps(summary))
             output = "".join(f"line {i}\n" for i in range(1000)) + f"boom in {run.run_name}\n"
             return code, output
         finally:
@@ -240,7 +257,7 @@ def test_grid_runs_all_then_skips_finished(tmp_path):
     assert entry["config"]["run-name"] == entry["run_name"] and entry["exit_code"] == 0
     assert entry["wall_seconds"] >= 0
     log = stream.getvalue()
-    assert "round 2/2" in log and "8/8 runs" in log and "ETA" in log
+    assert f"done {TINY_NAMES[0]} at round 2/2" in log and "8/8 runs" in log and "ETA" in log
 
     again = FakeExecutor()
     result = _run(path, tmp_path, again)
@@ -248,39 +265,48 @@ def test_grid_runs_all_then_skips_finished(tmp_path):
     assert set(_statuses(experiment_dir).values()) == {"skipped"}
 
 
-def test_interrupted_run_folder_is_moved_aside_and_redone(tmp_path):
-    """No summary.json (interrupted) or a failed run's: moved aside and run again; a finished
-    run's (its status, or none from before the status existed): skipped."""
+def test_interrupted_run_resumes_and_other_folders_are_moved_aside(tmp_path):
+    """An interrupted run (config.json, no summary.json) resumes in its folder with resume = true;
+    a failed run's folder and one without config.json are moved aside and run again; a finished
+    run (its status, or none from before the status existed) is skipped."""
     path = _spec_file(tmp_path)
     experiment_dir = tmp_path / "out" / "tiny"
-    finished, partial, failed = (experiment_dir / name for name in TINY_NAMES[:3])
-    finished.mkdir(parents=True)
-    (finished / "summary.json").write_text("{}")
-    partial.mkdir()
-    (partial / "metrics.jsonl").write_text('{"round": 1}\n')
-    failed.mkdir()
+    finished, partial, failed, old_finished, empty = (experiment_dir / name for name in TINY_NAMES[:5])
+    for folder in (finished, partial, failed, old_finished):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (finished / "summary.json").write_text('{"status": "finished"}')
+    (old_finished / "summary.json").write_text("{}")
+    (partial / "metrics.jsonl").write_text('{"round": 1, "acc_mean": 0.25}\n')
     failed_summary = '{"status": "failed", "failure": "no-valid-replies"}'
     (failed / "summary.json").write_text(failed_summary)
-    (experiment_dir / TINY_NAMES[3]).mkdir()
-    (experiment_dir / TINY_NAMES[3] / "summary.json").write_text('{"status": "finished"}')
+    empty.mkdir()
+    (empty / "stray").write_text("x")
     fake = FakeExecutor()
-    result = _run(path, tmp_path, fake)
-    assert fake.calls == TINY_NAMES[1:3] + TINY_NAMES[4:]
+    stream = io.StringIO()
+    result = _run(path, tmp_path, fake, stream=stream)
+    assert fake.calls == [TINY_NAMES[1], TINY_NAMES[2], *TINY_NAMES[4:]] and fake.resumed == [TINY_NAMES[1]]
     statuses = _statuses(experiment_dir)
     assert statuses[TINY_NAMES[0]] == statuses[TINY_NAMES[3]] == "skipped" and result.count("done") == 6
+    rows = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["round"], row["acc_mean"]) for row in rows] == [(1, 0.25), (2, 0.5)]  # round 1 kept
+    assert not list(experiment_dir.glob(f"{TINY_NAMES[1]}.incomplete-*"))
+    entries = {entry["run_name"]: entry for entry in _grid_json(experiment_dir)["runs"]}
+    assert entries[TINY_NAMES[1]]["resumed_after_round"] == 1 and entries[TINY_NAMES[1]]["config"]["resume"] is False
+    assert f"start {TINY_NAMES[1]} (resuming from its checkpoint after round 1)" in stream.getvalue()
     (failed_aside,) = experiment_dir.glob(f"{TINY_NAMES[2]}.incomplete-*")
-    assert (failed_aside / "summary.json").read_text() == failed_summary
-    aside = sorted(experiment_dir.glob(f"{TINY_NAMES[1]}.incomplete-*"))
-    assert len(aside) == 1 and re.fullmatch(rf"{re.escape(TINY_NAMES[1])}\.incomplete-\d{{8}}T\d{{6}}Z", aside[0].name)
-    assert (aside[0] / "metrics.jsonl").read_text() == '{"round": 1}\n'  # nothing lost
-    assert (partial / "summary.json").is_file()  # the redone run
-    assert _grid_json(experiment_dir)["runs"][1]["moved_aside"] == str(aside[0])
+    assert (failed_aside / "summary.json").read_text() == failed_summary  # nothing lost
+    (empty_aside,) = experiment_dir.glob(f"{TINY_NAMES[4]}.incomplete-*")
+    assert re.fullmatch(rf"{re.escape(TINY_NAMES[4])}\.incomplete-\d{{8}}T\d{{6}}Z", empty_aside.name)
+    assert (empty_aside / "stray").read_text() == "x"
+    assert entries[TINY_NAMES[4]]["moved_aside"] == str(empty_aside)
+    assert (failed / "summary.json").is_file() and (empty / "summary.json").is_file()  # the redone runs
 
 
 def test_failed_runs_are_logged_and_the_grid_goes_on(tmp_path):
     path = _spec_file(tmp_path)
     crashed, silent = TINY_NAMES[2], TINY_NAMES[5]
-    fake = FakeExecutor(fail={crashed: (1, False), silent: (0, False)})
+    fake = FakeExecutor(fail={crashed: (1, None), silent: (0, None)})
     stream = io.StringIO()
     result = _run(path, tmp_path, fake, stream=stream)
     experiment_dir = tmp_path / "out" / "tiny"
@@ -289,18 +315,33 @@ def test_failed_runs_are_logged_and_the_grid_goes_on(tmp_path):
     assert [name for name, status in statuses.items() if status == "failed"] == [crashed, silent]
     assert result.count("done") == 6
     log = (experiment_dir / f"{crashed}.log").read_text()
-    assert "exit code 1" in log.splitlines()[0] and f"boom in {crashed}" in log
+    assert "exit status 1; no summary.json in" in log.splitlines()[0] and f"boom in {crashed}" in log
     assert len(log.splitlines()) <= grid.LOG_TAIL_LINES + 1  # the tail, not everything
-    assert "no finished summary.json" in (experiment_dir / f"{silent}.log").read_text().splitlines()[0]
+    assert "exit status 0; no summary.json" in (experiment_dir / f"{silent}.log").read_text().splitlines()[0]
     entries = {run["run_name"]: run for run in _grid_json(experiment_dir)["runs"]}
     assert entries[crashed]["exit_code"] == 1 and entries[crashed]["log"] == str(experiment_dir / f"{crashed}.log")
-    assert "FAILED" in stream.getvalue() and "1 failed" in stream.getvalue()
+    printed = stream.getvalue()
+    assert f"FAILED {crashed} at round 2/2" in printed and "2 failed" in printed
+    assert printed.splitlines()[-3].startswith(f"[grid] FAILED {crashed}: exit status 1")  # listed at the end
 
     fixed = FakeExecutor()
-    result = _run(path, tmp_path, fixed)
-    assert fixed.calls == [crashed, silent] and result.exit_code == 0
-    assert not (experiment_dir / f"{crashed}.log").exists()  # moved aside with its folder
+    result = _run(path, tmp_path, fixed)  # no summary.json: they resume, after their 2 recorded rounds
+    assert fixed.calls == fixed.resumed == [crashed, silent] and result.exit_code == 0
+    assert not (experiment_dir / f"{crashed}.log").exists()  # the old log is moved aside
     assert len(list(experiment_dir.glob(f"{crashed}.incomplete-*.log"))) == 1
+
+
+def test_a_run_whose_summary_says_failed_fails_the_grid(tmp_path):
+    """Exit status 0 but summary.json says failed: a failed run, its reason from the summary."""
+    path = _spec_file(tmp_path)
+    fake = FakeExecutor(fail={TINY_NAMES[1]: (0, "failed")})
+    stream = io.StringIO()
+    result = _run(path, tmp_path, fake, stream=stream)
+    assert result.exit_code == 1 and result.count("failed") == 1
+    reason = "exit status 0; summary.json: failed (no-valid-replies: round 2: no client sent a valid reply)"
+    assert f"[grid] FAILED {TINY_NAMES[1]}: {reason}" in stream.getvalue()
+    again = FakeExecutor()
+    assert _run(path, tmp_path, again).exit_code == 0 and again.calls == [TINY_NAMES[1]] and again.resumed == []
 
 
 def test_executor_exception_is_a_failed_run(tmp_path):
@@ -326,9 +367,11 @@ def test_keyboard_interrupt_then_resume_runs_only_the_rest(tmp_path):
 
     second = FakeExecutor()
     result = _run(path, tmp_path, second)
-    assert second.calls == TINY_NAMES[2:] and result.exit_code == 0
+    assert second.calls == TINY_NAMES[2:] and second.resumed == [TINY_NAMES[2]] and result.exit_code == 0
     assert [run["status"] for run in _grid_json(experiment_dir)["runs"]] == ["skipped"] * 2 + ["done"] * 6
-    assert len(list(experiment_dir.glob(f"{TINY_NAMES[2]}.incomplete-*"))) == 1
+    assert not list(experiment_dir.glob("*.incomplete-*"))
+    rows = (experiment_dir / TINY_NAMES[2] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["round"] for row in rows] == [1, 2]  # round 1 from before the interrupt
 
 
 def test_ctrl_c_while_waiting_cancels_running_runs(tmp_path):
@@ -394,9 +437,12 @@ def test_parallel_runs_at_once(tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     path = _spec_file(tmp_path)
     experiment_dir = tmp_path / "out" / "tiny"
-    (experiment_dir / TINY_NAMES[0]).mkdir(parents=True)
+    for name in TINY_NAMES[:3]:
+        (experiment_dir / name).mkdir(parents=True)
+    (experiment_dir / TINY_NAMES[0] / "config.json").write_text("{}")
     (experiment_dir / TINY_NAMES[0] / "summary.json").write_text("{}")
-    (experiment_dir / TINY_NAMES[1]).mkdir()
+    (experiment_dir / TINY_NAMES[2] / "config.json").write_text("{}")
+    (experiment_dir / TINY_NAMES[2] / "metrics.jsonl").write_text('{"round": 1}\n')
     before = sorted(p.name for p in experiment_dir.iterdir())
     plan = io.StringIO()
 
@@ -407,20 +453,38 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     text = plan.getvalue()
     assert f"grid tiny: 8 runs (4 configurations × 2 seeds) -> {experiment_dir}" in text
     assert re.search(rf"skip\s+{TINY_NAMES[0]}", text) and re.search(rf"redo\s+{TINY_NAMES[1]}", text)
-    assert all(re.search(rf"run\s+{name}", text) for name in TINY_NAMES[2:])
+    assert re.search(rf"resume\s+{TINY_NAMES[2]}\s+\(interrupted after round 1: resumes from its checkpoint\)", text)
+    assert all(re.search(rf"run\s+{name}", text) for name in TINY_NAMES[3:])
     assert "paper 60.15±0.86" in text
-    assert "would run 7 (1 incomplete to redo), skip 1" in text
+    assert "would run 7 (1 to resume, 1 to redo), skip 1" in text
     assert sorted(p.name for p in experiment_dir.iterdir()) == before  # nothing written or moved
     assert result.count("skipped") == 1 and result.count("planned") == 7
 
 
-def test_progress_eta_from_finished_runs():
-    progress = grid.Progress(total=4, skipped=1, parallel=1, stream=io.StringIO())
+def test_progress_reads_rounds_from_run_folders_and_estimates_from_rounds(tmp_path, monkeypatch):
+    runs = expand(load_spec(_spec_file(tmp_path), cwd=tmp_path), out_dir="out", cwd=tmp_path)[:3]
+    stream = io.StringIO()
+    clock = [1000.0]
+    monkeypatch.setattr(grid.time, "monotonic", lambda: clock[0])
+    progress = grid.Progress(total=4, finished=1, parallel=1, stream=stream)
+    for run in runs:
+        progress.pending(run, 0)  # 2 rounds each
+    progress.started(runs[0], 0, None)
     assert progress.eta() is None
-    progress.walls = [100.0, 200.0]
-    progress.done = 2
-    assert progress.eta() == pytest.approx(150.0)  # one run left at the mean of 150 s
-    assert "3/4 runs (1 skipped)" in progress.status()
+    runs[0].run_dir.mkdir(parents=True)
+    (runs[0].run_dir / "config.json").write_text(json.dumps(runs[0].config))
+    (runs[0].run_dir / "metrics.jsonl").write_text('{"round": 1}\n')
+    clock[0] += 30.0
+    progress.poll()  # 1 round in 30 s, 5 rounds left
+    assert progress.eta() == pytest.approx(150.0)
+    assert f"{runs[0].run_name} round 1/2 | ETA 2m 30s" in stream.getvalue()
+    assert "1/4 runs" in stream.getvalue()
+    (runs[0].run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+    clock[0] += 30.0
+    progress.finished(runs[0], "done", 60.0)
+    assert progress.eta() == pytest.approx(120.0) and "2/4 runs" in stream.getvalue()
+    assert f"done {runs[0].run_name} at round 2/2 in 60s" in stream.getvalue()
+    progress.close()
 
 
 def test_ray_cpus_per_parallel_run():
@@ -483,6 +547,17 @@ def test_cli_invalid_spec_exits_2_with_one_line(tmp_path, capsys):
     assert main(["grid", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("fedlora-flwr grid: ") and "[grid] alpha=0.0" in err
+
+
+def test_cli_a_corrupt_run_folder_exits_2_with_one_line_naming_the_file(tmp_path, capsys):
+    run_dir = tmp_path / "out" / "tiny" / TINY_NAMES[0]
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "acc\n')
+    assert main(["grid", str(_spec_file(tmp_path)), "--dry-run", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"fedlora-flwr grid: {run_dir / 'metrics.jsonl'} line 2: not JSON (Unterminated string starting at: " \
+                  "line 1 column 14 (char 13))"
 
 
 def test_cli_usage(capsys):
@@ -580,3 +655,116 @@ method = ["fedavg", "local"]
     again = run_grid(spec, out_dir="out", parallel=2, cwd=tmp_path, stream=io.StringIO())
     assert again.count("skipped") == 2 and again.exit_code == 0
     assert set(_statuses(experiment_dir).values()) == {"skipped"}
+
+
+RESUME_SPEC = """\
+[experiment]
+name = "{name}"
+seeds = {seeds}
+num-clients = 2
+client-cpus = 1
+
+[base]
+dataset = "synthetic"
+model = "cnn"
+num-server-rounds = 2
+local-epochs = 2
+lora-epochs = 1
+train-per-client = 200
+test-per-client = 40
+device = "cpu"
+
+[grid]
+method = {methods}
+"""
+WALL_CLOCK = {"elapsed_s", "train_elapsed_s", "wall_seconds", "run_dir", "run-dir"}
+
+
+def _grid_process(spec: Path, out: Path) -> subprocess.Popen:
+    """``fedlora-flwr grid SPEC --out OUT`` in its own process group, with Python's Ctrl-C handler
+    (a shell's background job would start it with SIGINT ignored)."""
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from fedlora_flwr.cli import main; sys.exit(main(sys.argv[1:]))")
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "grid", str(spec), "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+
+
+def _stop(process: subprocess.Popen) -> str:
+    """Wait for the grid process (Ctrl-C first, then its process group killed by id) and return its output."""
+    try:
+        output, _ = process.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGINT)
+        try:
+            output, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+    return output
+
+
+def _rows_without_clock(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_real_grid_interrupted_mid_run_resumes_it_from_its_checkpoint(tmp_path):
+    """`fedlora-flwr grid` on 2 methods × 2 seeds × 2 rounds, Ctrl-C (SIGINT to its pid) once the
+    first run checkpointed round 1; the same command again resumes that run (not from round 1) and
+    it ends with the metrics and summary of an uninterrupted grid of that run. load_runs on the grid
+    gives one row per run × round; the report gives 2 rows with n = 2."""
+    started = time.monotonic()
+    spec = tmp_path / "e2e.toml"
+    spec.write_text(RESUME_SPEC.format(name="e2e", seeds="[1, 2]", methods='["fedlora", "fedavg"]'))
+    experiment_dir = tmp_path / "out" / "e2e"
+    first_run = experiment_dir / "e2e__method_fedlora__seed_1"
+    process = _grid_process(spec, tmp_path / "out")
+    try:
+        deadline = time.monotonic() + 400
+        while not (first_run / "checkpoint.safetensors").is_file():
+            assert process.poll() is None and time.monotonic() < deadline, "no round-1 checkpoint"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+    finally:
+        output = _stop(process)
+    assert process.returncode == 130, output
+    assert not (first_run / "summary.json").exists(), "the grid finished the run before Ctrl-C: " + output
+    assert _statuses(experiment_dir)["e2e__method_fedlora__seed_1"] == "interrupted"
+    rounds_before = len((first_run / "metrics.jsonl").read_text().splitlines())
+    assert rounds_before >= 1
+
+    process = _grid_process(spec, tmp_path / "out")
+    output = _stop(process)
+    assert process.returncode == 0, output
+    assert f"start e2e__method_fedlora__seed_1 (resuming from its checkpoint after round {rounds_before})" in output
+    entries = {entry["run_name"]: entry for entry in _grid_json(experiment_dir)["runs"]}
+    assert entries["e2e__method_fedlora__seed_1"]["resumed_after_round"] == rounds_before
+    assert {entry["status"] for entry in entries.values()} == {"done"}
+    assert not list(experiment_dir.glob("*.incomplete-*"))
+
+    reference = tmp_path / "reference.toml"
+    reference.write_text(RESUME_SPEC.format(name="e2e", seeds="[1]", methods='["fedlora"]'))
+    process = _grid_process(reference, tmp_path / "ref")
+    output = _stop(process)
+    assert process.returncode == 0, output
+    uninterrupted = tmp_path / "ref" / "e2e" / "e2e__method_fedlora__seed_1"
+    assert _rows_without_clock(first_run) == _rows_without_clock(uninterrupted)
+    summaries = [{k: v for k, v in json.loads((folder / "summary.json").read_text()).items() if k not in WALL_CLOCK}
+                 for folder in (first_run, uninterrupted)]
+    assert summaries[0] == summaries[1] and summaries[0]["rounds"] == 2
+
+    frame = load_runs(experiment_dir)
+    assert len(frame) == 8 and frame.groupby("run").size().tolist() == [2] * 4
+    assert frame["round"].tolist() == [1, 2] * 4 and set(frame.status) == {"finished"}
+    assert sorted(frame.groupby(["method", "seed"]).size().index) == [
+        ("fedavg", 1), ("fedavg", 2), ("fedlora", 1), ("fedlora", 2)]
+    assert {"acc_mean", "best_acc_mean", "final_acc_mean", "num_clients", "num-server-rounds"} <= set(frame.columns)
+    resumed = frame[frame.run == "e2e__method_fedlora__seed_1"]
+    assert resumed["resume"].tolist() == [True, True] and resumed.best_acc_mean.notna().all()
+    report = make_report(experiment_dir, out=tmp_path / "report", echo=lambda _: None)
+    assert report.table[["method", "n"]].values.tolist() == [["fedavg", 2], ["fedlora", 2]]
+    assert report.table.runs.map(len).tolist() == [2, 2] and not report.skipped
+    print(f"interrupted + resumed grid of 4 runs and the reference run: {time.monotonic() - started:.1f}s")

@@ -1,5 +1,6 @@
-"""The report (fedlora_flwr.report) on small fake run folders: arithmetic, rows, paper column,
-CSV, skipped folders, plots, the ordering line and the command line's errors."""
+"""The report (fedlora_flwr.report) on small fake run folders: arithmetic, rows, the two
+selections, paper column, CSV/Markdown/LaTeX, skipped folders, plots, the ordering line and the
+command line's errors."""
 
 from __future__ import annotations
 
@@ -10,73 +11,15 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import app_defaults
+from runfolders import fake_run
 
-from fedlora_flwr.report import (
-    PAPER_TABLE1,
-    find_runs,
-    group_runs,
-    load_runs,
-    make_report,
-    register,
-)
+from fedlora_flwr.paper import PAPER_TABLE1, matches, paper_entry
+from fedlora_flwr.report import make_report, register, run_table
+from fedlora_flwr.runs import load_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("curves.png", "per_client.png", "partition.png", "distance.png", "bytes.png")
 
-
-def fake_run(
-    root: Path,
-    name: str,
-    method: str,
-    seed: int,
-    best: float,
-    *,
-    finished: bool = True,
-    num_clients: int = 4,
-    **overrides,
-) -> Path:
-    """A run folder as RunRecorder writes it: 3 rounds whose best acc_mean is ``best`` (round 2)."""
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    config = {
-        **app_defaults(),
-        "method": method,
-        "dataset": "synthetic",
-        "model": "cnn",
-        "seed": seed,
-        "num-server-rounds": 3,
-        "train-per-client": 100,
-        "test-per-client": 40,
-        "run-name": name,
-        "output-dir": str(root),
-        "run-dir": str(run_dir),
-        **overrides,
-    }
-    (run_dir / "config.json").write_text(json.dumps(config))
-    up = {"local": 0, "fedavg": 2_000_000}.get(method, 1_000_000)
-    rounds = []
-    for rnd, acc in ((1, best - 0.2), (2, best), (3, best - 0.01)):
-        spread = (-0.05, 0.05, -0.1, 0.1)[:num_clients]
-        rounds.append(
-            {
-                "round": rnd, "acc_mean": acc, "acc_weighted": acc, "acc_std": 0.05,
-                "acc_per_client": {str(i): acc + d for i, d in enumerate(spread)},
-                "num_participants": num_clients, "num_failures": 0,
-                "bytes_up": up, "bytes_down": 2 * up, "train_loss": 1.0 / rnd,
-                "shared_distance": 0.0 if method == "local" else 10.0 / rnd, "elapsed_s": float(rnd),
-            }
-        )
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    if finished:
-        summary = {
-            "method": method, "dataset": config["dataset"], "model": "cnn", "partition": "dirichlet",
-            "alpha": config["alpha"], "seed": seed, "num_clients": num_clients, "rounds": 3,
-            "best_acc_mean": best, "best_round": 2, "final_acc_mean": best - 0.01,
-            "bytes_up_total": 3 * up, "bytes_down_total": 6 * up, "wall_seconds": 3.0, "run_dir": str(run_dir),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    return run_dir
 
 
 @pytest.fixture
@@ -100,40 +43,49 @@ def write_spec(path: Path) -> Path:
     return path
 
 
-def test_table_arithmetic_paper_column_csv_and_plots(two_methods, tmp_path, capsys):
+def test_table_arithmetic_selections_paper_column_tables_and_plots(two_methods, tmp_path, capsys):
     out = tmp_path / "report"
     report = make_report(two_methods, out=out, spec=write_spec(tmp_path / "spec.toml"))
     printed = capsys.readouterr().out
 
-    assert [g.method for g in report.groups] == ["fedavg", "fedlora"]  # the paper's row order
-    fedavg, fedlora = report.groups
-    assert fedlora.mean == pytest.approx(82.0, abs=1e-9)
-    assert fedlora.std == pytest.approx(math.sqrt(8 / 3), abs=1e-9)  # ddof=0: 1.633
-    assert fedavg.mean == pytest.approx(61.0, abs=1e-9)
-    assert fedavg.std == pytest.approx(math.sqrt(2 / 3), abs=1e-9)  # 0.816
-    assert fedlora.diff == pytest.approx(82.0 - 85.47, abs=1e-9)
-    assert fedavg.paper["acc"] == 60.39  # entry without alpha matches; the alpha=0.5 one does not
+    table = report.table.set_index("method")
+    assert list(table.index) == ["fedavg", "fedlora"]  # the paper's row order
+    assert table.at["fedlora", "best_mean"] == pytest.approx(82.0, abs=1e-9)
+    assert table.at["fedlora", "best_std"] == pytest.approx(math.sqrt(8 / 3), abs=1e-9)  # ddof=0: 1.633
+    assert table.at["fedlora", "final_mean"] == pytest.approx(81.0, abs=1e-9)  # the last round's, per seed −1
+    assert table.at["fedavg", "best_mean"] == pytest.approx(61.0, abs=1e-9)
+    assert table.at["fedavg", "best_std"] == pytest.approx(math.sqrt(2 / 3), abs=1e-9)  # 0.816
+    assert table.at["fedlora", "diff"] == pytest.approx(82.0 - 85.47, abs=1e-9)
+    assert table.at["fedavg", "paper"] == 60.39  # entry without alpha matches; the alpha=0.5 one does not
 
     md = (out / "table.md").read_text()
-    assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 | 85.47 ± 2.06 | -3.47 |" in md
-    assert "| fedavg | synthetic | 0.1 | 3 | 61.00 ± 0.82 | 60.39 ± 1.46 | +0.61 |" in md
+    assert "| method | dataset | alpha | n | best (%) | final (%) | paper (%) | diff |" in md
+    assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 | 81.00 ± 1.63 | 85.47 ± 2.06 | -3.47 |" in md
+    assert "| fedavg | synthetic | 0.1 | 3 | 61.00 ± 0.82 | 60.00 ± 0.82 | 60.39 ± 1.46 | +0.61 |" in md
     assert "ddof=0" in md and "[[paper]] entries of spec spec.toml" in md
+    assert "selected on the test set" in md and "the last round's mean client test accuracy: no selection" in md
+    assert "Best-by-validation is not reported" in md
     assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 |" in printed  # the table is printed too
 
     with (out / "table.csv").open() as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
-    assert rows["fedlora"]["mean"] == "82.0000" and rows["fedlora"]["std"] == "1.6330"
+    assert rows["fedlora"]["best_mean"] == "82.0000" and rows["fedlora"]["best_std"] == "1.6330"
+    assert rows["fedlora"]["final_mean"] == "81.0000" and rows["fedlora"]["final_std"] == "1.6330"
     assert rows["fedlora"]["n"] == "3" and rows["fedlora"]["seeds"] == "1 2 3"
-    assert rows["fedlora"]["values"] == "80.0000 82.0000 84.0000"
-    assert rows["fedlora"]["paper"] == "85.47" and rows["fedlora"]["paper_std"] == "2.06"
+    assert rows["fedlora"]["best_values"] == "80.0000 82.0000 84.0000"
+    assert rows["fedlora"]["paper"] == "85.4700" and rows["fedlora"]["paper_std"] == "2.0600"
     assert rows["fedlora"]["diff"] == "-3.4700"
-    assert rows["fedavg"]["mean"] == "61.0000" and rows["fedavg"]["std"] == "0.8165"
+    assert rows["fedavg"]["best_mean"] == "61.0000" and rows["fedavg"]["best_std"] == "0.8165"
     assert rows["fedavg"]["diff"] == "0.6100"
     assert "seed" not in rows["fedlora"]
 
+    tex = (out / "table.tex").read_text()
+    assert "\\begin{tabular}" in tex and "fedlora & synthetic & 0.1 & 3 & 82.00 ± 1.63 & 81.00 ± 1.63" in tex
+    assert "best (\\%)" in tex
+
     # The unfinished run is skipped and said so; it does not enter the fedlora row.
     assert "skipped 1 run folder(s)" in printed and "fedlora-s4-unfinished: unfinished (no summary.json)" in printed
-    assert [path.name for path, _ in report.skipped_runs] == ["fedlora-s4-unfinished"]
+    assert [Path(path).name for path, _ in report.skipped] == ["fedlora-s4-unfinished"]
 
     line = "ordering [dataset=synthetic alpha=0.1]: fedlora > fedavg (paper: fedlora > fedavg) -> holds"
     assert report.ordering == [line] and line in printed and line in md
@@ -150,9 +102,9 @@ def test_a_failed_run_is_skipped_with_its_reason(tmp_path):
     summary = json.loads((failed / "summary.json").read_text())
     summary.update(status="failed", failure="no-valid-replies", reason="round 3: no client sent a valid reply")
     (failed / "summary.json").write_text(json.dumps(summary))
-    runs, skipped = find_runs(root)
-    assert [run.path.name for run in runs] == ["done"]
-    assert [(path.name, why) for path, why in skipped] == [
+    report = make_report(root, out=tmp_path / "out", echo=lambda _: None, plots=False)
+    assert report.table.runs.tolist() == [["done"]]
+    assert [(Path(path).name, why) for path, why in report.skipped] == [
         ("failed", "failed (no-valid-replies: round 3: no client sent a valid reply)")]
 
 
@@ -162,14 +114,14 @@ def test_rows_group_seeds_and_label_varying_keys(tmp_path):
         fake_run(root, f"lora-r06-s{seed}", "fedlora", seed, 0.7 + seed / 100, **{"rank-conv": 0.6})
         fake_run(root, f"lora-r02-s{seed}", "fedlora", seed, 0.6, **{"rank-conv": 0.2})
         fake_run(root, f"avg-s{seed}", "fedavg", seed, 0.5, **{"data-dir": f"/elsewhere/{seed}", "device": "cpu"})
-    groups, label_keys = group_runs(load_runs(root, echo=lambda _: None))
+    table, _, label_keys = run_table(_finished(root))
     assert label_keys == ["method", "dataset", "alpha", "rank-conv"]
-    assert [(g.method, g.config["rank-conv"], g.seeds) for g in groups] == [
-        ("fedlora", 0.2, [1, 2]), ("fedavg", 0.6, [1, 2]), ("fedlora", 0.6, [1, 2])
+    assert table[["method", "rank-conv", "seeds"]].values.tolist() == [
+        ["fedlora", 0.2, [1, 2]], ["fedavg", 0.6, [1, 2]], ["fedlora", 0.6, [1, 2]]
     ]
     report = make_report(root, out=tmp_path / "out", echo=lambda _: None, plots=False)
-    assert "| fedlora | synthetic | 0.1 | 0.2 | 2 | 60.00 ± 0.00 | — | — |" in report.markdown
-    assert "| fedlora | synthetic | 0.1 | 0.6 | 2 | 71.50 ± 0.50 | — | — |" in report.markdown
+    assert "| fedlora | synthetic | 0.1 | 0.2 | 2 | 60.00 ± 0.00 | 59.00 ± 0.00 | — | — |" in report.markdown
+    assert "| fedlora | synthetic | 0.1 | 0.6 | 2 | 71.50 ± 0.50 | 70.50 ± 0.50 | — | — |" in report.markdown
     # Only rows that differ by method alone are ranked; no paper numbers for synthetic data.
     assert report.ordering == ["ordering [dataset=synthetic alpha=0.1 rank-conv=0.6]: fedlora > fedavg (paper: n/a)"]
 
@@ -179,8 +131,8 @@ def test_a_resumed_or_fused_evaluation_run_is_a_seed_of_the_same_row(tmp_path):
     root = tmp_path / "runs"
     fake_run(root, "s1", "fedlora", 1, 0.70)
     fake_run(root, "s2", "fedlora", 2, 0.72, resume=True, **{"fused-evaluation": True, "round-timeout": 60.0})
-    groups, _ = group_runs(load_runs(root, echo=lambda _: None))
-    assert [(group.method, group.seeds) for group in groups] == [("fedlora", [1, 2])]
+    table, _, _ = run_table(_finished(root))
+    assert table[["method", "seeds", "n"]].values.tolist() == [["fedlora", [1, 2], 2]]
 
 
 def test_builtin_table1_numbers_and_missing_data_file(tmp_path, capsys):
@@ -195,9 +147,10 @@ def test_builtin_table1_numbers_and_missing_data_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     acc, std = PAPER_TABLE1[("fedlora", "cifar10", 0.1)]
     assert (acc, std) == (85.47, 2.06)
-    assert f"| fedlora | npz (cifar10) | 0.1 | 1 | 80.00 ± 0.00 | {acc:.2f} ± {std:.2f} | -5.47 |" in report.markdown
-    assert "| local | npz (cifar10) | 0.1 | 1 | 75.00 ± 0.00 | 81.91 ± 3.09 | -6.91 |" in report.markdown
-    assert "| fedavg | npz (cifar10) | 0.1 | 1 | 70.00 ± 0.00 | 60.39 ± 1.46 | +9.61 |" in report.markdown
+    assert f"| fedlora | npz (cifar10) | 0.1 | 1 | 80.00 ± 0.00 | 79.00 ± 0.00 | {acc:.2f} ± {std:.2f} | -5.47 |" \
+        in report.markdown
+    assert "| local | npz (cifar10) | 0.1 | 1 | 75.00 ± 0.00 | 74.00 ± 0.00 | 81.91 ± 3.09 | -6.91 |" in report.markdown
+    assert "| fedavg | npz (cifar10) | 0.1 | 1 | 70.00 ± 0.00 | 69.00 ± 0.00 | 60.39 ± 1.46 | +9.61 |" in report.markdown
     assert report.ordering == [
         "ordering [dataset=npz (cifar10) alpha=0.1]: fedlora > local > fedavg (paper: fedlora > local > fedavg) -> holds"
     ]
@@ -205,6 +158,23 @@ def test_builtin_table1_numbers_and_missing_data_file(tmp_path, capsys):
     assert not (out / "partition.png").exists()
     for name in set(PLOTS) - {"partition.png"}:
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
+
+
+def _finished(root: Path):
+    frame = load_runs(root)
+    finished = frame.drop_duplicates("run_dir", keep="last")
+    finished.attrs = frame.attrs
+    return finished
+
+
+def test_a_corrupt_metrics_file_is_one_line_naming_it(tmp_path, capsys):
+    run_dir = fake_run(tmp_path / "runs", "bad", "fedlora", 1, 0.5)
+    (run_dir / "metrics.jsonl").write_text('{"round": 1}\nnot json\n')
+    args = _cli(["report", str(tmp_path / "runs")])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fedlora-flwr report: error: {run_dir / 'metrics.jsonl'} line 2: not JSON")
+    assert "\n" not in err
 
 
 def test_ordering_that_differs_from_the_paper(tmp_path):
@@ -238,8 +208,23 @@ def test_cli_report_and_its_errors(two_methods, tmp_path, capsys):
     bad_spec.write_text("[[paper]]\nmethod = 'fedlora'\nstd = 1.0\n")  # no acc
     args = _cli(["report", str(two_methods), "--spec", str(bad_spec)])
     assert args.func(args) == 2
-    assert "[[paper]] entry 1 needs a number 'acc'" in capsys.readouterr().err
+    assert "[[paper]] entry 1: acc must be a number (%), not None" in capsys.readouterr().err
 
     args = _cli(["report", str(two_methods), "--spec", str(tmp_path / "nope.toml")])
     assert args.func(args) == 2
     assert "--spec: cannot read" in capsys.readouterr().err
+
+
+def test_one_paper_matcher_for_the_grid_and_the_report():
+    """fedlora_flwr.paper: every named key equal (numbers as numbers, booleans strictly), npz with a
+    cifar10 file is cifar10, the most specific entry wins, then the built-in Table 1."""
+    config = {"method": "fedlora", "dataset": "npz", "data-dir": "/x/cifar10.npz", "alpha": 0.1, "resume": False}
+    assert matches({"method": "fedlora", "dataset": "cifar10", "acc": 1}, config)
+    assert matches({"dataset": "npz", "alpha": 0.1000000000001, "acc": 1}, config)
+    assert not matches({"method": "fedlora", "dataset": "cifar100", "acc": 1}, config)
+    assert not matches({"resume": 0, "acc": 1}, config) and not matches({"rank-conv": 0.6, "acc": 1}, config)
+    entries = [{"method": "fedlora", "acc": 1.0}, {"method": "fedlora", "alpha": 0.1, "acc": 2.0}]
+    assert paper_entry(config, entries)["acc"] == 2.0
+    assert paper_entry(config) == {"method": "fedlora", "dataset": "cifar10", "alpha": 0.1, "acc": 85.47, "std": 2.06,
+                                   "source": "paper Table 1"}
+    assert paper_entry({**config, "dataset": "synthetic"}) is None
