@@ -1,4 +1,6 @@
-"""Load run folders (the output contract, docs/concepts/outputs.md) into pandas: the one way report, grid and bench read results.
+"""Load run folders into pandas: the one way report, grid and bench read results.
+
+The folders follow the output contract (docs/concepts/outputs.md).
 
 >>> from fedlora_flwr import load_runs, load_client_accuracies
 >>> df = load_runs("outputs/grids/table1-cpu")           # a run, a grid, or a folder of grids
