@@ -10,7 +10,8 @@
   (``acc_per_group``: per architecture of a ``model-family`` run) when runs recorded it;
 - ``curves.png`` (mean client accuracy per round), ``per_client.png`` (the paper's Fig. 7),
   ``partition.png`` (Fig. 5, recomputed from ``config.json``), ``distance.png`` (Fig. 6:
-  distance of the clients' σ_i to σ̄), ``bytes.png`` (bytes uploaded per round).
+  distance of the clients' σ_i to σ̄), ``bytes.png`` (bytes uploaded per round), ``privacy.png``
+  (ε per round, ``dp_epsilon``; only when a run used DP).
 
 Rows: runs are grouped by their ``config.json`` without the keys of :data:`IGNORED_KEYS`
 (seed, names, paths, device), plus ``num-clients`` from ``summary.json`` (the simulation size
@@ -879,6 +880,14 @@ def plot_bytes(groups, label_keys, path: Path) -> Path:
     )
 
 
+def plot_epsilon(groups, label_keys, path: Path) -> Path:
+    """ε at δ spent after each round (``dp_epsilon``, runs with dp-clip-norm > 0 and noise)."""
+    return _series_figure(
+        groups, label_keys, path, "dp_epsilon", 1.0, r"privacy spent $\varepsilon$ (at dp-delta)",
+        "User-level DP of the shared update: ε after each round (RDP accountant; mean over seeds)",
+    )
+
+
 def _partition_config(run: Run):
     from fedlora_flwr.data import PartitionConfig
 
@@ -1069,6 +1078,10 @@ def make_report(
             plot_distance(groups, label_keys, out / "distance.png"),
             plot_bytes(groups, label_keys, out / "bytes.png"),
         ]
+        if any(run.series("dp_epsilon") for group in groups for run in group.runs):
+            files.append(plot_epsilon(groups, label_keys, out / "privacy.png"))
+        elif (out / "privacy.png").exists():
+            (out / "privacy.png").unlink()  # a stale plot of other runs would mislead
         partition_png = plot_partition(groups, out / "partition.png", echo=echo)
         if partition_png is not None:
             files.append(partition_png)
@@ -1086,7 +1099,7 @@ DESCRIPTION = (
     "Turn finished run folders into the paper's table (mean ± std over seeds of the best mean "
     "client accuracy, with the paper's numbers and the difference) as table.md and table.csv, "
     "and plots: curves.png, per_client.png (Fig. 7), partition.png (Fig. 5), distance.png "
-    "(Fig. 6), bytes.png."
+    "(Fig. 6), bytes.png, and privacy.png (ε per round) when runs used DP."
 )
 
 
