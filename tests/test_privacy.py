@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from fedlora_flwr.methods import get_method
 from strategies.fedlora import FedLoRAStrategy
 from strategies.privacy import CLIP_NORM_KEY, NORM_BIT_KEY, SharedUpdatePrivacy, clip_upload
 from strategies.protocol import ARRAYS, METRICS
+
 
 def _update_norm(sent: dict[str, np.ndarray], reply: ArrayRecord) -> float:
     """‖reply − sent‖ over the floating-point tensors, in float64 (as the server measures it)."""
@@ -130,7 +132,7 @@ def test_epsilon_in_metrics_equals_an_independent_accountant_and_grows(tmp_path)
     assert [row["num_participants"] for row in rows] == [3] * 4
     for server_round, epsilon in enumerate(epsilons, 1):
         assert epsilon == pytest.approx(_independent_epsilon(server_round, 6, 3, z, delta), rel=1e-9)
-    assert all(later > earlier for earlier, later in zip(epsilons, epsilons[1:]))
+    assert all(later > earlier for earlier, later in pairwise(epsilons))
     summary = _summary(tmp_path / "outputs" / "eps")
     assert summary["dp_epsilon"] == epsilons[-1] and summary["dp_delta"] == delta
 

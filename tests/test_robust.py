@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import app_defaults
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from scipy import stats
 from inprocess import InProcessGrid
+from scipy import stats
 from test_federation import ScriptedGrid
 
 from fedlora_flwr.client_app import inject_fault
