@@ -16,7 +16,8 @@ Language Models"; the Gaussian noise of Flower's DP wrappers, ``flwr.serverapp.s
    (:meth:`SharedUpdatePrivacy.release`), so the bound holds for a client that did not clip;
 2. the server releases x̄ + (1/m)·Σ_i Δ_i + N(0, (z·C/m)²·I) over the m valid replies (equal
    weights: ``aggregation`` must be ``mean``; ``auto`` means ``mean`` under DP). Integer tensors
-   (BatchNorm's ``num_batches_tracked``) are not released: they keep the value sent;
+   (BatchNorm's ``num_batches_tracked``) are not released: they keep the value sent; BatchNorm
+   running variances are clamped at 0 after the noise (post-processing, so still private);
 3. with ``dp-clipping = "adaptive"`` (Andrew et al., NeurIPS 2021, "Differentially Private Learning
    with Adaptive Clipping"): C ← C·exp(−η_C·(b̃ − γ)), b̃ = (Σ b_i + N(0, σ_b²))/m, and the update
    noise uses z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) so that the pair (update, count) is a Gaussian
@@ -65,6 +66,8 @@ CLIP_NORM_KEY = "dp-clip-norm"
 NORM_BIT_KEY = "dp-norm-bit"
 #: Random streams, apart from sampling ([seed, round]) and faults (1, 2).
 NOISE_STREAM, COUNT_STREAM = 3, 4
+#: BatchNorm's running variances: clamped at 0 after the noise (post-processing keeps the guarantee).
+VARIANCE_SUFFIX = "running_var"
 
 
 def _floating(array: np.ndarray) -> bool:
@@ -287,6 +290,8 @@ class SharedUpdatePrivacy:
                 value = reference.astype(np.float64) + total[key] / count
                 if std > 0:
                     value = value + rng.normal(0.0, std, reference.shape)
+                    if key.endswith(VARIANCE_SUFFIX):  # post-processing: a variance is not negative
+                        value = np.maximum(value, 0.0)
                 out[key] = np.asarray(value, dtype=reference.dtype)
             else:  # integer tensors are not released
                 out[key] = reference

@@ -196,3 +196,13 @@ def test_keys_out_of_range_are_refused():
     for key, value in (("dp-delta", 1.0), ("dp-clip-norm", -1.0), ("dp-target-quantile", 1.5), ("trim-fraction", 0.5)):
         with pytest.raises(ConfigError, match=key):
             load_config({**app_defaults(), key: value})
+
+
+def test_noisy_running_variances_are_clamped_at_zero():
+    template = ArrayRecord({"bn.running_var": Array(np.zeros(10_000, np.float32)),
+                            "bn.running_mean": Array(np.zeros(10_000, np.float32))})
+    strategy = FedLoRAStrategy(upload_template=template, privacy=SharedUpdatePrivacy(1.0, 1.0, 1e-5))
+    result = strategy.start(EchoGrid({1: 0.5}, 2, app_defaults()), template, num_rounds=1)
+    variance, mean = result.arrays["bn.running_var"].numpy(), result.arrays["bn.running_mean"].numpy()
+    assert variance.min() == 0.0 and (variance > 0).mean() == pytest.approx(0.5, abs=0.03)
+    assert mean.min() < -1.0, "other tensors keep their noise"
