@@ -5,6 +5,7 @@ and validated by :func:`fedlora_flwr.grid.load_spec`), but every run goes throug
 ServerApp and ClientApp functions over ``tests/inprocess.py``'s in-process Grid: clients train one
 after the other in this process, which on a small CPU avoids Ray's start-up and per-message cost.
 Finished runs are skipped; ``fedlora-flwr report OUT/<name>`` reads the folders as usual.
+``--select REGEX`` runs a subset (e.g. two processes on disjoint subsets, ``--threads 1`` each).
 
 Usage (from the repository root)::
 
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import io
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spec", help="a grid spec (experiments/grids/*.toml)")
     parser.add_argument("--out", default="outputs/grids", help="folder of the experiment folders")
+    parser.add_argument("--select", default="", help="only the runs whose name matches this regular expression")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(REPO / "tests"))
     from flwr.app import Context, RecordDict
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedlora_flwr.grid import expand, load_spec
 
     spec = load_spec(args.spec)
-    runs = expand(spec, out_dir=args.out)
+    runs = [run for run in expand(spec, out_dir=args.out) if re.search(args.select, run.run_name)]
     for handler in FLOWER_LOGGER.handlers:
         handler.setLevel(logging.ERROR)
     failed = 0
