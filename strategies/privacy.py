@@ -285,7 +285,11 @@ class SharedUpdatePrivacy:
         std = self.update_multiplier(sampled) * self.clip_norm / count
         rng = np.random.default_rng([self.seed, server_round, NOISE_STREAM])
         out = {}
-        for key, reference in sent.items():
+        for key in replies[0].content[ARRAYS]:  # the uploaded keys, as the plain mean gives them
+            if key not in sent:
+                raise ConfigError(f"dp-clip-norm: the shared tensor {key!r} is uploaded but not sent to the clients, "
+                                  "so its update is undefined; this method cannot run with DP")
+            reference = sent[key]
             if key in total:
                 value = reference.astype(np.float64) + total[key] / count
                 if std > 0:
