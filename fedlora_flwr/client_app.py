@@ -47,6 +47,7 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
+from strategies.privacy import CLIP_NORM_KEY, NORM_BIT_KEY, clip_upload
 from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
 
 app = ClientApp()
@@ -238,12 +239,13 @@ class InjectedFault(RuntimeError):
     """Raised by a client the server told to fail (``fault-kind = "raise"``)."""
 
 
-def inject_fault(kind: str, message: Message, reply: Message, num_partitions: int) -> Message:
+def inject_fault(kind: str, message: Message, reply: Message, num_partitions: int, scale: float = 100.0) -> Message:
     """``reply`` spoilt the way ``fault-kind`` says (the server picked this client;
     ``strategies/faults.py`` lists the kinds). ``timeout`` is modelled: an immediate reply with a
     ``modelled-timeout`` record, which the server treats as one that missed ``round-timeout``
     (sleeping would hold a simulation's Ray actor, and every message queued behind it, past the
-    round)."""
+    round). ``scaled`` sends received + ``scale``·(trained − received) for every floating-point
+    tensor it received (a boosted update, run-config ``fault-scale``)."""
     if kind == "raise":
         raise InjectedFault("injected fault (fault-kind = 'raise')")
     if kind == "timeout":
@@ -259,6 +261,14 @@ def inject_fault(kind: str, message: Message, reply: Message, num_partitions: in
     elif kind == "bad-eval":  # the evaluation this reply carries: its own, or a fused one
         evaluation = content[EVALUATION] if EVALUATION in content else metrics
         evaluation["accuracy"] = float(evaluation["accuracy"]) + 1.5
+    elif kind == "scaled":
+        arrays, received = content[ARRAYS], message.content[ARRAYS]
+        for key in list(arrays):
+            value = arrays[key].numpy()
+            if key in received and np.issubdtype(value.dtype, np.floating):
+                sent = received[key].numpy().astype(np.float64)
+                arrays[key] = Array.from_numpy_ndarray(np.asarray(sent + scale * (value.astype(np.float64) - sent),
+                                                                  dtype=value.dtype))
     elif kind in ("nan", "wrong-shape"):
         arrays = content[ARRAYS]
         key = next(key for key in arrays if np.issubdtype(arrays[key].dtype, np.floating) and arrays[key].shape)
@@ -281,11 +291,18 @@ def train(message: Message, context: Context) -> Message:
     session = ClientSession.open(message, context)
     stats, upload = session.train()
     metrics = {"num-examples": len(session.split.train), "train-loss": stats.loss, "train-samples": stats.samples}
+    clip_norm = message.content["config"].get(CLIP_NORM_KEY)
+    if clip_norm is not None:  # DP: clip the shared update before it leaves (strategies/privacy.py)
+        upload, norm = clip_upload(message.content[ARRAYS], upload, float(clip_norm))
+        metrics[NORM_BIT_KEY] = int(norm <= float(clip_norm))
     reply = session.reply(message, metrics, ArrayRecord(upload))
     if evaluation is not None:
         reply.content[EVALUATION] = MetricRecord(evaluation)
     fault = message.content["config"].get(FAULT)
-    return inject_fault(str(fault), message, reply, int(context.node_config["num-partitions"])) if fault else reply
+    if not fault:
+        return reply
+    return inject_fault(str(fault), message, reply, int(context.node_config["num-partitions"]),
+                        session.config.fault_scale)
 
 
 @app.query()

@@ -43,7 +43,11 @@ from fedlora_flwr.text_models import HF_PREFIX, is_pretrained_text_model, is_tex
 
 _PATH_KEYS = ("data-dir", "output-dir", "backbone")
 #: How a client told to fail fails (``fault-kind``; strategies/faults.py says what each one does).
-FaultKind = Literal["raise", "timeout", "nan", "wrong-shape", "nan-weight", "negative-weight", "forged-id", "bad-eval"]
+FaultKind = Literal["raise", "timeout", "nan", "wrong-shape", "nan-weight", "negative-weight", "forged-id", "bad-eval",
+                    "scaled"]
+#: How the shared tensors are aggregated (``aggregation``): the method's default, a mean, or a
+#: Byzantine-robust rule (strategies/robust.py).
+Aggregation = Literal["auto", "mean", "weighted", "trimmed-mean", "median", "krum"]
 #: The longest run-name: the run folder's name must stay well within a file name's 255 bytes.
 MAX_RUN_NAME = 120
 
@@ -112,8 +116,11 @@ class RunConfig(Settings):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     fraction_train: float = Field(1.0, gt=0, le=1, description="fraction of clients trained per round (all clients "
                                   "evaluate), sampled by partition id with the seed and the round")
-    aggregation: Literal["auto", "mean", "weighted"] = Field(
-        "auto", description="mean: unweighted (FedLoRA eq. 8); weighted: by training samples; auto: the method's own rule")
+    aggregation: Aggregation = Field(
+        "auto", description="mean: unweighted (FedLoRA eq. 8); weighted: by training samples; auto: the method's own "
+        "rule; or a robust rule: trimmed-mean, median, krum (strategies/robust.py)")
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5, description="trimmed-mean: fraction β cut at each end, per coordinate")
+    krum_byzantine: int = Field(1, ge=0, description="krum: f, the hostile clients it tolerates (scores over n − f − 2 neighbours)")
     partial_average: Literal["participants", "all-clients"] = Field(
         "participants", description="the mean over the round's participants, or over all N clients with absent ones "
         "holding the previous aggregate (FedDecomp's code)")
@@ -133,6 +140,21 @@ class RunConfig(Settings):
     node_wait_timeout: float = operational(600.0, "seconds to wait for them, then the run stops", gt=0)
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
+    fault_scale: float = Field(100.0, description="fault-kind 'scaled': the factor of the shared update sent "
+                               "(received + factor·(trained − received))")
+
+    # Differential privacy of the shared update (strategies/privacy.py); off while dp-clip-norm = 0.
+    dp_clip_norm: float = Field(0.0, ge=0, description="C: each client's shared update is clipped to this L2 norm "
+                                "(the initial C with dp-clipping = 'adaptive'); 0: no DP")
+    dp_noise_multiplier: float = Field(0.0, ge=0, description="z: Gaussian noise of std z·C/m on the mean of m clipped updates")
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="δ at which ε is reported")
+    dp_target_epsilon: float = Field(0.0, ge=0, description="stop the run (exit 6) before a round would spend more; 0: no target")
+    dp_clipping: Literal["fixed", "adaptive"] = Field("fixed", description="fixed C, or C adapted to a quantile "
+                                                      "of the update norms (Andrew et al. 2021)")
+    dp_target_quantile: float = Field(0.5, ge=0, le=1, description="adaptive: γ, the fraction of updates left unclipped")
+    dp_clip_lr: float = Field(0.2, gt=0, description="adaptive: η_C, C ← C·exp(−η_C(b̄ − γ))")
+    dp_clipped_count_stddev: float = Field(0.0, ge=0, description="adaptive: σ_b, noise std of the unclipped "
+                                           "count; 0: m/20")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
 
     # Text data and pretrained image backbones (docs/guide/text.md).

@@ -13,6 +13,7 @@ status  exit_code  failure               when
 3       903        ``node-wait-timeout`` fewer SuperNodes than needed within node-wait-timeout
 4       904        ``no-valid-replies``  a round in which no client sent a valid train reply
 5       905        ``state-error``       a checkpoint or state file is unreadable or does not fit
+6       906        ``privacy-budget``    the next round would spend more than dp-target-epsilon
 ======  =========  ====================  ==================================================
 
 The message starts with ``[fedlora-flwr exit <status>]``, which :func:`status_in` finds again in
@@ -26,6 +27,7 @@ import re
 from typing import ClassVar
 
 from flwr.app.exception import AppExitException
+from flwr.serverapp.exception import PrivacyBudgetExhausted as FlowerPrivacyBudgetExhausted
 
 #: Flower's exit codes are below this (``flwr.supercore.exit.ExitCode``).
 FLOWER_RESERVED = 900
@@ -74,7 +76,15 @@ class RunStateError(RunFailure):
     exit_code = FLOWER_RESERVED + 5
 
 
-FAILURES = (RunConfigError, FederationIncomplete, NoValidReplies, RunStateError)
+class PrivacyBudgetExhausted(RunFailure, FlowerPrivacyBudgetExhausted):
+    """The next round's release would take ε past ``dp-target-epsilon`` (strategies/privacy.py):
+    the run stops before that round's training. Also Flower's ``PrivacyBudgetExhausted``."""
+
+    status, kind = 6, "privacy-budget"
+    exit_code = FLOWER_RESERVED + 6
+
+
+FAILURES = (RunConfigError, FederationIncomplete, NoValidReplies, RunStateError, PrivacyBudgetExhausted)
 
 
 def status_in(details: str) -> int | None:

@@ -12,7 +12,8 @@ writes to ``--out`` (default ``ROOT/report``):
   (``acc_per_group``, per architecture of a ``model-family`` run) when runs recorded it.
 - ``curves.png`` (mean client accuracy per round; line: mean over seeds, band: ± std),
   ``per_client.png`` (the paper's Fig. 7), ``partition.png`` (Fig. 5, recomputed from the
-  config), ``distance.png`` (Fig. 6: distance of the clients' σ_i to σ̄), ``bytes.png``.
+  config), ``distance.png`` (Fig. 6: distance of the clients' σ_i to σ̄), ``bytes.png``, and
+  ``privacy.png`` (ε spent after each round, ``dp_epsilon``) when a run used DP.
 
 Rows: runs whose config agrees on every key but :data:`IGNORED_KEYS` (seed and the keys that do
 not change results, ``fedlora_flwr.config.OPERATIONAL_KEYS``), plus ``num_clients`` from the
@@ -548,6 +549,12 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
             _plot_series(*args, out / "bytes.png", "bytes_up", 1e-6, "bytes uploaded per round (MB)",
                          "Bytes uploaded per round, all clients (mean over seeds)"),
         ]
+        if "dp_epsilon" in frame and frame["dp_epsilon"].notna().any():
+            files.append(_plot_series(*args, out / "privacy.png", "dp_epsilon", 1.0,
+                                      r"privacy spent $\varepsilon$ (at dp-delta)", "User-level DP of the shared "
+                                      "update: ε after each round (RDP accountant; mean over seeds)"))
+        elif (out / "privacy.png").exists():
+            (out / "privacy.png").unlink()  # a stale plot of other runs would mislead
         partition = plot_partition(table, frame, out / "partition.png", echo)
         if partition:
             files.append(partition)
@@ -562,7 +569,8 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
 DESCRIPTION = (
     "Turn finished run folders into the paper's table (mean ± std over seeds of the best-round and the final-round "
     "mean client accuracy, with the paper's numbers and the difference) as table.md, table.csv and table.tex, and "
-    "plots: curves.png, per_client.png (Fig. 7), partition.png (Fig. 5), distance.png (Fig. 6), bytes.png."
+    "plots: curves.png, per_client.png (Fig. 7), partition.png (Fig. 5), distance.png (Fig. 6), bytes.png, and "
+    "privacy.png (ε per round) when runs used DP."
 )
 
 

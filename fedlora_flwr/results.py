@@ -319,6 +319,10 @@ class RunRecorder:
             "wall_seconds": round(time.monotonic() - self.started, 3),
             "run_dir": str(self.run_dir),
         }
+        private = [r for r in self.rounds if "dp_epsilon" in r]
+        if private:  # DP runs (strategies/privacy.py): ε at δ after the last recorded round
+            summary.update(dp_epsilon=private[-1]["dp_epsilon"], dp_delta=private[-1]["dp_delta"],
+                           dp_noise_multiplier=config.dp_noise_multiplier, dp_clip_norm=config.dp_clip_norm)
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -19,6 +19,10 @@ composed of parts with one job each:
 - :class:`strategies.validation.ReplyValidator`: which replies may be used, and why not;
 - :class:`strategies.evaluation.FusedEvaluation`: evaluation riding on the next train message;
 - :class:`strategies.faults.FaultInjector` (optional): clients told to fail, for tests;
+- :class:`strategies.robust.RobustAggregator` (``aggregation`` = trimmed-mean, median, krum):
+  a Byzantine-robust rule instead of the mean;
+- :class:`strategies.privacy.SharedUpdatePrivacy` (optional, ``dp-clip-norm`` > 0): clipping,
+  Gaussian noise and accounting of the shared update (user-level DP);
 - a :class:`strategies.recording.Recorder` (optional): the round rows and checkpoints.
 
 A method's strategy overrides hooks, never the round logic:
@@ -59,11 +63,13 @@ from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from fedlora_flwr.config import ConfigError
 from fedlora_flwr.exits import NoValidReplies
 from fedlora_flwr.results import last_trained_rounds
-from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
+from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore, StateError
 from strategies.evaluation import FusedEvaluation, PendingEvaluation, evaluation_result
 from strategies.faults import FaultInjector
+from strategies.privacy import SharedUpdatePrivacy, check_config
 from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, instruction
 from strategies.recording import Recorder
+from strategies.robust import ROBUST_RULES, RobustAggregator
 from strategies.sampling import ParticipantSampler
 from strategies.validation import Checked, ReplyValidator
 
@@ -116,8 +122,9 @@ class PersonalizedStrategy(Strategy):
     - ``upload_template``: the arrays every train reply must carry (keys, shapes, dtypes);
     - ``fraction_train``: the fraction of the known partitions that train each round (at least 1);
     - ``seed``: seeds the participants drawn each round (``numpy.random.default_rng([seed, round])``);
-    - ``aggregation``: ``"mean"`` (eq. 8) or ``"weighted"`` (by ``num-examples``); None: the
-      class's ``default_aggregation``;
+    - ``aggregation``: ``"mean"`` (eq. 8) or ``"weighted"`` (by ``num-examples``), or a robust
+      rule, ``"trimmed-mean"`` (β = ``trim_fraction``), ``"median"``, ``"krum"`` (f =
+      ``krum_byzantine``) (:mod:`strategies.robust`); None: the class's ``default_aggregation``;
     - ``partial_average``: ``"participants"`` or ``"all-clients"`` (absent clients hold σ̄^t);
     - ``min_available_nodes``: nodes round 1 waits for (0: the ``num-partitions`` a strict majority
       of them reports), at most ``node_wait_timeout`` seconds; ``query_timeout``: seconds to wait
@@ -128,6 +135,8 @@ class PersonalizedStrategy(Strategy):
       (:mod:`strategies.evaluation`; not with ``per_client_messages``);
     - ``faults``: a :class:`FaultInjector` telling some participants to fail (tests);
     - ``server_store``: where per-client server state lives (FedAMP, FedCAC need one);
+    - ``privacy``: a :class:`~strategies.privacy.SharedUpdatePrivacy`: DP of the shared update
+      (needs the equally weighted ``"mean"``; not with ``per_client_messages``);
     - ``recorder``: writes the rows and checkpoints, and resumes from its checkpoint; without one
       :meth:`start` only returns Flower's ``Result`` (train metric ``train-loss``, evaluate metric
       ``acc-mean``: the unweighted mean of the clients' accuracies).
@@ -136,6 +145,8 @@ class PersonalizedStrategy(Strategy):
     default_aggregation: ClassVar[str] = "weighted"
     #: Build one message per client with :meth:`client_arrays` instead of one common message.
     per_client_messages: ClassVar[bool] = False
+    #: Clients upload shared tensors (False: nothing is shared, nothing to protect or aggregate robustly).
+    shares_arrays: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -154,10 +165,20 @@ class PersonalizedStrategy(Strategy):
         faults: FaultInjector | None = None,
         server_store: PersonalStateStore | None = None,
         recorder: Recorder | None = None,
+        trim_fraction: float = 0.2,
+        krum_byzantine: int = 1,
+        privacy: SharedUpdatePrivacy | None = None,
     ) -> None:
         self.aggregation = self.default_aggregation if aggregation is None else aggregation
-        if self.aggregation not in ("mean", "weighted"):
-            raise ValueError(f"aggregation must be 'mean' or 'weighted', not {aggregation!r}")
+        if self.aggregation not in ("mean", "weighted", *ROBUST_RULES):
+            raise ValueError(f"aggregation must be one of {('mean', 'weighted', *ROBUST_RULES)}, not {aggregation!r}")
+        self.robust = (RobustAggregator(self.aggregation, trim_fraction, krum_byzantine)
+                       if self.aggregation in ROBUST_RULES else None)
+        if (self.robust or privacy) and (self.per_client_messages or not self.shares_arrays):
+            raise ValueError(f"{type(self).__name__} has no one shared aggregate: no robust aggregation, no DP")
+        if privacy is not None and self.aggregation != "mean":
+            raise ValueError(f"DP needs aggregation 'mean' (equal weights), not {self.aggregation!r}")
+        self.privacy = privacy
         if partial_average not in ("participants", "all-clients"):
             raise ValueError(f"partial_average must be 'participants' or 'all-clients', not {partial_average!r}")
         if not 0.0 < fraction_train <= 1.0:
@@ -166,7 +187,8 @@ class PersonalizedStrategy(Strategy):
             raise ValueError(f"{type(self).__name__} sends each client its own arrays: no fused evaluation")
         self.partial_average = partial_average
         self.sampler = ParticipantSampler(fraction_train, seed, min_available_nodes, node_wait_timeout, query_timeout)
-        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client)
+        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client,
+                                        (privacy.reply_problem,) if privacy is not None else ())
         self.fused = FusedEvaluation() if fused_evaluation else None
         self.faults = faults
         self.server_store = server_store
@@ -194,6 +216,7 @@ class PersonalizedStrategy(Strategy):
         if config.fused_evaluation and cls.per_client_messages:
             raise ConfigError(f"fused-evaluation: method {config.method!r} sends each client its own arrays, so its "
                               "evaluation cannot ride on the next train message; set fused-evaluation = false")
+        check_config(config, cls)
 
     @classmethod
     def method_options(cls, config: RunConfig) -> dict[str, Any]:
@@ -204,11 +227,19 @@ class PersonalizedStrategy(Strategy):
     def from_config(cls, config: RunConfig, recorder: RunRecorder, upload_template: ArrayRecord) -> PersonalizedStrategy:
         """The strategy this app's ServerApp runs: every keyword argument from the run config."""
         faults = FaultInjector(config.fault_fraction, config.fault_kind, config.seed) if config.fault_fraction else None
+        privacy = SharedUpdatePrivacy.from_config(config)
+        aggregation = None if config.aggregation == "auto" else config.aggregation
+        extra: dict[str, Any] = {}
+        if privacy is not None:  # DP: the equally weighted mean whatever the method's default
+            extra.update(privacy=privacy)
+            aggregation = "mean"
+        if config.aggregation in ROBUST_RULES:
+            extra.update(trim_fraction=config.trim_fraction, krum_byzantine=config.krum_byzantine)
         return cls(
             upload_template=upload_template,
             fraction_train=config.fraction_train,
             seed=config.seed,
-            aggregation=None if config.aggregation == "auto" else config.aggregation,
+            aggregation=aggregation,
             partial_average=config.partial_average,
             min_available_nodes=config.min_available_nodes,
             node_wait_timeout=config.node_wait_timeout,
@@ -219,6 +250,7 @@ class PersonalizedStrategy(Strategy):
             faults=faults,
             server_store=PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method),
             recorder=recorder,
+            **extra,
             **cls.method_options(config),
         )
 
@@ -233,8 +265,17 @@ class PersonalizedStrategy(Strategy):
         return [arrays for _ in partition_ids]
 
     def aggregate(self, server_round: int, replies: list[Message], weights: list[float]) -> ArrayRecord:
-        """The next shared arrays from the valid replies (sorted by partition id) and their weights."""
-        aggregated = average_arrays([message.content[ARRAYS] for message in replies], weights)
+        """The next shared arrays from the valid replies (sorted by partition id) and their weights:
+        their mean, a robust rule's aggregate, or (DP) the noisy mean of their clipped updates."""
+        if self.privacy is not None:
+            aggregated, figures = self.privacy.release(server_round, replies, self._previous)
+            self._round.update(figures)
+        elif self.robust is not None:
+            aggregated = self.robust.aggregate(replies)
+            if self.robust.selected is not None:
+                self._round["krum_selected"] = self.robust.selected
+        else:
+            aggregated = average_arrays([message.content[ARRAYS] for message in replies], weights)
         if self.partial_average == "all-clients" and self._previous is not None:
             absent = max(self._num_nodes - len(replies), 0)
             aggregated = average_arrays([aggregated, self._previous], [len(replies), absent]) if absent else aggregated
@@ -242,11 +283,18 @@ class PersonalizedStrategy(Strategy):
 
     def checkpoint_state(self) -> dict:
         """What the strategy holds in memory across rounds, as JSON values (for the checkpoint)."""
-        return {"aggregated_rounds": self.aggregated_rounds}
+        state: dict[str, Any] = {"aggregated_rounds": self.aggregated_rounds}
+        if self.privacy is not None:  # the clip norm and the accountant's ledger
+            state["privacy"] = self.privacy.state()
+        return state
 
     def restore(self, state: dict) -> None:
         """Take back :meth:`checkpoint_state` when resuming."""
         self.aggregated_rounds = int(state["aggregated_rounds"])
+        if self.privacy is not None:
+            if "privacy" not in state:
+                raise StateError("the checkpoint holds no DP state (clip norm, accountant): it is not of a DP run")
+            self.privacy.restore(state["privacy"])
 
     # ------------------------------------------------------------------ the round loop
 
@@ -321,7 +369,12 @@ class PersonalizedStrategy(Strategy):
     def summary(self) -> None:
         sampler = self.sampler
         log(INFO, "\t├──> Participants: %g of the partitions, drawn by (seed %d, round)", sampler.fraction, sampler.seed)
-        log(INFO, "\t├──> Shared tensors: %s mean over %s", self.aggregation, self.partial_average)
+        if self.robust is not None:
+            log(INFO, "\t├──> Shared tensors: %s over %s", self.robust.describe(), self.partial_average)
+        else:
+            log(INFO, "\t├──> Shared tensors: %s mean over %s", self.aggregation, self.partial_average)
+        if self.privacy is not None:
+            log(INFO, "\t├──> %s", self.privacy.describe())
         log(INFO, "\t└──> Round 1 waits for %s SuperNodes (node-wait-timeout %g s)",
             sampler.min_available_nodes or "the num-partitions a strict majority reports", sampler.node_wait_timeout)
 
@@ -349,6 +402,9 @@ class PersonalizedStrategy(Strategy):
         drawn = self.fused.participants(server_round) if self.fused else None
         node_ids = drawn if drawn is not None else self.sampler.sample(grid, server_round)
         evaluate_first = self.fused.train_config() if self.fused else {}
+        if self.privacy is not None:  # stop before anyone trains if the round would pass the budget
+            self.privacy.before_round(server_round, len(node_ids), self.sampler.federation_size or len(node_ids))
+            evaluate_first = {**evaluate_first, **self.privacy.train_config()}
         config = {**config, "server-round": server_round, **evaluate_first}
         messages = self._instructions(node_ids, MessageType.TRAIN, arrays, config, server_round)
         log(INFO, "configure_train: partitions %s train (of %d known)",

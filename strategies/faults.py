@@ -12,7 +12,10 @@ says; the ClientApp obeys (``fedlora_flwr.client_app.inject_fault``). The kinds:
 - ``nan``, ``wrong-shape``: an uploaded tensor holds a NaN, or loses its last row;
 - ``nan-weight``, ``negative-weight``: the reply's ``num-examples`` is NaN, or negative;
 - ``forged-id``: the reply names the next partition id (mod ``num-partitions``), not its own;
-- ``bad-eval``: an evaluation reports an accuracy above 1.
+- ``bad-eval``: an evaluation reports an accuracy above 1;
+- ``scaled``: a boosted update: received + ``fault-scale``·(trained − received) for every
+  floating-point shared tensor (a hostile client steering the mean; default factor 100),
+  the attack the robust rules of ``aggregation`` are tested against (strategies/robust.py).
 
 The train-reply kinds are drawn among each round's participants, by (seed, round, 1). ``bad-eval``
 is drawn among the clients that evaluate round t, by (seed, t, 2), once per batch of messages that

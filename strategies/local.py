@@ -9,3 +9,5 @@ from strategies.base import PersonalizedStrategy
 
 class LocalStrategy(PersonalizedStrategy):
     """The base strategy with an empty shared set: it sends and averages zero tensors."""
+
+    shares_arrays = False

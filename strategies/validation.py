@@ -21,7 +21,8 @@ counted, never averaged or recorded, never fatal to the run (Flower's own reply 
 
 ``train_per_client`` / ``test_per_client`` (None: no upper bound) are the run's partition sizes:
 no client holds more examples. Values are checked by type: a float where an integer belongs is
-refused. Keys other than these are not read. A reply carrying a ``modelled-timeout`` record (the
+refused. Keys other than these are not read, unless a strategy adds its own checks of train
+replies (``train_checks``: a DP run's ``dp-norm-bit``, strategies/privacy.py). A reply carrying a ``modelled-timeout`` record (the
 ``timeout`` fault) is neither valid nor bad: it stands for a reply that missed ``round-timeout``.
 """
 
@@ -112,10 +113,13 @@ class ReplyValidator:
     sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded)."""
 
     def __init__(self, upload_template: ArrayRecord, train_per_client: int | None = None,
-                 test_per_client: int | None = None) -> None:
+                 test_per_client: int | None = None,
+                 train_checks: tuple[Callable[[Message], str | None], ...] = ()) -> None:
         self.template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
         self.train_per_client = train_per_client
         self.test_per_client = test_per_client
+        #: further checks of a train reply, after these (e.g. DP's norm bit, strategies/privacy.py)
+        self.train_checks = train_checks
 
     def train_problem(self, message: Message) -> str | None:
         """Why a train reply cannot be averaged, or None (its ``evaluation`` record aside)."""
@@ -147,7 +151,7 @@ class ReplyValidator:
                 return f"{key} holds {values.dtype}{values.shape}, but says {dtype}{shape}"
             if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
                 return f"{key} has non-finite values"
-        return None
+        return next((problem for check in self.train_checks if (problem := check(message))), None)
 
     def _evaluation_problem(self, message: Message, record: str) -> str | None:
         metrics, problem = _record(message, record, MetricRecord)

@@ -189,7 +189,7 @@ def test_plain_keyword_arguments_are_checked(tmp_path):
     template = _record(TEMPLATE)
     assert FedLoRAStrategy(upload_template=template).aggregation == "mean"
     with pytest.raises(ValueError, match="aggregation"):
-        FedLoRAStrategy(upload_template=template, aggregation="median")
+        FedLoRAStrategy(upload_template=template, aggregation="geometric-median")
     with pytest.raises(ValueError, match="fraction_train"):
         FedLoRAStrategy(upload_template=template, fraction_train=0.0)
     with pytest.raises(ValueError, match="server_store"):
@@ -198,6 +198,8 @@ def test_plain_keyword_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="fused evaluation"):
         FedAMPStrategy(upload_template=template, server_store=store, fused_evaluation=True)
     assert FedAMPStrategy(upload_template=template, server_store=store, sigma=2.0).sigma == 2.0
+    with pytest.raises(ValueError, match="no robust aggregation"):
+        FedAMPStrategy(upload_template=template, server_store=store, aggregation="median")
 
 
 def test_every_message_has_its_own_record_and_the_callers_config_is_untouched():
