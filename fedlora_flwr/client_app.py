@@ -10,6 +10,8 @@ tensors and this client's personal tensors from the on-disk store, then
   split, after aggregation (as FedDecomp's ``src/server.py``; docs/concepts/strategies.md). With
   ``fused-evaluation`` a train message may name the previous round (``evaluate-round``): the client
   first evaluates that round exactly as an evaluate message would, then trains, and replies with both.
+  When ``evaluate-at`` includes after-training, a train reply also carries the evaluation of the
+  model as its training left it (record ``after-training``).
 
 The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent. A message
 names the last round the server recorded this client training in (``last-trained-round``): when
@@ -34,7 +36,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from clients.base import MethodClient
-from fedlora_flwr.config import RunConfig, load_config
+from fedlora_flwr.config import AFTER_TRAINING, RunConfig, load_config
 from fedlora_flwr.data import (
     ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors, load_dataset,
     task_spec,
@@ -47,7 +49,9 @@ from fedlora_flwr.text import TextDataset, TokenizedText, tokenized
 from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
-from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
+from strategies.protocol import (
+    ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION,
+)
 
 app = ClientApp()
 
@@ -214,14 +218,17 @@ class ClientSession:
         method.save(self)
         return stats, method.upload(self)
 
-    def evaluate(self) -> EvalStats:
-        self.method.begin_evaluation(self)
+    def evaluate(self, after_training: bool = False) -> EvalStats:
+        """The model's accuracy on this client's test split; after aggregation the method's
+        ``begin_evaluation`` runs first, ``after_training`` evaluates the model as training left it."""
+        if not after_training:
+            self.method.begin_evaluation(self)
         x, y = self.tensors(train=False)
         return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict,
                               precision=self.config.precision)
 
-    def evaluation_metrics(self) -> dict:
-        stats = self.evaluate()
+    def evaluation_metrics(self, after_training: bool = False) -> dict:
+        stats = self.evaluate(after_training)
         return {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
@@ -284,6 +291,8 @@ def train(message: Message, context: Context) -> Message:
     reply = session.reply(message, metrics, ArrayRecord(upload))
     if evaluation is not None:
         reply.content[EVALUATION] = MetricRecord(evaluation)
+    if AFTER_TRAINING in session.config.evaluation_points:
+        reply.content[TRAINED_EVALUATION] = MetricRecord(session.evaluation_metrics(after_training=True))
     fault = message.content["config"].get(FAULT)
     return inject_fault(str(fault), message, reply, int(context.node_config["num-partitions"])) if fault else reply
 

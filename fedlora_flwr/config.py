@@ -44,6 +44,10 @@ from fedlora_flwr.text_models import HF_PREFIX, is_pretrained_text_model, is_tex
 _PATH_KEYS = ("data-dir", "output-dir", "backbone")
 #: How a client told to fail fails (``fault-kind``; strategies/faults.py says what each one does).
 FaultKind = Literal["raise", "timeout", "nan", "wrong-shape", "nan-weight", "negative-weight", "forged-id", "bad-eval"]
+#: The two evaluation points (``evaluate-at``): a client's model after the server's aggregation
+#: (the received shared tensors + its personal state), or right after its own local training.
+AFTER_AGGREGATION, AFTER_TRAINING = "after-aggregation", "after-training"
+EvalPoint = Literal["after-aggregation", "after-training"]
 #: The longest run-name: the run folder's name must stay well within a file name's 255 bytes.
 MAX_RUN_NAME = 120
 
@@ -131,6 +135,11 @@ class RunConfig(Settings):
                                          "(the same numbers as separate evaluate messages)")
     min_available_nodes: int = operational(0, "SuperNodes connected before round 1; 0 = num-partitions", ge=0)
     node_wait_timeout: float = operational(600.0, "seconds to wait for them, then the run stops", gt=0)
+    evaluate_at: Literal["default", "after-aggregation", "after-training", "both"] = Field(
+        "default", description="where clients are evaluated: after-aggregation (received shared tensors + personal "
+        "state, every client every round), after-training (each client's model right after its last local training "
+        "whose update was aggregated), both, or default (the method's paper point, on its page); acc_mean is the "
+        "method's default point when evaluated, and eval_point in metrics.jsonl names it")
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
@@ -146,6 +155,8 @@ class RunConfig(Settings):
 
     #: The method's own keys, validated (set by :func:`load_config`).
     params: MethodParams = Field(default_factory=MethodParams, exclude=True)
+    #: ``evaluate-at`` resolved for the run's method, its primary point first (set by :func:`load_config`).
+    evaluation_points: tuple[EvalPoint, ...] = Field((), exclude=True)
 
     @field_validator("dataset", "model")
     @classmethod
@@ -328,7 +339,7 @@ def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunC
                 params.check(checked)
                 if config is not None:
                     method.requires.check_config(checked, method.name)
-                    config = checked
+                    config = checked.model_copy(update={"evaluation_points": method.evaluation_points(checked)})
             except ValueError as err:
                 problems.append(str(err))
     if problems:

@@ -314,6 +314,7 @@ class RunRecorder:
             "best_acc_mean": best["acc_mean"] if best else None,
             "best_round": best["round"] if best else None,
             "final_acc_mean": self.rounds[-1].get("acc_mean") if self.rounds else None,
+            "eval_point": self.rounds[-1].get("eval_point") if self.rounds else None,
             "bytes_up_total": sum(r.get("bytes_up", 0) for r in self.rounds),
             "bytes_down_total": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": round(time.monotonic() - self.started, 3),
