@@ -164,6 +164,17 @@ def last_trained_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
     return last
 
 
+def point_metric(row: Mapping[str, Any], point: str, name: str = "acc_mean") -> Any:
+    """A ``metrics.jsonl`` row's ``name`` (``acc_mean``, ``acc_per_client``, ...) at the evaluation
+    ``point`` (``"after-aggregation"``, ``"after-training"``): the plain key when the row's
+    ``eval_point`` is that point, else the key suffixed with the point; None when the row did not
+    evaluate that point, or names none (written before ``evaluate-at`` existed: pFedSD's and
+    pFedLoRA's rows were after training then, every other method's after aggregation)."""
+    if "eval_point" not in row:
+        return None
+    return row.get(name if point == row["eval_point"] else f"{name}_{point.replace('-', '_')}")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 

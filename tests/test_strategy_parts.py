@@ -14,7 +14,7 @@ from inprocess import InProcessGrid
 from test_federation import ScriptedGrid
 
 from fedlora_flwr import client_app
-from fedlora_flwr.results import Checkpoint
+from fedlora_flwr.results import Checkpoint, point_metric
 from fedlora_flwr.store import PersonalStateStore
 from strategies.evaluation import FusedEvaluation, PendingEvaluation
 from strategies.faults import FaultInjector
@@ -338,3 +338,13 @@ def test_evaluation_points_are_checked():
             FedLoRAStrategy(upload_template=template, evaluation_points=points)
     with pytest.raises(ValueError, match="fused_evaluation"):
         FedLoRAStrategy(upload_template=template, evaluation_points=("after-training",), fused_evaluation=True)
+
+
+def test_point_metric_reads_either_point_of_a_row():
+    both = PendingEvaluation(1, {}, {0: (0.5, 10, None)}, deferred=set(), failed=set(), after_training={0: (0.75, 10, None)})
+    row = both.metrics_row(("after-training", "after-aggregation"))
+    assert point_metric(row, "after-training") == 0.75 and point_metric(row, "after-aggregation") == 0.5
+    assert point_metric(row, "after-aggregation", "acc_per_client") == {"0": 0.5}
+    single = both.metrics_row(("after-aggregation",))
+    assert point_metric(single, "after-aggregation") == 0.5 and point_metric(single, "after-training") is None
+    assert point_metric({"acc_mean": 0.5}, "after-aggregation") is None
