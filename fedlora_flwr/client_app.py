@@ -38,8 +38,8 @@ from torch import nn
 from clients.base import MethodClient
 from fedlora_flwr.config import AFTER_TRAINING, RunConfig, load_config
 from fedlora_flwr.data import (
-    ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors, load_dataset,
-    task_spec,
+    ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors,
+    hold_out_validation, load_dataset, task_spec,
 )
 from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import get_method
@@ -130,6 +130,8 @@ class ClientSession:
                 seed=config.seed,
             ),
         )
+        if config.validation_fraction:
+            split = hold_out_validation(split, config.validation_fraction, config.seed, partition_id)
         return cls(
             config=config,
             method=method,
@@ -174,9 +176,11 @@ class ClientSession:
         self.store = self.store.at_round(self.server_round, training)
         self.method.load(self, received, training)
 
-    def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """This client's training or test split on the device, in one transfer per call."""
-        indices = self.split.train if train else self.split.test
+    def tensors(self, train: bool, validation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """This client's training, validation (held out of the training arrays) or test split on the
+        device, in one transfer per call."""
+        indices = self.split.validation if validation else self.split.train if train else self.split.test
+        train = train or validation
         if isinstance(self.dataset, TokenizedText):
             x, y = self.dataset.tensors(indices, train)
             return x.to(self.device), y.to(self.device)
@@ -223,13 +227,23 @@ class ClientSession:
         ``begin_evaluation`` runs first, ``after_training`` evaluates the model as training left it."""
         if not after_training:
             self.method.begin_evaluation(self)
-        x, y = self.tensors(train=False)
+        return self.score()
+
+    def score(self, validation: bool = False) -> EvalStats:
+        """The model as it stands on this client's test split (``validation``: its validation split)."""
+        x, y = self.tensors(train=False, validation=validation)
         return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict,
                               precision=self.config.precision)
 
     def evaluation_metrics(self, after_training: bool = False) -> dict:
+        """The evaluation a reply carries: test accuracy, examples and loss, and with a validation
+        split the same model's accuracy and loss on it (``val-accuracy``, ``val-loss``)."""
         stats = self.evaluate(after_training)
-        return {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
+        metrics = {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
+        if len(self.split.validation):
+            held_out = self.score(validation=True)
+            metrics.update({"val-accuracy": held_out.accuracy, "val-loss": held_out.loss})
+        return metrics
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})

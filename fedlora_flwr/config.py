@@ -140,6 +140,10 @@ class RunConfig(Settings):
         "state, every client every round), after-training (each client's model right after its last local training "
         "whose update was aggregated), both, or default (the method's paper point, on its page); acc_mean is the "
         "method's default point when evaluated, and eval_point in metrics.jsonl names it")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="fraction of each client's training split held out for validation (seeded by seed "
+        "and partition id; training uses the rest); clients report its accuracy with every evaluation (val_acc_* in "
+        "metrics.jsonl), so the round can be chosen by validation rather than test accuracy; 0: none")
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     tensorboard: bool = operational(False, "also write per-round metrics to <run-dir>/tensorboard/")
@@ -193,6 +197,15 @@ class RunConfig(Settings):
     def _names_the_run(cls, value: bool, info: ValidationInfo) -> bool:
         if value and not info.data.get("run_name"):
             raise ValueError("needs run-name: the run to continue")
+        return value
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _holds_out_some(cls, value: float, info: ValidationInfo) -> float:
+        per_client = info.data.get("train_per_client")
+        if value and per_client is not None and not 0 < round(value * per_client) < per_client:
+            raise ValueError(f"holds out {round(value * per_client)} of train-per-client={per_client} samples; "
+                             "validation and training each need at least one")
         return value
 
     @field_validator("data_dir")

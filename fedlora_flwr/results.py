@@ -331,6 +331,11 @@ class RunRecorder:
             "wall_seconds": round(time.monotonic() - self.started, 3),
             "run_dir": str(self.run_dir),
         }
+        validated = [r for r in self.rounds if r.get("val_acc_mean") is not None]
+        if validated:  # validation-fraction > 0: the round chosen by validation accuracy (ties: the later)
+            chosen = max(reversed(validated), key=lambda r: r["val_acc_mean"])
+            summary.update(best_val_acc_mean=chosen["val_acc_mean"], best_val_round=chosen["round"],
+                           acc_mean_at_best_val=chosen.get("acc_mean"))
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -61,7 +61,7 @@ from fedlora_flwr.config import AFTER_AGGREGATION, AFTER_TRAINING, ConfigError
 from fedlora_flwr.exits import NoValidReplies
 from fedlora_flwr.results import last_trained_rounds
 from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore
-from strategies.evaluation import EvalResult, FusedEvaluation, PendingEvaluation, evaluation_result
+from strategies.evaluation import EvalResult, FusedEvaluation, PendingEvaluation, evaluation_result, result_from_json
 from strategies.faults import FaultInjector
 from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, TRAINED_EVALUATION, instruction
 from strategies.recording import Recorder
@@ -125,6 +125,8 @@ class PersonalizedStrategy(Strategy):
       for partition-id answers (:mod:`strategies.sampling`, :mod:`strategies.identity`);
     - ``train_per_client``, ``test_per_client``: the most examples a client holds, the bounds of a
       reply's ``num-examples`` (None: no upper bound; :mod:`strategies.validation`);
+    - ``validation``: clients hold validation splits, so every evaluation must carry ``val-accuracy``
+      and ``val-loss`` (``validation-fraction``);
     - ``evaluation_points``: where clients are evaluated, the primary point first (``evaluate-at``
       resolved by the method: ``"after-aggregation"``, ``"after-training"``; :mod:`strategies.evaluation`);
     - ``fused_evaluation``: evaluate round t in round t+1's train messages
@@ -153,6 +155,7 @@ class PersonalizedStrategy(Strategy):
         query_timeout: float = 3600.0,
         train_per_client: int | None = None,
         test_per_client: int | None = None,
+        validation: bool = False,
         evaluation_points: tuple[str, ...] = (AFTER_AGGREGATION,),
         fused_evaluation: bool = False,
         faults: FaultInjector | None = None,
@@ -177,7 +180,7 @@ class PersonalizedStrategy(Strategy):
         self.partial_average = partial_average
         self.evaluation_points = tuple(evaluation_points)
         self.sampler = ParticipantSampler(fraction_train, seed, min_available_nodes, node_wait_timeout, query_timeout)
-        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client)
+        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client, validation)
         self.fused = FusedEvaluation() if fused_evaluation else None
         self.faults = faults
         self.server_store = server_store
@@ -229,6 +232,7 @@ class PersonalizedStrategy(Strategy):
             query_timeout=config.round_timeout,
             train_per_client=config.train_per_client,
             test_per_client=config.test_per_client,
+            validation=config.validation_fraction > 0,
             evaluation_points=config.evaluation_points,
             # fused evaluation carries the evaluation after aggregation: nothing to carry without one
             fused_evaluation=config.fused_evaluation and AFTER_AGGREGATION in config.evaluation_points,
@@ -265,7 +269,7 @@ class PersonalizedStrategy(Strategy):
         """Take back :meth:`checkpoint_state` when resuming."""
         self.aggregated_rounds = int(state["aggregated_rounds"])
         # a checkpoint written before evaluate-at existed holds no after-training evaluations
-        self.after_training = {int(pid): tuple(result) for pid, result in state.get("after_training", {}).items()}
+        self.after_training = {int(pid): result_from_json(result) for pid, result in state.get("after_training", {}).items()}
 
     # ------------------------------------------------------------------ the round loop
 

@@ -39,8 +39,8 @@ from flwr.app import Message
 from fedlora_flwr.config import AFTER_AGGREGATION, AFTER_TRAINING
 from strategies.protocol import CLIENT_INFO, EVALUATE_ROUND, EVALUATION, METRICS
 
-#: A client's evaluation: (accuracy, examples, client group).
-EvalResult = tuple[float, int, "str | None"]
+#: A client's evaluation: (accuracy, examples, client group, validation accuracy or None).
+EvalResult = tuple[float, int, "str | None", "float | None"]
 
 
 def point_suffix(point: str) -> str:
@@ -50,12 +50,13 @@ def point_suffix(point: str) -> str:
 
 def accuracy_stats(results: Mapping[int, EvalResult], suffix: str = "") -> dict:
     """``acc_mean``, ``acc_weighted``, ``acc_std``, ``acc_per_client`` (and ``acc_per_group`` when
-    clients name groups) of one point, each key ending in ``suffix``, in partition-id order."""
+    clients name groups; ``val_acc_mean``, ``val_acc_per_client`` when they hold validation splits)
+    of one point, each key ending in ``suffix``, in partition-id order."""
     ordered = [results[pid] for pid in sorted(results)]
-    accuracies = np.array([acc for acc, _, _ in ordered], dtype=np.float64)
-    sizes = np.array([n for _, n, _ in ordered], dtype=np.float64)
+    accuracies = np.array([acc for acc, _, _, _ in ordered], dtype=np.float64)
+    sizes = np.array([n for _, n, _, _ in ordered], dtype=np.float64)
     groups: dict[str, list[float]] = {}
-    for acc, _, group in ordered:
+    for acc, _, group, _ in ordered:
         if group is not None:
             groups.setdefault(group, []).append(acc)
     stats = {
@@ -66,6 +67,10 @@ def accuracy_stats(results: Mapping[int, EvalResult], suffix: str = "") -> dict:
     }
     if groups:
         stats["acc_per_group"] = {group: float(np.mean(accs)) for group, accs in sorted(groups.items())}
+    validated = {pid: results[pid][3] for pid in sorted(results) if results[pid][3] is not None}
+    if validated:
+        stats["val_acc_mean"] = float(np.mean(np.array(list(validated.values()), dtype=np.float64)))
+        stats["val_acc_per_client"] = {str(pid): acc for pid, acc in validated.items()}
     return {key + suffix: value for key, value in stats.items()}
 
 
@@ -91,8 +96,8 @@ class PendingEvaluation:
     @classmethod
     def from_json(cls, state: dict) -> PendingEvaluation:
         # a checkpoint written before evaluate-at existed evaluated after aggregation only
-        after_training = {int(pid): tuple(r) for pid, r in state.get("after_training", {}).items()}
-        return cls(state["round"], state["row"], {int(pid): tuple(r) for pid, r in state["results"].items()},
+        after_training = {int(pid): result_from_json(r) for pid, r in state.get("after_training", {}).items()}
+        return cls(state["round"], state["row"], {int(pid): result_from_json(r) for pid, r in state["results"].items()},
                    set(state["deferred"]), set(state["failed"]), state["failed_unidentified"], after_training)
 
     def metrics_row(self, points: tuple[str, ...] = (AFTER_AGGREGATION,)) -> dict:
@@ -112,12 +117,22 @@ class PendingEvaluation:
         return record
 
 
+def result_from_json(values: list) -> EvalResult:
+    """An :data:`EvalResult` read back from a checkpoint (one written before validation splits
+    existed holds three values: no validation accuracy)."""
+    accuracy, examples, group, *validation = values
+    return accuracy, examples, group, validation[0] if validation else None
+
+
 def evaluation_result(message: Message, key: str) -> tuple[int, EvalResult]:
-    """(partition id, (accuracy, examples, client group)) of a validated evaluate reply (``key`` =
-    METRICS) or train reply (``key`` = EVALUATION: fused; TRAINED_EVALUATION: after training)."""
+    """(partition id, (accuracy, examples, client group, validation accuracy)) of a validated
+    evaluate reply (``key`` = METRICS) or train reply (``key`` = EVALUATION: fused;
+    TRAINED_EVALUATION: after training)."""
     metrics = message.content[key]
     group = str(message.content[CLIENT_INFO]["group"]) if CLIENT_INFO in message.content else None
-    return int(message.content[METRICS]["partition-id"]), (float(metrics["accuracy"]), int(metrics["num-examples"]), group)
+    validation = float(metrics["val-accuracy"]) if "val-accuracy" in metrics else None
+    return int(message.content[METRICS]["partition-id"]), (float(metrics["accuracy"]), int(metrics["num-examples"]),
+                                                           group, validation)
 
 
 class FusedEvaluation:

@@ -16,7 +16,8 @@ counted, never averaged or recorded, never fatal to the run (Flower's own reply 
   ``after-training`` record (``evaluate-at``) is checked as an evaluate reply and, when bad, left
   out alone (the upload still counts);
 - evaluate replies: ``accuracy`` a finite number in [0, 1], ``num-examples`` an integer in
-  1..``test_per_client``, ``eval-loss`` a finite number ≥ 0;
+  1..``test_per_client``, ``eval-loss`` a finite number ≥ 0; with validation splits also
+  ``val-accuracy`` in [0, 1] and ``val-loss`` ≥ 0;
 - query replies: ``partition-id`` an integer in 0..``num-partitions``−1, ``num-partitions`` a
   positive integer.
 
@@ -110,13 +111,15 @@ def _client_info_problem(message: Message) -> str | None:
 
 class ReplyValidator:
     """Checks train, evaluate and query replies; train replies against ``upload_template``, the
-    sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded)."""
+    sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded), and with
+    ``validation`` every evaluation's validation accuracy and loss."""
 
     def __init__(self, upload_template: ArrayRecord, train_per_client: int | None = None,
-                 test_per_client: int | None = None) -> None:
+                 test_per_client: int | None = None, validation: bool = False) -> None:
         self.template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
         self.train_per_client = train_per_client
         self.test_per_client = test_per_client
+        self.validation = validation
 
     def train_problem(self, message: Message) -> str | None:
         """Why a train reply cannot be averaged, or None (its ``evaluation`` record aside)."""
@@ -154,7 +157,9 @@ class ReplyValidator:
         metrics, problem = _record(message, record, MetricRecord)
         return problem or (_number(metrics, record, "accuracy", 0.0, 1.0)
                            or _integer(metrics, record, "num-examples", 1, self.test_per_client)
-                           or _number(metrics, record, "eval-loss", 0.0))
+                           or _number(metrics, record, "eval-loss", 0.0)
+                           or (self.validation and (_number(metrics, record, "val-accuracy", 0.0, 1.0)
+                                                    or _number(metrics, record, "val-loss", 0.0))) or None)
 
     def evaluate_problem(self, message: Message) -> str | None:
         """Why an evaluate reply cannot be recorded, or None."""

@@ -161,7 +161,7 @@ def test_faults_are_a_seeded_fraction_of_the_identified_participants():
 
 def test_pending_evaluation_row_and_checkpoint_form():
     evaluation = PendingEvaluation(3, {"bytes_down_train": 7, "bytes_down_evaluate": 5},
-                                   {2: (0.5, 10, "a"), 0: (1.0, 30, "b"), 1: (0.0, 10, "a")},
+                                   {2: (0.5, 10, "a", None), 0: (1.0, 30, "b", None), 1: (0.0, 10, "a", None)},
                                    deferred=set(), failed={4}, failed_unidentified=1)
     assert PendingEvaluation.from_json(evaluation.to_json()) == evaluation
     row = evaluation.metrics_row()
@@ -175,13 +175,13 @@ def test_fused_evaluation_defers_then_finishes_and_counts_the_missing_as_failed(
     fused.defer(1, [1001, 1002])
     assert fused.participants(2) == [1001, 1002] and fused.participants(3) is None
     assert fused.train_config() == {}
-    fused.pending = PendingEvaluation(1, {}, {0: (0.5, 10, None)}, deferred={1, 2}, failed=set())
+    fused.pending = PendingEvaluation(1, {}, {0: (0.5, 10, None, None)}, deferred={1, 2}, failed=set())
     assert fused.train_config() == {EVALUATE_ROUND: 1}
     content = _train_content(**{"partition-id": 1})
     content[EVALUATION] = MetricRecord({"accuracy": 0.25, "num-examples": 8})
     finished = fused.finish([_reply(content, node_id=1001)])
     assert fused.pending is None
-    assert finished.results == {0: (0.5, 10, None), 1: (0.25, 8, None)} and finished.failed == {2}
+    assert finished.results == {0: (0.5, 10, None, None), 1: (0.25, 8, None, None)} and finished.failed == {2}
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -316,7 +316,7 @@ def test_both_points_record_the_last_aggregated_training_of_each_client_and_resu
     state = strategy.checkpoint_state()
     resumed = FedLoRAStrategy(upload_template=_record(TEMPLATE), evaluation_points=("after-training",))
     resumed.restore(state)
-    assert {str(pid): acc for pid, (acc, _, _) in resumed.after_training.items()} == last
+    assert {str(pid): acc for pid, (acc, _, _, _) in resumed.after_training.items()} == last
 
 
 def test_after_training_alone_sends_no_evaluate_message():
@@ -341,7 +341,8 @@ def test_evaluation_points_are_checked():
 
 
 def test_point_metric_reads_either_point_of_a_row():
-    both = PendingEvaluation(1, {}, {0: (0.5, 10, None)}, deferred=set(), failed=set(), after_training={0: (0.75, 10, None)})
+    both = PendingEvaluation(1, {}, {0: (0.5, 10, None, None)}, deferred=set(), failed=set(),
+                             after_training={0: (0.75, 10, None, None)})
     row = both.metrics_row(("after-training", "after-aggregation"))
     assert point_metric(row, "after-training") == 0.75 and point_metric(row, "after-aggregation") == 0.5
     assert point_metric(row, "after-aggregation", "acc_per_client") == {"0": 0.5}
