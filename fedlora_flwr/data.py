@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -466,7 +466,7 @@ def hold_out_validation(split: ClientSplit, fraction: float, seed: int, partitio
                            f"so {held} would be held out; it needs at least one for validation and one for training")
     chosen = np.zeros(size, dtype=bool)
     chosen[np.random.default_rng([seed, partition_id, VALIDATION_STREAM]).choice(size, size=held, replace=False)] = True
-    return replace(split, train=split.train[~chosen], validation=split.train[chosen])
+    return ClientSplit(train=split.train[~chosen], test=split.test, validation=split.train[chosen])
 
 
 @dataclass(frozen=True)

@@ -269,7 +269,8 @@ class PersonalizedStrategy(Strategy):
         """Take back :meth:`checkpoint_state` when resuming."""
         self.aggregated_rounds = int(state["aggregated_rounds"])
         # a checkpoint written before evaluate-at existed holds no after-training evaluations
-        self.after_training = {int(pid): result_from_json(result) for pid, result in state.get("after_training", {}).items()}
+        self.after_training = {int(pid): result_from_json(result)
+                               for pid, result in state.get("after_training", {}).items()}
 
     # ------------------------------------------------------------------ the round loop
 

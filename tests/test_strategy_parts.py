@@ -322,7 +322,8 @@ def test_both_points_record_the_last_aggregated_training_of_each_client_and_resu
 def test_after_training_alone_sends_no_evaluate_message():
     grid = PointsGrid({}, 3, app_defaults())
     recorder = MemoryRecorder()
-    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), recorder=recorder, evaluation_points=("after-training",))
+    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), recorder=recorder,
+                               evaluation_points=("after-training",))
     result = strategy.start(grid, _record(TEMPLATE), num_rounds=2)
     assert grid.evaluate_messages == 0 and [row["bytes_down_evaluate"] for row in recorder.rounds] == [0, 0]
     assert recorder.rounds[1]["eval_point"] == "after-training"

@@ -39,7 +39,8 @@ def test_the_validation_split_is_seeded_disjoint_from_training_and_sized_by_the_
 def test_a_fraction_that_holds_out_nothing_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"validation-fraction=0.01: holds out 0 of train-per-client=20 samples"):
         load_config({**app_defaults(), "validation-fraction": 0.01, "train-per-client": 20})
-    assert load_config({**app_defaults(), "validation-fraction": 0.05, "train-per-client": 20}).validation_fraction == 0.05
+    config = load_config({**app_defaults(), "validation-fraction": 0.05, "train-per-client": 20})
+    assert config.validation_fraction == 0.05
 
 
 def test_with_validation_every_evaluation_must_carry_its_validation_accuracy():
@@ -50,7 +51,8 @@ def test_with_validation_every_evaluation_must_carry_its_validation_accuracy():
     assert "val-accuracy = 1.5 is not in [0.0, 1.0]" in validator.evaluate_problem(bad)
     good = _reply(RecordDict({METRICS: MetricRecord({**metrics, "val-accuracy": 0.25, "val-loss": 1.0})}))
     assert validator.evaluate_problem(good) is None
-    assert ReplyValidator(_record(TEMPLATE)).evaluate_problem(_reply(RecordDict({METRICS: MetricRecord(metrics)}))) is None
+    without = _reply(RecordDict({METRICS: MetricRecord(metrics)}))
+    assert ReplyValidator(_record(TEMPLATE)).evaluate_problem(without) is None
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,8 @@ def test_clients_train_on_the_rest_and_report_validation_accuracy_at_both_points
         session.load({key: torch.from_numpy(value.numpy().copy()) for key, value in reply.content["arrays"].items()},
                      training=False)  # the model its training left: its upload and its round-2 τ_i
         assert session.score(validation=True).accuracy == reply.content[TRAINED_EVALUATION]["val-accuracy"]
-        assert rows[1]["val_acc_per_client_after_training"][str(pid)] == reply.content[TRAINED_EVALUATION]["val-accuracy"]
+        recorded = rows[1]["val_acc_per_client_after_training"][str(pid)]
+        assert recorded == reply.content[TRAINED_EVALUATION]["val-accuracy"]
     for row in rows:
         assert set(row["val_acc_per_client"]) == {"0", "1", "2"}
         assert row["val_acc_mean"] == pytest.approx(np.mean(list(row["val_acc_per_client"].values())))

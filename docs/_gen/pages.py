@@ -147,7 +147,8 @@ def evaluation_text(method: Method) -> str:
     """The method's paper evaluation point (``evaluate-at = "default"``) and the others it can mean."""
     others = [point for point in method.points if point != method.evaluate_at]
     can = f"; also {', '.join(f'`{point}`' for point in others)} and `both`" if others else "; no other point"
-    return f"`{method.evaluate_at}` by default (the paper's){can} ([evaluation points](../concepts/strategies.md#evaluation-points))"
+    link = "[evaluation points](../concepts/strategies.md#evaluation-points)"
+    return f"`{method.evaluate_at}` by default (the paper's){can} ({link})"
 
 
 def first_paragraph(cls: type) -> str:
