@@ -277,8 +277,8 @@ def inject_fault(kind: str, message: Message, reply: Message, num_partitions: in
         metrics["num-examples"] = -int(metrics["num-examples"])
     elif kind == "forged-id":
         metrics["partition-id"] = (int(metrics["partition-id"]) + 1) % num_partitions
-    elif kind == "bad-eval":  # the evaluation this reply carries: its own, or a fused one
-        evaluation = content[EVALUATION] if EVALUATION in content else metrics
+    elif kind == "bad-eval":  # the evaluation this reply carries: its own, a fused one, or its after-training one
+        evaluation = next((content[name] for name in (EVALUATION, TRAINED_EVALUATION) if name in content), metrics)
         evaluation["accuracy"] = float(evaluation["accuracy"]) + 1.5
     elif kind in ("nan", "wrong-shape"):
         arrays = content[ARRAYS]

@@ -356,7 +356,9 @@ class PersonalizedStrategy(Strategy):
         and, for the clients picked to fail, the fault to inject."""
         training = message_type == MessageType.TRAIN
         partition_ids = [self.sampler.partition_ids.get(node) for node in node_ids]
-        evaluates = config.get(EVALUATE_ROUND) if training else server_round
+        # the round a batch's evaluations are of: a fused one, else this round's (after training)
+        after_training = server_round if AFTER_TRAINING in self.evaluation_points else None
+        evaluates = config.get(EVALUATE_ROUND, after_training) if training else server_round
         faulty = self.faults.faulty(partition_ids, server_round, training, evaluates) if self.faults else set()
         records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
                    else [arrays for _ in node_ids])
