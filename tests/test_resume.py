@@ -170,7 +170,7 @@ def test_checkpoint_holds_the_round_and_the_next_rounds_arrays(uninterrupted):
 
     run_dir = uninterrupted("fedlora")
     checkpoint = load_checkpoint(run_dir)
-    assert checkpoint.round == ROUNDS and checkpoint.strategy == {"aggregated_rounds": ROUNDS}
+    assert checkpoint.round == ROUNDS and checkpoint.strategy == {"aggregated_rounds": ROUNDS, "after_training": {}}
     shared = load_file(run_dir / "shared.safetensors")
     assert list(checkpoint.arrays.keys()) and set(checkpoint.arrays.keys()) == set(shared)
     for key, tensor in checkpoint.arrays.to_torch_state_dict().items():
