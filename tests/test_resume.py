@@ -97,7 +97,8 @@ def uninterrupted(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize(("method", "crash_round"), [("fedlora", 2), ("fedamp", 1), ("fedcac", 3)])
+# pfedsd: evaluated after training, a client that sits out round 3 keeps its carried evaluation (checkpointed)
+@pytest.mark.parametrize(("method", "crash_round"), [("fedlora", 2), ("fedamp", 1), ("fedcac", 3), ("pfedsd", 3)])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, uninterrupted, method, crash_round):
     reference = uninterrupted(method)
     config = _config(tmp_path, "run", method)
