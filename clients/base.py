@@ -10,7 +10,9 @@ Per message, :class:`fedlora_flwr.client_app.ClientSession` calls, in order:
 - ``load(session, received, training)``: the server's arrays and the personal-state store;
 - ``train``: ``begin_training(session)``, the schedule (``schedule()``, ``loss``), then
   ``save(session)`` (personal store) and ``upload(session)`` (the reply's arrays);
-- ``evaluate``: ``begin_evaluation(session)``, then ``predict`` on the client's test split.
+- ``evaluate`` (after aggregation): ``begin_evaluation(session)``, then ``predict`` on the
+  client's test split; evaluated after training (``evaluate-at``), ``predict`` runs on the model as
+  ``train`` left it, in the train message, without ``begin_evaluation``.
 
 What is exchanged may differ from what is stored (FedAMP uploads its personal w_i and starts
 from the received u_i; FedCAC uploads critical-parameter masks with its model).
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from fedlora_flwr.config import MethodParams
+from fedlora_flwr.config import AFTER_AGGREGATION, AFTER_TRAINING, EvalPoint, MethodParams
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase, load_group
 from fedlora_flwr.lora import decompose
@@ -48,11 +50,16 @@ def local_length(config: RunConfig) -> dict[str, int]:
 class MethodClient:
     """A method's client: its model, its parameter partition, its local schedule and hooks.
 
-    Subclasses declare ``params`` (the method's own run-config keys, read as ``self.params``) and
-    ``requires`` (what it needs from a model, ``fedlora_flwr.methods.Requirements``)."""
+    Subclasses declare ``params`` (the method's own run-config keys, read as ``self.params``),
+    ``requires`` (what it needs from a model, ``fedlora_flwr.methods.Requirements``), and where its
+    paper evaluates (``evaluate_at``) among the points it can be evaluated at (``points``)."""
 
     params: ClassVar[type[MethodParams]] = MethodParams
     requires: ClassVar[Requirements] = Requirements()
+    #: The paper's evaluation point, what ``evaluate-at = "default"`` means for this method.
+    evaluate_at: ClassVar[EvalPoint] = AFTER_AGGREGATION
+    #: The evaluation points this method can mean (``evaluate-at`` naming another one is refused).
+    points: ClassVar[tuple[EvalPoint, ...]] = (AFTER_AGGREGATION, AFTER_TRAINING)
     partition: ClassVar[ParameterPartition] = ParameterPartition()
     #: Decompose every conv/linear weight into σ + B·A (FedLoRA eqs. 2–5) with the run's
     #: ``rank-conv``/``rank-linear``; the partition then decides who owns σ and the LoRA factors.
@@ -127,7 +134,7 @@ class MethodClient:
         """Called after :meth:`load`, before the schedule (class counts, a teacher, an anchor)."""
 
     def begin_evaluation(self, session: ClientSession) -> None:
-        """Called after :meth:`load`, before evaluating (lora-ft fine-tunes its copy here)."""
+        """Called after :meth:`load`, before evaluating after aggregation (lora-ft fine-tunes its copy here)."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The loss of one training mini-batch."""

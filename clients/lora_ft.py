@@ -6,6 +6,7 @@ from torch import nn
 from clients.base import MethodClient, local_length
 from clients.pf2lora import CommonAdapter, adapted_model, frozen_backbone, upper_optimizer
 from fedlora_flwr.adapters import COMMON
+from fedlora_flwr.config import AFTER_AGGREGATION
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.groups import ParameterPartition, Phase
 
@@ -31,6 +32,7 @@ class LoRAFineTuneClient(MethodClient):
     each evaluation every client fine-tunes its own copy of the averaged model for the same number
     of steps with the same optimizer (its own mini-batch order), evaluates that copy and stores it
     in the ``fine-tuned`` slot; the next round trains from the average again, not from the copy.
+    Its evaluation is this fine-tuned copy of the average: after aggregation only.
 
     Parameters
     ----------
@@ -47,6 +49,7 @@ class LoRAFineTuneClient(MethodClient):
     """
 
     params = CommonAdapter
+    points = (AFTER_AGGREGATION,)
 
     def __init__(self, config) -> None:
         super().__init__(config)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +10,13 @@ from pydantic import Field
 from torch import nn
 
 from clients.base import MethodClient
-from fedlora_flwr.config import MethodParams
+from fedlora_flwr.config import AFTER_TRAINING, MethodParams
 from fedlora_flwr.data import TaskSpec
-from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase, load_group
+from fedlora_flwr.groups import OptimizerSpec, ParameterPartition, Phase
 from fedlora_flwr.requirements import Requirements
 from fedlora_flwr.structure import Classifier, head
 
 LOCAL = "local."
-ADAPTER_SLOT = "adapter"
 
 
 class PFedLoRAParams(MethodParams):
@@ -87,9 +85,8 @@ class PFedLoRAClient(MethodClient):
         phase G: θ   ← argmin CE(z)   F_k frozen (and in eval mode), E_2 epochs
 
     then upload θ. Server (:class:`strategies.fedavg.FedAvgStrategy`): θ̄ = Σ_k (n_k / n)·θ_k.
-    Evaluation: the combined model after local training (F_k + θ_k, before aggregation), as the
-    group's FedGH/FedMRL code does: θ_k is kept in the store slot ``adapter`` and loaded instead of
-    the received θ̄; a client that has never trained evaluates θ̄.
+    Paper point (``evaluate-at = "default"``): after training, the combined model F_k + θ_k right
+    after local training, before aggregation, as the group's FedGH/FedMRL code does.
 
     No public code exists and only the abstract and third-party summaries were readable, so these
     are reconstructions (ours):
@@ -123,6 +120,7 @@ class PFedLoRAClient(MethodClient):
     """
 
     params = PFedLoRAParams
+    evaluate_at = AFTER_TRAINING
     requires = Requirements(head=True, pretrained="never", model_family=True)
     partition = ParameterPartition(personal=is_local_model)
 
@@ -146,19 +144,6 @@ class PFedLoRAClient(MethodClient):
             self.phase(("personal",), self.params.pfedlora_local_epochs, eval_groups=("shared", "frozen")),
             self.phase(("shared",), self.params.pfedlora_adapter_epochs, eval_groups=("personal", "frozen")),
         ]
-
-    def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
-        super().load(session, received, training)
-        if training:
-            return
-        trained = session.store.load(session.partition_id, expected=self.partition.state(session.model, "shared"),
-                                     slot=ADAPTER_SLOT)
-        if trained is not None:
-            load_group(session.model, trained, trained.keys(), f"trained adapter of client {session.partition_id}")
-
-    def save(self, session) -> None:
-        super().save(session)
-        session.store.save(session.partition_id, self.partition.state(session.model, "shared"), slot=ADAPTER_SLOT)
 
 
 class FedAvgAdapterClient(PFedLoRAClient):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from pydantic import Field
 from torch import nn
 
 from clients.base import MethodClient
-from fedlora_flwr.config import MethodParams
+from fedlora_flwr.config import AFTER_TRAINING, MethodParams
 from fedlora_flwr.groups import load_group
 
 TEACHER = "teacher"
@@ -35,9 +34,8 @@ class PFedSDClient(MethodClient):
     with s the student's logits and t the teacher's (eval mode, no gradient, unchanged during the
     round); a client's first round has no teacher and no KD term. It uploads the model and keeps
     it as its next teacher. Server (:class:`strategies.fedavg.FedAvgStrategy`): the sample-weighted
-    mean. Evaluation uses the personalized model right after local training, before aggregation
-    (Fling's ``test_place``), i.e. the teacher; a client that has never trained evaluates the
-    global model.
+    mean. Paper point (``evaluate-at = "default"``): after training, the personalized model right
+    after local training, before aggregation (Fling's ``test_place``), i.e. the teacher.
 
     Defaults λ = 0.5, T = 3 are Fling's; learning rate and momentum are the run's (the common
     protocol's SGD 0.1/0.9; Fling's configs use lr 0.01).
@@ -51,17 +49,11 @@ class PFedSDClient(MethodClient):
     """
 
     params = PFedSDParams
+    evaluate_at = AFTER_TRAINING
     teacher: nn.Module | None = None
 
     def _stored_teacher(self, session) -> dict[str, torch.Tensor] | None:
         return session.store.load(session.partition_id, expected=session.model.state_dict(), slot=TEACHER)
-
-    def load(self, session, received: Mapping[str, torch.Tensor], training: bool) -> None:
-        super().load(session, received, training)
-        if not training:
-            stored = self._stored_teacher(session)
-            if stored is not None:
-                load_group(session.model, stored, stored.keys(), f"teacher of client {session.partition_id}")
 
     def begin_training(self, session) -> None:
         stored = self._stored_teacher(session)

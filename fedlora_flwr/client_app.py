@@ -10,6 +10,8 @@ tensors and this client's personal tensors from the on-disk store, then
   split, after aggregation (as FedDecomp's ``src/server.py``; docs/concepts/strategies.md). With
   ``fused-evaluation`` a train message may name the previous round (``evaluate-round``): the client
   first evaluates that round exactly as an evaluate message would, then trains, and replies with both.
+  When ``evaluate-at`` includes after-training, a train reply also carries the evaluation of the
+  model as its training left it (record ``after-training``).
 
 The method's hooks (``clients/base.py``) decide what is loaded, trained, stored and sent. A message
 names the last round the server recorded this client training in (``last-trained-round``): when
@@ -34,10 +36,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from clients.base import MethodClient
-from fedlora_flwr.config import RunConfig, load_config
+from fedlora_flwr.config import AFTER_TRAINING, RunConfig, load_config
 from fedlora_flwr.data import (
-    ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors, load_dataset,
-    task_spec,
+    ClientSplit, DatasetError, ImageDataset, PartitionConfig, augment_backend, client_split, client_tensors,
+    hold_out_validation, load_dataset, task_spec,
 )
 from fedlora_flwr.groups import Phase
 from fedlora_flwr.methods import get_method
@@ -48,7 +50,9 @@ from fedlora_flwr.text_models import checkpoint_path
 from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
 from strategies.privacy import CLIP_NORM_KEY, NORM_BIT_KEY, clip_upload
-from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
+from strategies.protocol import (
+    ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION,
+)
 
 app = ClientApp()
 
@@ -127,6 +131,8 @@ class ClientSession:
                 seed=config.seed,
             ),
         )
+        if config.validation_fraction:
+            split = hold_out_validation(split, config.validation_fraction, config.seed, partition_id)
         return cls(
             config=config,
             method=method,
@@ -171,9 +177,11 @@ class ClientSession:
         self.store = self.store.at_round(self.server_round, training)
         self.method.load(self, received, training)
 
-    def tensors(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """This client's training or test split on the device, in one transfer per call."""
-        indices = self.split.train if train else self.split.test
+    def tensors(self, train: bool, validation: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """This client's training, validation (held out of the training arrays) or test split on the
+        device, in one transfer per call."""
+        indices = self.split.validation if validation else self.split.train if train else self.split.test
+        train = train or validation
         if isinstance(self.dataset, TokenizedText):
             x, y = self.dataset.tensors(indices, train)
             return x.to(self.device), y.to(self.device)
@@ -215,15 +223,28 @@ class ClientSession:
         method.save(self)
         return stats, method.upload(self)
 
-    def evaluate(self) -> EvalStats:
-        self.method.begin_evaluation(self)
-        x, y = self.tensors(train=False)
+    def evaluate(self, after_training: bool = False) -> EvalStats:
+        """The model's accuracy on this client's test split; after aggregation the method's
+        ``begin_evaluation`` runs first, ``after_training`` evaluates the model as training left it."""
+        if not after_training:
+            self.method.begin_evaluation(self)
+        return self.score()
+
+    def score(self, validation: bool = False) -> EvalStats:
+        """The model as it stands on this client's test split (``validation``: its validation split)."""
+        x, y = self.tensors(train=False, validation=validation)
         return evaluate_model(self.model, x, y, batch_size=self.config.batch_size, predict=self.method.predict,
                               precision=self.config.precision)
 
-    def evaluation_metrics(self) -> dict:
-        stats = self.evaluate()
-        return {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
+    def evaluation_metrics(self, after_training: bool = False) -> dict:
+        """The evaluation a reply carries: test accuracy, examples and loss, and with a validation
+        split the same model's accuracy and loss on it (``val-accuracy``, ``val-loss``)."""
+        stats = self.evaluate(after_training)
+        metrics = {"num-examples": stats.total, "accuracy": stats.accuracy, "eval-loss": stats.loss}
+        if len(self.split.validation):
+            held_out = self.score(validation=True)
+            metrics.update({"val-accuracy": held_out.accuracy, "val-loss": held_out.loss})
+        return metrics
 
     def reply(self, message: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
         content = RecordDict({METRICS: MetricRecord({**metrics, "partition-id": self.partition_id})})
@@ -258,8 +279,8 @@ def inject_fault(kind: str, message: Message, reply: Message, num_partitions: in
         metrics["num-examples"] = -int(metrics["num-examples"])
     elif kind == "forged-id":
         metrics["partition-id"] = (int(metrics["partition-id"]) + 1) % num_partitions
-    elif kind == "bad-eval":  # the evaluation this reply carries: its own, or a fused one
-        evaluation = content[EVALUATION] if EVALUATION in content else metrics
+    elif kind == "bad-eval":  # the evaluation this reply carries: its own, a fused one, or its after-training one
+        evaluation = next((content[name] for name in (EVALUATION, TRAINED_EVALUATION) if name in content), metrics)
         evaluation["accuracy"] = float(evaluation["accuracy"]) + 1.5
     elif kind == "scaled":
         arrays, received = content[ARRAYS], message.content[ARRAYS]
@@ -298,6 +319,8 @@ def train(message: Message, context: Context) -> Message:
     reply = session.reply(message, metrics, ArrayRecord(upload))
     if evaluation is not None:
         reply.content[EVALUATION] = MetricRecord(evaluation)
+    if AFTER_TRAINING in session.config.evaluation_points:
+        reply.content[TRAINED_EVALUATION] = MetricRecord(session.evaluation_metrics(after_training=True))
     fault = message.content["config"].get(FAULT)
     if not fault:
         return reply

@@ -48,6 +48,10 @@ FaultKind = Literal["raise", "timeout", "nan", "wrong-shape", "nan-weight", "neg
 #: How the shared tensors are aggregated (``aggregation``): the method's default, a mean, or a
 #: Byzantine-robust rule (strategies/robust.py).
 Aggregation = Literal["auto", "mean", "weighted", "trimmed-mean", "median", "krum"]
+#: The two evaluation points (``evaluate-at``): a client's model after the server's aggregation
+#: (the received shared tensors + its personal state), or right after its own local training.
+AFTER_AGGREGATION, AFTER_TRAINING = "after-aggregation", "after-training"
+EvalPoint = Literal["after-aggregation", "after-training"]
 #: The longest run-name: the run folder's name must stay well within a file name's 255 bytes.
 MAX_RUN_NAME = 120
 
@@ -138,6 +142,15 @@ class RunConfig(Settings):
                                          "(the same numbers as separate evaluate messages)")
     min_available_nodes: int = operational(0, "SuperNodes connected before round 1; 0 = num-partitions", ge=0)
     node_wait_timeout: float = operational(600.0, "seconds to wait for them, then the run stops", gt=0)
+    evaluate_at: Literal["default", "after-aggregation", "after-training", "both"] = Field(
+        "default", description="where clients are evaluated: after-aggregation (received shared tensors + personal "
+        "state, every client every round), after-training (each client's model right after its last local training "
+        "whose update was aggregated), both, or default (the method's paper point, on its page); acc_mean is the "
+        "method's default point when evaluated, and eval_point in metrics.jsonl names it")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="fraction of each client's training split held out for validation (seeded by seed "
+        "and partition id; training uses the rest); clients report its accuracy with every evaluation (val_acc_* in "
+        "metrics.jsonl), so the round can be chosen by validation rather than test accuracy; 0: none")
     fault_fraction: float = Field(0.0, ge=0, le=1, description="fraction of each round's participants told to fail")
     fault_kind: FaultKind = Field("raise", description="how they fail (strategies/faults.py)")
     fault_scale: float = Field(100.0, description="fault-kind 'scaled': the factor of the shared update sent "
@@ -168,6 +181,8 @@ class RunConfig(Settings):
 
     #: The method's own keys, validated (set by :func:`load_config`).
     params: MethodParams = Field(default_factory=MethodParams, exclude=True)
+    #: ``evaluate-at`` resolved for the run's method, its primary point first (set by :func:`load_config`).
+    evaluation_points: tuple[EvalPoint, ...] = Field((), exclude=True)
 
     @field_validator("dataset", "model")
     @classmethod
@@ -204,6 +219,15 @@ class RunConfig(Settings):
     def _names_the_run(cls, value: bool, info: ValidationInfo) -> bool:
         if value and not info.data.get("run_name"):
             raise ValueError("needs run-name: the run to continue")
+        return value
+
+    @field_validator("validation_fraction")
+    @classmethod
+    def _holds_out_some(cls, value: float, info: ValidationInfo) -> float:
+        per_client = info.data.get("train_per_client")
+        if value and per_client is not None and not 0 < round(value * per_client) < per_client:
+            raise ValueError(f"holds out {round(value * per_client)} of train-per-client={per_client} samples; "
+                             "validation and training each need at least one")
         return value
 
     @field_validator("data_dir")
@@ -350,7 +374,7 @@ def load_config(run_config: Mapping[str, Any], base: Path | None = None) -> RunC
                 params.check(checked)
                 if config is not None:
                     method.requires.check_config(checked, method.name)
-                    config = checked
+                    config = checked.model_copy(update={"evaluation_points": method.evaluation_points(checked)})
             except ValueError as err:
                 problems.append(str(err))
     if problems:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -442,10 +442,31 @@ def _make_synthetic(seed: int = 0) -> ImageDataset:
 
 @dataclass(frozen=True, eq=False)
 class ClientSplit:
-    """One client's data: int64 indices into the dataset's train and test arrays."""
+    """One client's data: int64 indices into the dataset's train and test arrays; ``validation``:
+    indices into the train arrays held out of training (:func:`hold_out_validation`; none by default)."""
 
     train: np.ndarray
     test: np.ndarray
+    validation: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+
+#: The third word of a validation split's seed (seed, partition id, word): apart from the partition's draws.
+VALIDATION_STREAM = 2
+
+
+def hold_out_validation(split: ClientSplit, fraction: float, seed: int, partition_id: int) -> ClientSplit:
+    """``split`` with round(``fraction`` · its training size) training samples held out as its
+    validation split, drawn without replacement by ``numpy.random.default_rng([seed, partition_id,
+    VALIDATION_STREAM])``; both keep the partition's order. Raises :class:`DatasetError` when that
+    leaves no validation or no training sample."""
+    size = len(split.train)
+    held = round(fraction * size)
+    if not 0 < held < size:
+        raise DatasetError(f"validation-fraction={fraction}: client {partition_id} holds {size} training samples, "
+                           f"so {held} would be held out; it needs at least one for validation and one for training")
+    chosen = np.zeros(size, dtype=bool)
+    chosen[np.random.default_rng([seed, partition_id, VALIDATION_STREAM]).choice(size, size=held, replace=False)] = True
+    return ClientSplit(train=split.train[~chosen], test=split.test, validation=split.train[chosen])
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from clients.pf2lora import PF2LoRAClient, PF2LoRASimultaneousClient
 from clients.pfedgate import PFedGateClient
 from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from clients.pfedsd import PFedSDClient
-from fedlora_flwr.config import ConfigError, MethodParams, RunConfig
+from fedlora_flwr.config import AFTER_AGGREGATION, AFTER_TRAINING, ConfigError, EvalPoint, MethodParams, RunConfig
 from fedlora_flwr.models import MODEL_FAMILIES, build_model
 from fedlora_flwr.requirements import Requirements
 from strategies.base import PersonalizedStrategy
@@ -63,17 +63,20 @@ ENTRY_POINT_GROUP = "fedlora_flwr.methods"
 
 @dataclass(frozen=True)
 class Method:
-    """A registered method. ``client`` is a :class:`MethodClient` subclass (its ``params`` and
-    ``requires`` are the method's unless given here) or a function choosing one from the config."""
+    """A registered method. ``client`` is a :class:`MethodClient` subclass (its ``params``,
+    ``requires``, ``evaluate_at`` and ``points`` are the method's unless given here) or a function
+    choosing one from the config."""
 
     name: str
     client: Callable[[RunConfig], MethodClient]
     strategy: type[PersonalizedStrategy]
     params: type[MethodParams] = field(default=None)  # type: ignore[assignment]
     requires: Requirements = field(default=None)  # type: ignore[assignment]
+    evaluate_at: EvalPoint = field(default=None)  # type: ignore[assignment]
+    points: tuple[EvalPoint, ...] = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
-        for attribute in ("params", "requires"):
+        for attribute in ("params", "requires", "evaluate_at", "points"):
             if getattr(self, attribute) is None:
                 declared = getattr(self.client, attribute, None)
                 if declared is None:
@@ -84,6 +87,24 @@ class Method:
     def doc(self) -> str:
         """The method's description: its client's docstring."""
         return (self.client.__doc__ or "").strip()
+
+    def evaluation_points(self, config: RunConfig) -> tuple[EvalPoint, ...]:
+        """``evaluate-at`` for this method, its primary point first: ``default`` is :attr:`evaluate_at`
+        (the paper's), ``both`` adds the other point after it. Raises ``ValueError`` (one line) for a
+        point outside :attr:`points`."""
+        choice = config.evaluate_at
+        if choice == "default":
+            return (self.evaluate_at,)
+        if choice == "both":
+            other = AFTER_TRAINING if self.evaluate_at == AFTER_AGGREGATION else AFTER_AGGREGATION
+            wanted = (self.evaluate_at, other)
+        else:
+            wanted = (choice,)
+        missing = [point for point in wanted if point not in self.points]
+        if missing:
+            raise ValueError(f"evaluate-at={choice!r}: method={self.name!r} cannot be evaluated {missing[0]} "
+                             f"(it evaluates {', '.join(self.points)} only)")
+        return wanted
 
     def check_model(self, task: TaskSpec, config: RunConfig) -> None:
         """Build the run's plain model (each member of a family) and check :attr:`requires` against
@@ -131,7 +152,8 @@ BUILT_IN: tuple[Method, ...] = (
     Method("local", LocalClient, LocalStrategy),
     # FedLoRA paper Table 4 controls: the decomposed model without FedLoRA's partition/schedule.
     Method("fedavg-lora", FedAvgLoRAClient, FedAvgStrategy),
-    Method("local-lora", local_lora, LocalStrategy, params=LocalLoRAParams, requires=Requirements(image_backbone=True)),
+    Method("local-lora", local_lora, LocalStrategy, params=LocalLoRAParams, requires=Requirements(image_backbone=True),
+           evaluate_at=MethodClient.evaluate_at, points=MethodClient.points),
     # The PFL baselines of FedLoRA's Table 1.
     Method("fedper", FedPerClient, FedAvgStrategy),
     Method("fedrep", FedRepClient, FedAvgStrategy),

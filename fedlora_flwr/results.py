@@ -164,6 +164,17 @@ def last_trained_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[int, int]:
     return last
 
 
+def point_metric(row: Mapping[str, Any], point: str, name: str = "acc_mean") -> Any:
+    """A ``metrics.jsonl`` row's ``name`` (``acc_mean``, ``acc_per_client``, ...) at the evaluation
+    ``point`` (``"after-aggregation"``, ``"after-training"``): the plain key when the row's
+    ``eval_point`` is that point, else the key suffixed with the point; None when the row did not
+    evaluate that point, or names none (written before ``evaluate-at`` existed: pFedSD's and
+    pFedLoRA's rows were after training then, every other method's after aggregation)."""
+    if "eval_point" not in row:
+        return None
+    return row.get(name if point == row["eval_point"] else f"{name}_{point.replace('-', '_')}")
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
@@ -314,6 +325,7 @@ class RunRecorder:
             "best_acc_mean": best["acc_mean"] if best else None,
             "best_round": best["round"] if best else None,
             "final_acc_mean": self.rounds[-1].get("acc_mean") if self.rounds else None,
+            "eval_point": self.rounds[-1].get("eval_point") if self.rounds else None,
             "bytes_up_total": sum(r.get("bytes_up", 0) for r in self.rounds),
             "bytes_down_total": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": round(time.monotonic() - self.started, 3),
@@ -323,6 +335,11 @@ class RunRecorder:
         if private:  # DP runs (strategies/privacy.py): ε at δ after the last recorded round
             summary.update(dp_epsilon=private[-1]["dp_epsilon"], dp_delta=private[-1]["dp_delta"],
                            dp_noise_multiplier=config.dp_noise_multiplier, dp_clip_norm=config.dp_clip_norm)
+        validated = [r for r in self.rounds if r.get("val_acc_mean") is not None]
+        if validated:  # validation-fraction > 0: the round chosen by validation accuracy (ties: the later)
+            chosen = max(reversed(validated), key=lambda r: r["val_acc_mean"])
+            summary.update(best_val_acc_mean=chosen["val_acc_mean"], best_val_round=chosen["round"],
+                           acc_mean_at_best_val=chosen.get("acc_mean"))
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         if self.tensorboard is not None:
             self.tensorboard.close()

@@ -9,7 +9,8 @@ the server averages whatever keys arrive:
 - with ``partial_average = "all-clients"`` the mean is taken over all N clients, absent ones
   holding the previous σ̄, as FedDecomp's ``src/server.py`` does (docs/concepts/strategies.md);
 - every round, after aggregation, every connected client evaluates (as FedDecomp's ``src/server.py``;
-  docs/concepts/strategies.md).
+  docs/concepts/strategies.md), and/or each participant evaluates right after its local training,
+  in its train reply: the run's ``evaluate-at`` (:mod:`strategies.evaluation`).
 
 :class:`PersonalizedStrategy` is a Flower ``Strategy`` built from plain keyword arguments and
 composed of parts with one job each:
@@ -60,14 +61,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
-from fedlora_flwr.config import ConfigError
+from fedlora_flwr.config import AFTER_AGGREGATION, AFTER_TRAINING, ConfigError
 from fedlora_flwr.exits import NoValidReplies
 from fedlora_flwr.results import last_trained_rounds
 from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore, StateError
-from strategies.evaluation import FusedEvaluation, PendingEvaluation, evaluation_result
+from strategies.evaluation import EvalResult, FusedEvaluation, PendingEvaluation, evaluation_result, result_from_json
 from strategies.faults import FaultInjector
 from strategies.privacy import SharedUpdatePrivacy, check_config
-from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, instruction
+from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, TRAINED_EVALUATION, instruction
 from strategies.recording import Recorder
 from strategies.robust import ROBUST_RULES, RobustAggregator
 from strategies.sampling import ParticipantSampler
@@ -131,8 +132,12 @@ class PersonalizedStrategy(Strategy):
       for partition-id answers (:mod:`strategies.sampling`, :mod:`strategies.identity`);
     - ``train_per_client``, ``test_per_client``: the most examples a client holds, the bounds of a
       reply's ``num-examples`` (None: no upper bound; :mod:`strategies.validation`);
+    - ``validation``: clients hold validation splits, so every evaluation must carry ``val-accuracy``
+      and ``val-loss`` (``validation-fraction``);
+    - ``evaluation_points``: where clients are evaluated, the primary point first (``evaluate-at``
+      resolved by the method: ``"after-aggregation"``, ``"after-training"``; :mod:`strategies.evaluation`);
     - ``fused_evaluation``: evaluate round t in round t+1's train messages
-      (:mod:`strategies.evaluation`; not with ``per_client_messages``);
+      (:mod:`strategies.evaluation`; not with ``per_client_messages``; only after aggregation);
     - ``faults``: a :class:`FaultInjector` telling some participants to fail (tests);
     - ``server_store``: where per-client server state lives (FedAMP, FedCAC need one);
     - ``privacy``: a :class:`~strategies.privacy.SharedUpdatePrivacy`: DP of the shared update
@@ -161,6 +166,8 @@ class PersonalizedStrategy(Strategy):
         query_timeout: float = 3600.0,
         train_per_client: int | None = None,
         test_per_client: int | None = None,
+        validation: bool = False,
+        evaluation_points: tuple[str, ...] = (AFTER_AGGREGATION,),
         fused_evaluation: bool = False,
         faults: FaultInjector | None = None,
         server_store: PersonalStateStore | None = None,
@@ -183,11 +190,18 @@ class PersonalizedStrategy(Strategy):
             raise ValueError(f"partial_average must be 'participants' or 'all-clients', not {partial_average!r}")
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+        if not evaluation_points or len(set(evaluation_points)) < len(evaluation_points) or not set(
+                evaluation_points) <= {AFTER_AGGREGATION, AFTER_TRAINING}:
+            raise ValueError(f"evaluation_points must name {AFTER_AGGREGATION!r} and/or {AFTER_TRAINING!r} once each, "
+                             f"not {evaluation_points!r}")
+        if fused_evaluation and AFTER_AGGREGATION not in evaluation_points:
+            raise ValueError("fused_evaluation carries the evaluation after aggregation, which evaluation_points lacks")
         if fused_evaluation and self.per_client_messages:
             raise ValueError(f"{type(self).__name__} sends each client its own arrays: no fused evaluation")
         self.partial_average = partial_average
+        self.evaluation_points = tuple(evaluation_points)
         self.sampler = ParticipantSampler(fraction_train, seed, min_available_nodes, node_wait_timeout, query_timeout)
-        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client,
+        self.validator = ReplyValidator(upload_template, train_per_client, test_per_client, validation,
                                         (privacy.reply_problem,) if privacy is not None else ())
         self.fused = FusedEvaluation() if fused_evaluation else None
         self.faults = faults
@@ -197,6 +211,8 @@ class PersonalizedStrategy(Strategy):
         #: partition id -> the last round its update was aggregated (sent to it as LAST_TRAINED, so
         #: that a client whose state vanished fails instead of starting afresh)
         self.last_trained: dict[int, int] = {}
+        #: partition id -> the after-training evaluation its last aggregated update carried
+        self.after_training: dict[int, EvalResult] = {}
         self.initial_arrays = ArrayRecord()  # the round-1 arrays (FedAMP's w⁰), set by start()
         self.num_rounds = 0  # set by start()
         # the round in progress
@@ -207,6 +223,7 @@ class PersonalizedStrategy(Strategy):
         self._sent_train: set[int] = set()
         self._failed_train: set[int] = set()
         self._sent_evaluate: set[int] = set()
+        self._failed_after_training: set[int] = set()  # partition ids whose after-training evaluation was bad
 
     # ------------------------------------------------------------------ this app's run config
 
@@ -246,7 +263,10 @@ class PersonalizedStrategy(Strategy):
             query_timeout=config.round_timeout,
             train_per_client=config.train_per_client,
             test_per_client=config.test_per_client,
-            fused_evaluation=config.fused_evaluation,
+            validation=config.validation_fraction > 0,
+            evaluation_points=config.evaluation_points,
+            # fused evaluation carries the evaluation after aggregation: nothing to carry without one
+            fused_evaluation=config.fused_evaluation and AFTER_AGGREGATION in config.evaluation_points,
             faults=faults,
             server_store=PersonalStateStore(recorder.run_dir / SERVER_DIR, config.method),
             recorder=recorder,
@@ -283,7 +303,9 @@ class PersonalizedStrategy(Strategy):
 
     def checkpoint_state(self) -> dict:
         """What the strategy holds in memory across rounds, as JSON values (for the checkpoint)."""
-        state: dict[str, Any] = {"aggregated_rounds": self.aggregated_rounds}
+        state: dict[str, Any] = {
+            "aggregated_rounds": self.aggregated_rounds,
+            "after_training": {str(pid): list(result) for pid, result in self.after_training.items()}}
         if self.privacy is not None:  # the clip norm and the accountant's ledger
             state["privacy"] = self.privacy.state()
         return state
@@ -295,6 +317,9 @@ class PersonalizedStrategy(Strategy):
             if "privacy" not in state:
                 raise StateError("the checkpoint holds no DP state (clip norm, accountant): it is not of a DP run")
             self.privacy.restore(state["privacy"])
+        # a checkpoint written before evaluate-at existed holds no after-training evaluations
+        self.after_training = {int(pid): result_from_json(result)
+                               for pid, result in state.get("after_training", {}).items()}
 
     # ------------------------------------------------------------------ the round loop
 
@@ -331,8 +356,9 @@ class PersonalizedStrategy(Strategy):
                 arrays = aggregated
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
-            messages = self.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            metrics = self.aggregate_evaluate(server_round, grid.send_and_receive(messages=messages, timeout=timeout))
+            messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+            replies = grid.send_and_receive(messages=messages, timeout=timeout) if messages else []
+            metrics = self.aggregate_evaluate(server_round, replies)
             if metrics is not None:
                 result.evaluate_metrics_clientapp[server_round] = metrics
             if evaluate_fn and (central := evaluate_fn(server_round, arrays)) is not None:
@@ -384,7 +410,9 @@ class PersonalizedStrategy(Strategy):
         and, for the clients picked to fail, the fault to inject."""
         training = message_type == MessageType.TRAIN
         partition_ids = [self.sampler.partition_ids.get(node) for node in node_ids]
-        evaluates = config.get(EVALUATE_ROUND) if training else server_round
+        # the round a batch's evaluations are of: a fused one, else this round's (after training)
+        after_training = server_round if AFTER_TRAINING in self.evaluation_points else None
+        evaluates = config.get(EVALUATE_ROUND, after_training) if training else server_round
         faulty = self.faults.faulty(partition_ids, server_round, training, evaluates) if self.faults else set()
         records = (self.client_arrays(partition_ids, arrays, server_round, training) if self.per_client_messages
                    else [arrays for _ in node_ids])
@@ -436,6 +464,8 @@ class PersonalizedStrategy(Strategy):
             bytes_up=sum(message.content[ARRAYS].count_bytes() for message in valid),
         )
         self.last_trained.update(dict.fromkeys(self._round["participants"], server_round))
+        if AFTER_TRAINING in self.evaluation_points:
+            self._keep_trained_evaluations(valid, server_round)
         if not valid:
             raise NoValidReplies(_no_valid_replies(server_round, len(self._sent_train), checked))
         records = [message.content[ARRAYS] for message in valid]
@@ -450,9 +480,19 @@ class PersonalizedStrategy(Strategy):
         self._round.update(train_loss=train_loss, shared_distance=mean_distance(records, aggregated))
         return aggregated, MetricRecord({"train-loss": train_loss})
 
+    def _keep_trained_evaluations(self, valid: list[Message], server_round: int) -> None:
+        """Keep the after-training evaluations of the aggregated updates (:mod:`strategies.evaluation`);
+        a participant whose evaluation is bad has none until its next one, and fails the round."""
+        checked = self.validator.trained_evaluations(valid, server_round, self.sampler.identities)
+        self.after_training.update(evaluation_result(message, TRAINED_EVALUATION) for message in checked.valid)
+        self._failed_after_training = {int(message.content[METRICS]["partition-id"]) for message, _ in checked.rejected}
+        for pid in self._failed_after_training:
+            self.after_training.pop(pid, None)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._arrays = arrays
-        node_ids = sorted(self.sampler.connected(grid))
+        # no evaluation after aggregation: no evaluate message
+        node_ids = sorted(self.sampler.connected(grid)) if AFTER_AGGREGATION in self.evaluation_points else []
         if self.fused is not None:
             ahead = self.sampler.sample(grid, server_round + 1) if server_round < self.num_rounds else []
             self.fused.defer(server_round, ahead)
@@ -471,10 +511,11 @@ class PersonalizedStrategy(Strategy):
         evaluation = PendingEvaluation(
             server_round, dict(self._round), dict(evaluation_result(message, METRICS) for message in valid),
             deferred={names[node] for node in deferred},
-            failed={names[node] for node in failed if node in names},
+            failed={names[node] for node in failed if node in names} | self._failed_after_training,
             # nodes that failed without a bound partition id, and nodes refused this round (once each)
             failed_unidentified=(len([node for node in failed if node not in names])
                                  + self.sampler.identities.take_refusals()),
+            after_training=dict(self.after_training),
         )
         if evaluation.deferred:  # fused evaluation: the rest comes with round t+1's train replies
             self.fused.pending = evaluation
@@ -482,11 +523,11 @@ class PersonalizedStrategy(Strategy):
             return None
         row = self._record(evaluation)
         self._save_checkpoint(server_round)
-        return MetricRecord({"acc-mean": row["acc_mean"]}) if evaluation.results else None
+        return MetricRecord({"acc-mean": row["acc_mean"]}) if row["acc_per_client"] else None
 
     def _record(self, evaluation: PendingEvaluation) -> dict:
         """The round's row, written by the recorder if there is one."""
-        row = evaluation.metrics_row()
+        row = evaluation.metrics_row(self.evaluation_points)
         if self.recorder is not None:
             self.recorder.record_round(row)
         return row

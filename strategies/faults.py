@@ -19,8 +19,8 @@ says; the ClientApp obeys (``fedlora_flwr.client_app.inject_fault``). The kinds:
 
 The train-reply kinds are drawn among each round's participants, by (seed, round, 1). ``bad-eval``
 is drawn among the clients that evaluate round t, by (seed, t, 2), once per batch of messages that
-carries those evaluations (the evaluate messages, and with fused evaluation the next round's
-train messages).
+carries those evaluations (the evaluate messages, with fused evaluation the next round's train
+messages, and when clients are evaluated after training round t's train messages).
 """
 
 from __future__ import annotations

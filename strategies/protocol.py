@@ -20,6 +20,9 @@ CLIENT_INFO = "client-info"
 #: num-examples, eval-loss), and the train config key naming that round.
 EVALUATION = "evaluation"
 EVALUATE_ROUND = "evaluate-round"
+#: With ``evaluate-at`` after training: a train reply's evaluation of the model its local training
+#: left (accuracy, num-examples, eval-loss), before aggregation.
+TRAINED_EVALUATION = "after-training"
 #: Message config key telling a client how to fail (fault injection, ``strategies.faults``).
 FAULT = "fault"
 #: Reply record of a modelled straggler (``fault-kind = "timeout"``): the server treats the reply

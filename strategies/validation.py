@@ -12,10 +12,12 @@ counted, never averaged or recorded, never fatal to the run (Flower's own reply 
 - train replies: the arrays match the upload template (keys, shapes, dtypes, finite values; the
   data read back, not only the shape and dtype an Array claims);
   ``num-examples`` is an integer in 1..``train_per_client``, ``train-loss`` a finite number,
-  ``train-samples`` a non-negative integer; an ``evaluation`` record (fused evaluation) is checked
-  as an evaluate reply and, when bad, left out alone (the upload still counts);
+  ``train-samples`` a non-negative integer; an ``evaluation`` record (fused evaluation) or an
+  ``after-training`` record (``evaluate-at``) is checked as an evaluate reply and, when bad, left
+  out alone (the upload still counts);
 - evaluate replies: ``accuracy`` a finite number in [0, 1], ``num-examples`` an integer in
-  1..``test_per_client``, ``eval-loss`` a finite number ≥ 0;
+  1..``test_per_client``, ``eval-loss`` a finite number ≥ 0; with validation splits also
+  ``val-accuracy`` in [0, 1] and ``val-loss`` ≥ 0;
 - query replies: ``partition-id`` an integer in 0..``num-partitions``−1, ``num-partitions`` a
   positive integer.
 
@@ -39,7 +41,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from strategies.identity import Identities
-from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATION, METRICS, MODELLED_TIMEOUT
+from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATION, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION
 
 
 @dataclass
@@ -110,14 +112,16 @@ def _client_info_problem(message: Message) -> str | None:
 
 class ReplyValidator:
     """Checks train, evaluate and query replies; train replies against ``upload_template``, the
-    sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded)."""
+    sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded), and with
+    ``validation`` every evaluation's validation accuracy and loss."""
 
     def __init__(self, upload_template: ArrayRecord, train_per_client: int | None = None,
-                 test_per_client: int | None = None,
+                 test_per_client: int | None = None, validation: bool = False,
                  train_checks: tuple[Callable[[Message], str | None], ...] = ()) -> None:
         self.template = {key: (tuple(array.shape), array.dtype) for key, array in upload_template.items()}
         self.train_per_client = train_per_client
         self.test_per_client = test_per_client
+        self.validation = validation
         #: further checks of a train reply, after these (e.g. DP's norm bit, strategies/privacy.py)
         self.train_checks = train_checks
 
@@ -157,16 +161,18 @@ class ReplyValidator:
         metrics, problem = _record(message, record, MetricRecord)
         return problem or (_number(metrics, record, "accuracy", 0.0, 1.0)
                            or _integer(metrics, record, "num-examples", 1, self.test_per_client)
-                           or _number(metrics, record, "eval-loss", 0.0))
+                           or _number(metrics, record, "eval-loss", 0.0)
+                           or (self.validation and (_number(metrics, record, "val-accuracy", 0.0, 1.0)
+                                                    or _number(metrics, record, "val-loss", 0.0))) or None)
 
     def evaluate_problem(self, message: Message) -> str | None:
         """Why an evaluate reply cannot be recorded, or None."""
         return _partition_problem(message) or _client_info_problem(message) or self._evaluation_problem(message, METRICS)
 
-    def evaluation_problem(self, message: Message) -> str | None:
-        """Why a fused train reply's ``evaluation`` record cannot be recorded, or None."""
+    def evaluation_problem(self, message: Message, record: str = EVALUATION) -> str | None:
+        """Why a train reply's ``record`` (``evaluation``: fused; ``after-training``) cannot be recorded, or None."""
         return (_partition_problem(message) or _client_info_problem(message)
-                or self._evaluation_problem(message, EVALUATION))
+                or self._evaluation_problem(message, record))
 
     @staticmethod
     def query_problem(message: Message) -> str | None:
@@ -194,6 +200,11 @@ class ReplyValidator:
         carrying = [reply for reply in replies
                     if not reply.has_error() and MODELLED_TIMEOUT not in reply.content and EVALUATION in reply.content]
         return _sort(carrying, self.evaluation_problem, "evaluation", server_round, identities).valid
+
+    def trained_evaluations(self, replies: Iterable[Message], server_round: int, identities: Identities) -> Checked:
+        """Valid train replies sorted by their ``after-training`` record (missing: rejected)."""
+        return _sort(replies, lambda message: self.evaluation_problem(message, TRAINED_EVALUATION),
+                     "after-training evaluation", server_round, identities)
 
 
 def _sort(replies: Iterable[Message], problem: Callable[[Message], str | None], kind: str, server_round: int,

@@ -34,6 +34,7 @@ from fedlora_flwr.training import train_schedule
 from strategies.base import ARRAYS, METRICS, average_arrays
 from strategies.fedamp import MODEL, FedAMPStrategy, attention_weights
 from strategies.fedcac import FedCACStrategy, collaborators, overlaps
+from strategies.protocol import TRAINED_EVALUATION
 
 NUM_CLIENTS = 3
 TASK = TaskSpec(num_classes=10)
@@ -313,12 +314,15 @@ def test_pfedsd_teacher_is_the_previous_personalized_model(tmp_path):
     for pid in range(NUM_CLIENTS):
         teacher = {k: v.numpy() for k, v in store.load(pid, expected=_teacher_template(config), slot=TEACHER).items()}
         assert _same(teacher, uploads[pid]), "the teacher is the model right after local training"
-    # Evaluation uses the personalized model before aggregation, i.e. the teacher.
-    reply = grid.replies[(2, _eval_type(grid))][1]
+    # The paper point: the personalized model right after local training (the teacher), carried by
+    # the train reply; no evaluate message is sent.
+    assert config.evaluation_points == ("after-training",)
+    assert not [key for key in grid.sent if key[1].startswith("evaluate")]
+    reply = grid.replies[(2, _train_type(grid))][1].content[TRAINED_EVALUATION]
     session = ClientSession.create(config, 1, NUM_CLIENTS, run_dir / "clients", server_round=2)
-    session.load({k: torch.from_numpy(v) for k, v in grid.sent[(2, _eval_type(grid))][1].items()}, training=False)
-    assert _same({k: v.numpy() for k, v in session.model.state_dict().items()}, uploads[1])
-    assert session.evaluate().accuracy == pytest.approx(float(reply.content[METRICS]["accuracy"]))
+    session.load({k: torch.from_numpy(v) for k, v in uploads[1].items()}, training=False)
+    assert session.evaluate(after_training=True).accuracy == float(reply["accuracy"])
+    assert _metrics(run_dir)[1]["acc_per_client"]["1"] == float(reply["accuracy"])
 
 
 def _teacher_template(config):

@@ -250,3 +250,23 @@ def test_load_config_does_not_mutate_its_input(tmp_path):
     snapshot = dict(values)
     load_config(values, base=tmp_path)
     assert values == snapshot
+
+
+def test_evaluate_at_resolves_to_the_methods_paper_point_and_refuses_what_a_method_cannot_mean():
+    def points(method: str, evaluate_at: str, **extra) -> tuple[str, ...]:
+        return load_config({**app_defaults(), "method": method, "evaluate-at": evaluate_at, **extra}).evaluation_points
+
+    after_training = {name for name, method in registry().items() if method.evaluate_at == "after-training"}
+    assert after_training == {"pfedsd", "pfedlora", "fedavg-adapter"}
+    assert points("fedlora", "default") == ("after-aggregation",)
+    assert points("pfedsd", "default") == ("after-training",)
+    assert points("fedlora", "both") == ("after-aggregation", "after-training")
+    assert points("pfedsd", "both") == ("after-training", "after-aggregation")
+    assert points("pfedsd", "after-aggregation") == ("after-aggregation",)
+    assert points("local-lora", "after-training") == ("after-training",)
+    for choice in ("after-training", "both"):
+        with pytest.raises(ConfigError, match=r"^invalid run config: evaluate-at='[a-z-]+': method='lora-ft' cannot "
+                           r"be evaluated after-training \(it evaluates after-aggregation only\)$"):
+            points("lora-ft", choice)
+    with pytest.raises(ConfigError, match="evaluate-at='last'"):
+        points("fedlora", "last")

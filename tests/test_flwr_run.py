@@ -45,7 +45,8 @@ def test_fedlora_simulation_synthetic(superlink, tmp_path):
         REPO,
         dict(
             dataset="synthetic", model="cnn", **{"num-server-rounds": 2, "local-epochs": 2, "lora-epochs": 1,
-            "train-per-client": 100, "test-per-client": 40, "output-dir": str(out), "run-name": "e2e-synthetic"}
+            "train-per-client": 100, "test-per-client": 40, "output-dir": str(out), "run-name": "e2e-synthetic",
+            "evaluate-at": "both"}
         ),
         num_supernodes=3,
     )
@@ -53,7 +54,10 @@ def test_fedlora_simulation_synthetic(superlink, tmp_path):
     assert (run_dir / "summary.json").is_file(), log[-4000:]
     assert code == 0
     assert "[fedlora-flwr] round 2/2" in log
-    _check_contract(run_dir, num_clients=3, rounds=2)
+    metrics = _check_contract(run_dir, num_clients=3, rounds=2)
+    for m in metrics:  # evaluate-at = "both": FedLoRA's paper point first, after training beside it
+        assert m["eval_point"] == "after-aggregation" and set(m["acc_per_client_after_training"]) == {"0", "1", "2"}
+        assert 0.0 <= m["acc_mean_after_training"] <= 1.0
     taus = _taus(run_dir, 3)
     lora_b = [key for key in taus[0] if key.endswith("lora_B")]
     assert any(not torch.equal(taus[0][key], taus[1][key]) for key in lora_b), "τ should differ between clients"

@@ -52,7 +52,8 @@ def _without_bytes_sent(rows: list[dict] | dict):
     ("fedavg", 0.67, {}),
     ("local", 0.67, {}),
     ("lora-ft", 0.67, {"local-steps": 2}),  # fine-tunes in begin_evaluation: its seed is the evaluated round's
-    ("pfedlora", 0.67, {"model-family": "cnn-hetero", "pfedlora-rank": 4}),  # per-architecture accuracy groups
+    # per-architecture accuracy groups; both points (its paper point, after training, rides on the train reply)
+    ("pfedlora", 0.67, {"model-family": "cnn-hetero", "pfedlora-rank": 4, "evaluate-at": "both"}),
 ])
 def test_fused_evaluation_gives_the_numbers_of_separate_evaluate_messages(tmp_path, method, fraction, extra):
     separate = _config(tmp_path / "separate", "run", method, **{"fraction-train": fraction, **extra})

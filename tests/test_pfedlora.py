@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_federation import _arrays, _eval_type, _identical, _metrics, _run, _state, _train_type
 
-from clients.pfedlora import ADAPTER_SLOT, FedAvgAdapterClient, PFedLoRAClient
+from clients.pfedlora import FedAvgAdapterClient, PFedLoRAClient
 from conftest import app_defaults
 from fedlora_flwr import bench
 from fedlora_flwr.client_app import ClientSession
@@ -28,6 +28,7 @@ from fedlora_flwr.report import make_report
 from fedlora_flwr.store import CHECKSUM, PersonalStateStore, StateError, write_safetensors_atomic
 from fedlora_flwr.training import train_schedule
 from strategies.base import ARRAYS, average_arrays
+from strategies.protocol import TRAINED_EVALUATION
 
 TASK = TaskSpec(num_classes=10)
 FAMILY = MODEL_FAMILIES["cnn-hetero"]
@@ -192,9 +193,9 @@ def test_a_family_needs_a_method_whose_uploads_fit_every_architecture(tmp_path):
 
 @pytest.fixture(scope="module")
 def pfedlora_run(tmp_path_factory):
-    """Five clients, one per architecture, two rounds."""
+    """Five clients, one per architecture, two rounds, evaluated at both points."""
     return _run(tmp_path_factory.mktemp("pfedlora"), "pfedlora-5c", num_clients=5, method="pfedlora",
-                model_family="cnn-hetero")
+                model_family="cnn-hetero", evaluate_at="both")
 
 
 def test_only_adapter_keys_reach_the_server_and_every_client_gets_the_same_adapter(pfedlora_run):
@@ -216,16 +217,15 @@ def test_only_adapter_keys_reach_the_server_and_every_client_gets_the_same_adapt
     assert sorted(shared) == sorted(ADAPTER_KEYS)
 
 
-def test_personal_files_hold_each_architecture_and_the_trained_adapter(pfedlora_run):
-    run_dir, grid, _ = pfedlora_run
+def test_personal_files_hold_each_architecture(pfedlora_run):
+    run_dir, _, _ = pfedlora_run
     shapes = {}
     for pid in range(5):
         personal, metadata = _state(run_dir / "clients" / str(pid) / "personal.safetensors")
         assert metadata["method"] == "pfedlora" and all(key.startswith("local.") for key in personal)
         shapes[pid] = {key: value.shape for key, value in personal.items()}
-        trained, _ = _state(run_dir / "clients" / str(pid) / f"{ADAPTER_SLOT}.safetensors")
-        upload = _arrays(grid.replies[(2, _train_type(grid))][pid].content[ARRAYS])
-        assert all(np.array_equal(trained[key], upload[key]) for key in ADAPTER_KEYS)  # θ_k after local training
+        assert sorted(path.name for path in (run_dir / "clients" / str(pid)).iterdir()
+                      if ".previous." not in path.name) == ["personal.safetensors"]
     assert shapes[0]["local.fc1.weight"] == (2000, 800) and shapes[1]["local.fc1.weight"] == (2000, 400)
     assert shapes[1]["local.conv2.weight"] == (16, 16, 5, 5) and shapes[4]["local.fc1.weight"] == (500, 800)
     assert len({tuple(sorted(s.items())) for s in shapes.values()}) == 5
@@ -244,17 +244,28 @@ def test_metrics_record_the_accuracy_per_architecture(pfedlora_run, tmp_path):
     assert "| cnn-1 | cnn-2 | cnn-3 | cnn-4 | cnn-5 |" in report.markdown
 
 
-def test_evaluation_uses_the_adapter_after_local_training(pfedlora_run):
-    """As in the group's FedGH/FedMRL code: the evaluated model is F_k + θ_k before aggregation, not θ̄."""
+def test_the_paper_point_evaluates_the_adapter_after_local_training(pfedlora_run):
+    """As in the group's FedGH/FedMRL code, acc_mean is F_k + θ_k before aggregation (the train
+    reply's after-training record); after aggregation, F_k + θ̄ (the evaluate reply), recorded beside it."""
     run_dir, grid, run_config = pfedlora_run
     config = load_config(run_config)
+    assert registry()["pfedlora"].evaluate_at == "after-training"
+    assert config.evaluation_points == ("after-training", "after-aggregation")
     pid = 2
-    reply = grid.replies[(2, _eval_type(grid))][pid].content["metrics"]
+    trained = grid.replies[(2, _train_type(grid))][pid].content
     session = ClientSession.create(config, pid, 5, run_dir / "clients", server_round=2)
-    session.load(_state_dict(grid.sent[(2, _eval_type(grid))][pid]), training=False)
-    assert session.evaluate().accuracy == reply["accuracy"]
-    trained = _state(run_dir / "clients" / str(pid) / f"{ADAPTER_SLOT}.safetensors")[0]
-    assert all(np.array_equal(session.model.state_dict()[key].numpy(), trained[key]) for key in ADAPTER_KEYS)
+    session.load(_state_dict(_arrays(trained[ARRAYS])), training=False)  # F_k of round 2 + its θ_k
+    after_training = session.evaluate(after_training=True).accuracy
+    assert after_training == trained[TRAINED_EVALUATION]["accuracy"]
+    evaluated = grid.replies[(2, _eval_type(grid))][pid].content["metrics"]
+    aggregated = evaluated["accuracy"]
+    session.load(_state_dict(grid.sent[(2, _eval_type(grid))][pid]), training=False)  # F_k + θ̄
+    assert session.evaluate().accuracy == aggregated
+    row = _metrics(run_dir)[1]
+    assert row["eval_point"] == "after-training"
+    assert row["acc_per_client"][str(pid)] == after_training
+    assert row["acc_per_client_after_aggregation"][str(pid)] == aggregated
+    assert trained[TRAINED_EVALUATION]["eval-loss"] != evaluated["eval-loss"], "F_k + θ_k is not F_k + θ̄"
 
 
 def _state_dict(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -252,11 +252,13 @@ def test_a_timeout_fault_is_a_modelled_straggler(tmp_path, caplog):
     assert len(lines) == 2 and f"client {faulty}" in lines[-1]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["evaluate-messages", "fused-evaluation"])
-def test_a_bad_eval_fault_is_drawn_among_the_evaluated_clients_and_not_recorded(tmp_path, fused):
+@pytest.mark.parametrize("extra", [{}, {"fused-evaluation": True}, {"method": "pfedsd"}],
+                         ids=["evaluate-messages", "fused-evaluation", "after-training"])
+def test_a_bad_eval_fault_is_drawn_among_the_evaluated_clients_and_not_recorded(tmp_path, extra):
+    """pFedSD is evaluated after training: the bad evaluation rides on the train reply, whose
+    upload still counts, and the client has no after-training evaluation that round."""
     clients = 5
-    run_dir, _ = _run(tmp_path, "bad-eval", clients=clients,
-                      **{"fault-fraction": 0.4, "fault-kind": "bad-eval", "fused-evaluation": fused})
+    run_dir, _ = _run(tmp_path, "bad-eval", clients=clients, **{"fault-fraction": 0.4, "fault-kind": "bad-eval", **extra})
     injector = FaultInjector(0.4, "bad-eval", seed=1)
     for m in _metrics(run_dir):
         faulty = injector.faulty(list(range(clients)), m["round"], training=False, evaluates=m["round"])

@@ -97,7 +97,8 @@ def uninterrupted(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize(("method", "crash_round"), [("fedlora", 2), ("fedamp", 1), ("fedcac", 3)])
+# pfedsd: evaluated after training, a client that sits out round 3 keeps its carried evaluation (checkpointed)
+@pytest.mark.parametrize(("method", "crash_round"), [("fedlora", 2), ("fedamp", 1), ("fedcac", 3), ("pfedsd", 3)])
 def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, uninterrupted, method, crash_round):
     reference = uninterrupted(method)
     config = _config(tmp_path, "run", method)
@@ -170,7 +171,7 @@ def test_checkpoint_holds_the_round_and_the_next_rounds_arrays(uninterrupted):
 
     run_dir = uninterrupted("fedlora")
     checkpoint = load_checkpoint(run_dir)
-    assert checkpoint.round == ROUNDS and checkpoint.strategy == {"aggregated_rounds": ROUNDS}
+    assert checkpoint.round == ROUNDS and checkpoint.strategy == {"aggregated_rounds": ROUNDS, "after_training": {}}
     shared = load_file(run_dir / "shared.safetensors")
     assert list(checkpoint.arrays.keys()) and set(checkpoint.arrays.keys()) == set(shared)
     for key, tensor in checkpoint.arrays.to_torch_state_dict().items():

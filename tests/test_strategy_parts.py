@@ -14,13 +14,15 @@ from inprocess import InProcessGrid
 from test_federation import ScriptedGrid
 
 from fedlora_flwr import client_app
-from fedlora_flwr.results import Checkpoint
+from fedlora_flwr.results import Checkpoint, point_metric
 from fedlora_flwr.store import PersonalStateStore
 from strategies.evaluation import FusedEvaluation, PendingEvaluation
 from strategies.faults import FaultInjector
 from strategies.fedamp import FedAMPStrategy
 from strategies.fedlora import FedLoRAStrategy
-from strategies.protocol import ARRAYS, CONFIG, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT
+from strategies.protocol import (
+    ARRAYS, CONFIG, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION,
+)
 from strategies.identity import Identities
 from strategies.sampling import FederationIncomplete, ParticipantSampler
 from strategies.validation import ReplyValidator
@@ -159,7 +161,7 @@ def test_faults_are_a_seeded_fraction_of_the_identified_participants():
 
 def test_pending_evaluation_row_and_checkpoint_form():
     evaluation = PendingEvaluation(3, {"bytes_down_train": 7, "bytes_down_evaluate": 5},
-                                   {2: (0.5, 10, "a"), 0: (1.0, 30, "b"), 1: (0.0, 10, "a")},
+                                   {2: (0.5, 10, "a", None), 0: (1.0, 30, "b", None), 1: (0.0, 10, "a", None)},
                                    deferred=set(), failed={4}, failed_unidentified=1)
     assert PendingEvaluation.from_json(evaluation.to_json()) == evaluation
     row = evaluation.metrics_row()
@@ -173,13 +175,13 @@ def test_fused_evaluation_defers_then_finishes_and_counts_the_missing_as_failed(
     fused.defer(1, [1001, 1002])
     assert fused.participants(2) == [1001, 1002] and fused.participants(3) is None
     assert fused.train_config() == {}
-    fused.pending = PendingEvaluation(1, {}, {0: (0.5, 10, None)}, deferred={1, 2}, failed=set())
+    fused.pending = PendingEvaluation(1, {}, {0: (0.5, 10, None, None)}, deferred={1, 2}, failed=set())
     assert fused.train_config() == {EVALUATE_ROUND: 1}
     content = _train_content(**{"partition-id": 1})
     content[EVALUATION] = MetricRecord({"accuracy": 0.25, "num-examples": 8})
     finished = fused.finish([_reply(content, node_id=1001)])
     assert fused.pending is None
-    assert finished.results == {0: (0.5, 10, None), 1: (0.25, 8, None)} and finished.failed == {2}
+    assert finished.results == {0: (0.5, 10, None, None), 1: (0.25, 8, None, None)} and finished.failed == {2}
 
 
 # --------------------------------------------------------------------------- the strategy
@@ -266,3 +268,87 @@ def test_resumed_start_runs_only_the_rounds_after_the_checkpoint():
     assert all(np.array_equal(grid.trained[3][key].numpy(), saved[key].numpy()) for key in saved)
     assert [row["round"] for row in recorder.rounds] == recorder.saved == [3, 4]
     assert strategy.aggregated_rounds == 4 and sorted(result.evaluate_metrics_clientapp) == [3, 4]
+
+
+# --------------------------------------------------------------------------- evaluation points
+
+
+class PointsGrid(RoundsGrid):
+    """RoundsGrid whose train replies also carry an ``after-training`` evaluation: accuracy
+    (10·round + partition id) / 100, or an accuracy above 1 for the (round, partition id) in ``bad``."""
+
+    def __init__(self, *args, bad: tuple[int, int] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bad = bad
+        self.evaluate_messages = 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.evaluate_messages += sum(message.metadata.message_type == MessageType.EVALUATE for message in messages)
+        ids = super().push_messages(messages)
+        for message_id, message in zip(ids, messages, strict=True):
+            if message.metadata.message_type == MessageType.TRAIN:
+                server_round = int(message.content[CONFIG]["server-round"])
+                pid = self.contexts[message.metadata.dst_node_id].node_config["partition-id"]
+                accuracy = 1.5 if (server_round, pid) == self.bad else (10 * server_round + pid) / 100
+                self._replies[message_id].content[TRAINED_EVALUATION] = MetricRecord(
+                    {"accuracy": accuracy, "num-examples": 8, "eval-loss": 1.0})
+        return ids
+
+
+def test_both_points_record_the_last_aggregated_training_of_each_client_and_resume_with_them():
+    grid = PointsGrid({1: 0.5, 2: 0.25, 3: 0.75}, 4, app_defaults(), bad=(2, 2))
+    recorder = MemoryRecorder()
+    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), fraction_train=0.5, seed=3, recorder=recorder,
+                               evaluation_points=("after-aggregation", "after-training"))
+    strategy.start(grid, _record(TEMPLATE), num_rounds=3)
+    drawn = [sorted(int(p) for p in np.random.default_rng([3, r]).choice(4, size=2, replace=False)) for r in (1, 2, 3)]
+    assert drawn == [[1, 2], [0, 2], [0, 3]], "seed 3: client 1 sits out after training, client 2 fails in round 2"
+    last: dict[str, float] = {}
+    for server_round, (row, participants) in enumerate(zip(recorder.rounds, drawn, strict=True), start=1):
+        assert row["eval_point"] == "after-aggregation" and row["participants"] == participants
+        assert row["acc_per_client"] == dict.fromkeys(("0", "1", "2", "3"), grid.accuracies[server_round])
+        for pid in participants:  # a new aggregated training replaces the client's evaluation
+            last[str(pid)] = (10 * server_round + pid) / 100
+        if server_round == 2:
+            del last["2"]  # its evaluation was bad: none until its next aggregated training
+        assert row["acc_per_client_after_training"] == dict(sorted(last.items()))
+        assert row["acc_mean_after_training"] == pytest.approx(np.mean(list(last.values())))
+        assert row["num_failures"] == (1 if server_round == 2 else 0)
+    state = strategy.checkpoint_state()
+    resumed = FedLoRAStrategy(upload_template=_record(TEMPLATE), evaluation_points=("after-training",))
+    resumed.restore(state)
+    assert {str(pid): acc for pid, (acc, _, _, _) in resumed.after_training.items()} == last
+
+
+def test_after_training_alone_sends_no_evaluate_message():
+    grid = PointsGrid({}, 3, app_defaults())
+    recorder = MemoryRecorder()
+    strategy = FedLoRAStrategy(upload_template=_record(TEMPLATE), recorder=recorder,
+                               evaluation_points=("after-training",))
+    result = strategy.start(grid, _record(TEMPLATE), num_rounds=2)
+    assert grid.evaluate_messages == 0 and [row["bytes_down_evaluate"] for row in recorder.rounds] == [0, 0]
+    assert recorder.rounds[1]["eval_point"] == "after-training"
+    assert recorder.rounds[1]["acc_per_client"] == {"0": 0.2, "1": 0.21, "2": 0.22}
+    assert not any(key.endswith("_after_aggregation") for key in recorder.rounds[1])
+    assert result.evaluate_metrics_clientapp[2]["acc-mean"] == pytest.approx(0.21)
+
+
+def test_evaluation_points_are_checked():
+    template = _record(TEMPLATE)
+    for points in [(), ("after-training", "after-training"), ("before-training",)]:
+        with pytest.raises(ValueError, match="evaluation_points"):
+            FedLoRAStrategy(upload_template=template, evaluation_points=points)
+    with pytest.raises(ValueError, match="fused_evaluation"):
+        FedLoRAStrategy(upload_template=template, evaluation_points=("after-training",), fused_evaluation=True)
+
+
+def test_point_metric_reads_either_point_of_a_row():
+    both = PendingEvaluation(1, {}, {0: (0.5, 10, None, None)}, deferred=set(), failed=set(),
+                             after_training={0: (0.75, 10, None, None)})
+    row = both.metrics_row(("after-training", "after-aggregation"))
+    assert point_metric(row, "after-training") == 0.75 and point_metric(row, "after-aggregation") == 0.5
+    assert point_metric(row, "after-aggregation", "acc_per_client") == {"0": 0.5}
+    single = both.metrics_row(("after-aggregation",))
+    assert point_metric(single, "after-aggregation") == 0.5 and point_metric(single, "after-training") is None
+    assert point_metric({"acc_mean": 0.5}, "after-aggregation") is None

@@ -143,6 +143,14 @@ def requirements_text(method: Method) -> list[str]:
     return lines
 
 
+def evaluation_text(method: Method) -> str:
+    """The method's paper evaluation point (``evaluate-at = "default"``) and the others it can mean."""
+    others = [point for point in method.points if point != method.evaluate_at]
+    can = f"; also {', '.join(f'`{point}`' for point in others)} and `both`" if others else "; no other point"
+    link = "[evaluation points](../concepts/strategies.md#evaluation-points)"
+    return f"`{method.evaluate_at}` by default (the paper's){can} ({link})"
+
+
 def first_paragraph(cls: type) -> str:
     """The first paragraph of a class's own docstring, else of its module's (a class may rely on it)."""
     doc = cls.__dict__.get("__doc__") or getattr(inspect.getmodule(cls), "__doc__", None) or ""
@@ -159,7 +167,8 @@ def method_page(method: Method) -> str:
             f"| strategy | `{qualified(method.strategy)}`{': ' if strategy_summary else ''}"
             f"{cell(rst_to_markdown(strategy_summary))} |",
             f"| own keys | `{qualified(method.params)}` |",
-            f"| needs | {cell('; '.join(requirements_text(method)))} |", ""]
+            f"| needs | {cell('; '.join(requirements_text(method)))} |",
+            f"| evaluated | {evaluation_text(method)} |", ""]
     out += ["*Generated from the method's client docstring and parameter model "
             "(`fedlora_flwr.methods.registry()`); edit those, not this page.*", ""]
     if body:
