@@ -7,8 +7,11 @@ writes to ``--out`` (default ``ROOT/report``):
 - ``table.md`` / ``table.csv`` / ``table.tex``: one row per configuration, mean ± std over its
   seeds (population std, ``ddof=0``) of two selections of the mean client test accuracy (%):
   ``best``, the best round's (``best_acc_mean``: the papers' metric, which selects the round on
-  the test set), and ``final``, the last round's (``final_acc_mean``: no selection). Beside them
-  the paper's number and ``diff = best − paper``. ``table.md`` adds the accuracy per client group
+  the test set), ``final``, the last round's (``final_acc_mean``: no selection) and, when runs
+  held out a validation split (``validation-fraction``), ``by-val``, the round of the best mean
+  validation accuracy (``acc_mean_at_best_val``: selected without the test set). Beside them the
+  paper's number and ``diff = best − paper``. ``--eval-point`` picks the evaluation point
+  (default: each run's primary one, its ``eval_point``); the footer names it. ``table.md`` adds the accuracy per client group
   (``acc_per_group``, per architecture of a ``model-family`` run) when runs recorded it.
 - ``curves.png`` (mean client accuracy per round; line: mean over seeds, band: ± std),
   ``per_client.png`` (the paper's Fig. 7), ``partition.png`` (Fig. 5, recomputed from the
@@ -21,8 +24,7 @@ summary (the simulation size is not a run-config key). A row is labelled by meth
 alpha, and by every other key that differs between rows. Paper numbers: the spec's ``[[paper]]``
 entries, else the built-in Table 1, matched by :mod:`fedlora_flwr.paper` (the grid's rule too).
 
-A best-by-validation column needs a held-out split in the clients, which they do not have: not
-reported. Plots use matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no display.
+Plots use matplotlib's object API (``Figure`` + Agg canvas): no pyplot, no display.
 """
 
 from __future__ import annotations
@@ -58,7 +60,12 @@ METHOD_ORDER = ("fedavg", "fedavg-lora", "local", "local-lora", "fedlora")
 SELECTIONS = {
     "best": ("best_acc_mean", "the best round's mean client test accuracy: selected on the test set, the papers' metric"),
     "final": ("final_acc_mean", "the last round's mean client test accuracy: no selection"),
+    "by-val": ("acc_mean_at_best_val", "the mean client test accuracy in the round of the best mean validation "
+               "accuracy (a held-out part of each client's training split, validation-fraction): selected without "
+               "the test set"),
 }
+#: ``--eval-point`` choices: each run's primary point (``eval_point``), or one of the two points.
+EVAL_POINTS = ("primary", "after-aggregation", "after-training")
 MAX_PANELS = 6
 MARKERS = "os^Dv<>ph*"
 
@@ -116,7 +123,8 @@ def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -
         ``table``: one row per configuration (sorted: dataset, alpha, the other label keys, method
         in the paper's order) with the config ``keys``, ``n``, ``seeds``, ``runs`` (names),
         ``run_dirs`` (folders), ``best_mean``,
-        ``best_std``, ``best_values``, ``final_mean``, ``final_std`` (%), ``paper``, ``paper_std``,
+        ``best_std``, ``best_values``, ``final_mean``, ``final_std``, ``by_val_mean``, ``by_val_std``
+        (%; NaN without a validation split), ``paper``, ``paper_std``,
         ``paper_source`` and ``diff`` (best − paper); ``label_keys``: method, dataset, alpha and
         the keys that differ between rows.
     """
@@ -126,14 +134,15 @@ def run_table(runs: pd.DataFrame, spec_entries: Sequence[dict[str, Any]] = ()) -
         runs.loc[family, "model"] = runs.loc[family, "model-family"]
     runs["paper_dataset"] = [paper_dataset(config) for config in runs.to_dict("records")]
     for name, (column, _) in SELECTIONS.items():
-        runs[name] = pd.to_numeric(runs[column], errors="coerce") * 100
+        runs[name] = pd.to_numeric(runs[column], errors="coerce") * 100 if column in runs else np.nan
     keys = [k for k in runs.attrs["config_columns"] if k not in IGNORED_KEYS] + ["num_clients", "paper_dataset"]
     runs = runs.sort_values(["seed", "run_dir"], key=lambda col: col.map(_sort_value))
     runs["data_dir"] = runs.get("data-dir", "")
     table = runs.groupby(keys, dropna=False, sort=False).agg(  # std: ddof=0, the paper does not say which
         n=("best", "count"), seeds=("seed", list), runs=("run", list), run_dirs=("run_dir", list),
         best_mean=("best", "mean"), best_std=("best", lambda s: s.std(ddof=0)), best_values=("best", list),
-        final_mean=("final", "mean"), final_std=("final", lambda s: s.std(ddof=0)), data_dir=("data_dir", "first"),
+        final_mean=("final", "mean"), final_std=("final", lambda s: s.std(ddof=0)),
+        by_val_mean=("by-val", "mean"), by_val_std=("by-val", lambda s: s.std(ddof=0)), data_dir=("data_dir", "first"),
     ).reset_index()
     varying = [k for k in _settings(table, keys) if k not in LABEL_KEYS and table[k].map(_text).nunique() > 1]
     label_keys = [*LABEL_KEYS, *varying]
@@ -169,12 +178,15 @@ def _pm(mean: float, std: float) -> str:
 
 
 def shown_table(table: pd.DataFrame, label_keys: Sequence[str]) -> pd.DataFrame:
-    """The table as people read it: label cells, n, best and final (mean ± std, %), paper, diff."""
+    """The table as people read it: label cells, n, best, final and (with validation splits) by-val
+    (mean ± std, %), paper, diff."""
     return pd.DataFrame({
         **{key: [_cell(row, key) for _, row in table.iterrows()] for key in label_keys},
         "n": table.n.astype(str),
         "best (%)": [_pm(m, s) for m, s in zip(table.best_mean, table.best_std, strict=True)],
         "final (%)": [_pm(m, s) for m, s in zip(table.final_mean, table.final_std, strict=True)],
+        **({"by-val (%)": [_pm(m, s) for m, s in zip(table.by_val_mean, table.by_val_std, strict=True)]}
+           if table.by_val_mean.notna().any() else {}),
         "paper (%)": [_pm(m, s) for m, s in zip(table.paper, table.paper_std, strict=True)],
         "diff": ["—" if pd.isna(d) else f"{d:+.2f}" for d in table["diff"]],
     })
@@ -460,6 +472,32 @@ class Report:
     notes: list[str]
 
 
+def at_point(frame: pd.DataFrame, point: str, name: str = "acc_mean") -> pd.Series:
+    """Per round (a :func:`load_runs` frame), the metric ``name`` at evaluation ``point``: the plain
+    column where the row's ``eval_point`` is ``point``, else the suffixed one (NaN where the round
+    did not evaluate there; :func:`fedlora_flwr.results.point_metric`, vectorised)."""
+    plain = frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
+    other = f"{name}_{point.replace('-', '_')}"
+    suffixed = frame[other] if other in frame else pd.Series(np.nan, index=frame.index)
+    primary = frame["eval_point"] == point if "eval_point" in frame else pd.Series(False, index=frame.index)
+    return pd.to_numeric(plain.where(primary, suffixed), errors="coerce")
+
+
+def point_selections(frame: pd.DataFrame, point: str) -> pd.DataFrame:
+    """Per run (``run_dir``), the summary's three selections recomputed at evaluation ``point``:
+    ``best_acc_mean`` (the best round's), ``final_acc_mean`` (the last round's) and
+    ``acc_mean_at_best_val`` (at the round of the best ``val_acc_mean``, ties to the later round)."""
+    rows = frame.assign(_acc=at_point(frame, point), _val=at_point(frame, point, "val_acc_mean"))
+    rows = rows.sort_values(["run_dir", "round"])
+    out = {}
+    for run_dir, run in rows.groupby("run_dir", sort=False):
+        validated = run[run._val.notna()]
+        out[run_dir] = {"best_acc_mean": run._acc.max(), "final_acc_mean": run._acc.iloc[-1],
+                        "acc_mean_at_best_val": (validated._acc.loc[validated._val[::-1].idxmax()]
+                                                 if len(validated) else np.nan)}
+    return pd.DataFrame.from_dict(out, orient="index").rename_axis("run_dir").reset_index()
+
+
 def _skipped(runs: pd.DataFrame) -> list[tuple[str, str]]:
     out = []
     for _, run in runs[runs.status != "finished"].iterrows():
@@ -470,9 +508,12 @@ def _skipped(runs: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 def make_report(root: str | Path, out: str | Path | None = None, spec: str | Path | None = None,
-                echo: Callable[[str], None] = print, plots: bool = True) -> Report:
+                echo: Callable[[str], None] = print, plots: bool = True, eval_point: str = "primary") -> Report:
     """Read the runs under ``root``, write the tables and plots to ``out`` (default
-    ``root/report``) and echo the table, the ordering lines and what was written."""
+    ``root/report``) and echo the table, the ordering lines and what was written. ``eval_point``:
+    the table's evaluation point (:data:`EVAL_POINTS`; ``"primary"``: each run's own)."""
+    if eval_point not in EVAL_POINTS:
+        raise ReportError(f"eval-point {eval_point!r} is not one of {', '.join(EVAL_POINTS)}")
     root = Path(root)
     if not root.exists():
         raise ReportError(f"{root} does not exist")
@@ -492,6 +533,11 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
         raise ReportError(f"no finished runs under {root} (a finished run folder holds config.json, metrics.jsonl, "
                           "summary.json)")
     frame = frame[frame.run_dir.isin(finished.run_dir)]
+    if eval_point != "primary":
+        selected = point_selections(frame, eval_point)
+        finished = finished.drop(columns=[c for (c, _) in SELECTIONS.values() if c in finished]).merge(
+            selected, on="run_dir", how="left")
+        finished.attrs = frame.attrs
     table, keys, label_keys = run_table(finished, spec_entries)
     notes = [f"runs without any accuracy, left out of their row: {', '.join(finished.run[finished.best_acc_mean.isna()])}"
              ] if finished.best_acc_mean.isna().any() else []
@@ -502,9 +548,15 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
     ordering = ordering_lines(table, keys, label_keys)
     common = ", ".join(f"{k}={_text(table[k].dropna().iloc[0])}" + ("" if table[k].notna().all() else " (where set)")
                        for k in keys if k not in label_keys and k != "paper_dataset" and table[k].notna().any())
-    footer = [f"{name} (%): {what} (`{column}` × 100 of each run)." for name, (column, what) in SELECTIONS.items()]
-    footer += ["Best-by-validation is not reported: the clients hold no validation split.",
-               ("best and final: mean ± std over the n seeds of a row, std the population standard deviation "
+    validated = table.by_val_mean.notna().any()
+    footer = [f"{name} (%): {what} (`{column}` × 100 of each run)." for name, (column, what) in SELECTIONS.items()
+              if name != "by-val" or validated]
+    footer += [("by-val is not reported: no run held out a validation split (validation-fraction = 0)."
+                if not validated else "by-val: — where a row's runs held out no validation split."),
+               ("evaluation point: each run's own (`eval_point`: its method's paper point or the one evaluate-at "
+                "names)." if eval_point == "primary" else f"evaluation point: {eval_point} (rows of runs that did not "
+                "evaluate there are —)."),
+               ("best, final and by-val: mean ± std over the n seeds of a row, std the population standard deviation "
                "(`ddof=0`; the paper does not say which it uses)."),
                (f"rows: runs whose config.json agree on every key but {', '.join(sorted(IGNORED_KEYS))}; "
                "num_clients from summary.json."), f"common to all rows: {common}."]
@@ -523,9 +575,10 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
 
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    csv = table[["n", "seeds", "best_mean", "best_std", "best_values", "final_mean", "final_std", "paper", "paper_std",
-                 "diff", "paper_source", "runs"]].astype(object)
-    numbers = ["best_mean", "best_std", "final_mean", "final_std", "paper", "paper_std", "diff"]
+    csv = table[["n", "seeds", "best_mean", "best_std", "best_values", "final_mean", "final_std", "by_val_mean",
+                 "by_val_std", "paper", "paper_std", "diff", "paper_source", "runs"]].astype(object)
+    numbers = ["best_mean", "best_std", "final_mean", "final_std", "by_val_mean", "by_val_std", "paper", "paper_std",
+               "diff"]
     csv[numbers] = csv[numbers].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     for column in ("seeds", "best_values", "runs"):
         csv[column] = csv[column].map(lambda values: " ".join(f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -582,12 +635,15 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "column; rows it does not match fall back to the built-in Table 1 numbers",
     )
     parser.add_argument("--out", metavar="DIR", help="where to write the tables and plots (default: ROOT/report)")
+    parser.add_argument("--eval-point", choices=EVAL_POINTS, default="primary",
+                        help="the evaluation point of the table's accuracies: each run's own (primary, default), or "
+                        "after-aggregation / after-training (recorded by runs with evaluate-at = both)")
 
 
 def run(args: argparse.Namespace) -> int:
     """The ``report`` subcommand: 0 on success, 2 (and one line on stderr) on an error."""
     try:
-        make_report(args.root, out=args.out, spec=args.spec)
+        make_report(args.root, out=args.out, spec=args.spec, eval_point=args.eval_point)
     except ReportError as exc:
         print(f"fedlora-flwr report: error: {exc}", file=sys.stderr)
         return 2

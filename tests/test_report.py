@@ -14,7 +14,7 @@ import pytest
 from runfolders import fake_run
 
 from fedlora_flwr.paper import PAPER_TABLE1, matches, paper_entry
-from fedlora_flwr.report import make_report, register, run_table
+from fedlora_flwr.report import ReportError, make_report, register, run_table
 from fedlora_flwr.runs import load_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +64,7 @@ def test_table_arithmetic_selections_paper_column_tables_and_plots(two_methods, 
     assert "| fedavg | synthetic | 0.1 | 3 | 61.00 ± 0.82 | 60.00 ± 0.82 | 60.39 ± 1.46 | +0.61 |" in md
     assert "ddof=0" in md and "[[paper]] entries of spec spec.toml" in md
     assert "selected on the test set" in md and "the last round's mean client test accuracy: no selection" in md
-    assert "Best-by-validation is not reported" in md
+    assert "by-val is not reported" in md
     assert "| fedlora | synthetic | 0.1 | 3 | 82.00 ± 1.63 |" in printed  # the table is printed too
 
     with (out / "table.csv").open() as handle:
@@ -228,3 +228,45 @@ def test_one_paper_matcher_for_the_grid_and_the_report():
     assert paper_entry(config) == {"method": "fedlora", "dataset": "cifar10", "alpha": 0.1, "acc": 85.47, "std": 2.06,
                                    "source": "paper Table 1"}
     assert paper_entry({**config, "dataset": "synthetic"}) is None
+
+
+def _two_point_run(root: Path, name: str, seed: int, shift: float) -> Path:
+    """A fedlora run evaluated at both points with a validation split (evaluate-at = both,
+    validation-fraction > 0), its rows and summary as RunRecorder writes them."""
+    run_dir = fake_run(root, name, "fedlora", seed, 0.7, **{"evaluate-at": "both", "validation-fraction": 0.1})
+    columns = {"acc_mean": (0.5, 0.7, 0.6), "acc_mean_after_training": (0.55, 0.65, 0.8),
+               "val_acc_mean": (0.4, 0.6, 0.6), "val_acc_mean_after_training": (0.9, 0.5, 0.5)}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(eval_point="after-aggregation", **{key: values[i] + shift for key, values in columns.items()})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary.update(eval_point="after-aggregation", best_acc_mean=0.7 + shift, final_acc_mean=0.6 + shift,
+                   best_val_round=3, best_val_acc_mean=0.6 + shift, acc_mean_at_best_val=0.6 + shift)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.mark.parametrize(("point", "best", "final", "by_val"), [
+    ("primary", 70.0, 60.0, 60.0),  # the summary's figures at the run's eval_point
+    ("after-aggregation", 70.0, 60.0, 60.0),  # recomputed from the rows: the same (validation tie → later round)
+    ("after-training", 80.0, 80.0, 55.0),  # best validation after training in round 1, where the test acc is 0.55
+])
+def test_both_evaluation_points_and_the_by_validation_column(tmp_path, point, best, final, by_val):
+    root = tmp_path / "runs"
+    for seed, shift in ((1, -0.01), (2, 0.01)):
+        _two_point_run(root, f"fedlora-s{seed}", seed, shift)
+    report = make_report(root, out=tmp_path / "report", plots=False, eval_point=point, echo=lambda line: None)
+    (row,) = report.table.to_dict("records")
+    assert row["n"] == 2
+    assert (row["best_mean"], row["final_mean"], row["by_val_mean"]) == pytest.approx((best, final, by_val))
+    assert row["by_val_std"] == pytest.approx(1.0)
+    assert "by-val (%)" in report.markdown and "validation" in report.markdown
+    assert (f"evaluation point: {point}" in report.markdown) == (point != "primary")
+
+
+def test_no_by_validation_column_without_a_validation_split(two_methods, tmp_path):
+    report = make_report(two_methods, out=tmp_path / "report", plots=False, echo=lambda line: None)
+    assert "by-val (%)" not in report.markdown and "no run held out a validation split" in report.markdown
+    with pytest.raises(ReportError, match="eval-point 'sideways'"):
+        make_report(two_methods, out=tmp_path / "report", plots=False, eval_point="sideways")
