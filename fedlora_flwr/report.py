@@ -60,9 +60,9 @@ METHOD_ORDER = ("fedavg", "fedavg-lora", "local", "local-lora", "fedlora")
 SELECTIONS = {
     "best": ("best_acc_mean", "the best round's mean client test accuracy: selected on the test set, the papers' metric"),
     "final": ("final_acc_mean", "the last round's mean client test accuracy: no selection"),
-    "by-val": ("acc_mean_at_best_val", "the mean client test accuracy in the round of the best mean validation "
+    "by-val": ("acc_mean_at_best_val", ("the mean client test accuracy in the round of the best mean validation "
                "accuracy (a held-out part of each client's training split, validation-fraction): selected without "
-               "the test set"),
+               "the test set")),
 }
 #: ``--eval-point`` choices: each run's primary point (``eval_point``), or one of the two points.
 EVAL_POINTS = ("primary", "after-aggregation", "after-training")
