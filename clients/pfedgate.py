@@ -114,7 +114,9 @@ class PFedGateClient(MethodClient):
     (the code's bi-level mode), each with a fresh SGD optimizer (the run's ``lr``/``momentum``) on
     the cross-entropy of the gated forward, gradient norms clipped at ``pfedgate-max-grad-norm``:
     the gate with the base frozen and in eval mode, then the base with the gate frozen and in eval
-    mode. The client uploads θ. Server (:class:`strategies.fedavg.FedAvgStrategy`): the
+    mode. Like the official CIFAR loaders (``drop_last`` when the data holds more than one batch),
+    each epoch leaves out its last partial mini-batch: the gate's BatchNorm1d cannot train on a
+    batch of one sample. The client uploads θ. Server (:class:`strategies.fedavg.FedAvgStrategy`): the
     sample-weighted mean of the participants' θ (the official aggregator averages all clients,
     the absent ones holding the last global they received). Evaluation: the gated forward.
 
@@ -141,6 +143,8 @@ class PFedGateClient(MethodClient):
 
     def schedule(self) -> list[Phase]:
         clip = self.params.pfedgate_max_grad_norm
-        gate_pass = Phase(groups=("personal",), epochs=1, max_grad_norm=clip, eval_groups=("shared", "frozen"))
-        base_pass = Phase(groups=("shared",), epochs=1, max_grad_norm=clip, eval_groups=("personal", "frozen"))
+        gate_pass = Phase(groups=("personal",), epochs=1, max_grad_norm=clip, eval_groups=("shared", "frozen"),
+                          drop_last=True)
+        base_pass = Phase(groups=("shared",), epochs=1, max_grad_norm=clip, eval_groups=("personal", "frozen"),
+                          drop_last=True)
         return [gate_pass, base_pass] * self.config.local_epochs

@@ -939,11 +939,14 @@ def batches(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     augment: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (xb, yb) mini-batches covering every sample once (last partial batch
     kept, like ``DataLoader(drop_last=False)``); order from ``torch.randperm``
     with ``generator`` when ``shuffle``. ``augment(xb, generator)`` transforms
     each batch (e.g. ``ds.augmentation()``, see :func:`make_augment`).
+    ``drop_last``: leave out the last partial batch when there are more samples
+    than ``batch_size`` (the same permutation is drawn either way).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -954,7 +957,8 @@ def batches(
     if shuffle:
         device = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(n, generator=generator, device=device).to(x.device)
-    for start in range(0, n, batch_size):
+    end = n - n % batch_size if drop_last and n > batch_size else n
+    for start in range(0, end, batch_size):
         if order is None:
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         else:

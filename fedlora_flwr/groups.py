@@ -203,6 +203,8 @@ class Phase:
     in the modules whose tensors all belong to ``eval_groups``: those run in eval mode (a frozen
     backbone's BatchNorm does not drift; pFedGate trains its gate with the base in eval mode).
     ``max_grad_norm`` clips the gradient norm of the trained parameters before every step.
+    ``drop_last`` leaves out each epoch's last partial mini-batch when the data holds more than one
+    batch (pFedGate's official loader does, and its gate's BatchNorm1d cannot train on one sample).
 
     ``update``: None = one optimizer step per mini-batch on the gradient of the loss; a
     :class:`BilevelUpdate` = PF2LoRA's step, the optimizer then updating only the upper level.
@@ -215,6 +217,7 @@ class Phase:
     max_grad_norm: float | None = None
     eval_groups: tuple[Group, ...] = ("frozen",)
     update: BilevelUpdate | None = None
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):

@@ -131,8 +131,9 @@ def train_schedule(
     loss_total = torch.zeros((), dtype=torch.float64, device=x.device)
     samples, steps = 0, 0
 
-    def epoch_batches() -> Iterator:
-        return batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment)
+    def epoch_batches(drop_last: bool) -> Callable[[], Iterator]:
+        return lambda: batches(x, y, batch_size, shuffle=True, generator=generator, augment=augment,
+                               drop_last=drop_last)
 
     try:
         for phase in schedule:
@@ -154,7 +155,7 @@ def train_schedule(
                          if param.requires_grad and key not in lower}
                 params = list(upper.values())
             optimizer = phase.optimizer.build(params, lr=lr, momentum=momentum)
-            for xb, yb in _phase_batches(phase, epoch_batches):
+            for xb, yb in _phase_batches(phase, epoch_batches(phase.drop_last)):
                 if phase.update is None:
                     optimizer.zero_grad(set_to_none=True)
                     with autocast(x.device, precision):

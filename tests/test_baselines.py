@@ -392,6 +392,17 @@ def test_pfedgate_schedule_alternates_gate_and_base_passes_with_the_other_in_eva
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("gate.linear"))
 
 
+def test_pfedgate_drops_the_last_partial_batch_so_a_batch_of_one_never_reaches_the_gate(tmp_path):
+    """21 samples in batches of 10 (≡ 1 mod the batch size): the official loader's drop_last leaves
+    the 1-sample batch out of both passes (BatchNorm1d cannot train on it: this used to raise)."""
+    client = PFedGateClient(_config(tmp_path, method="pfedgate", **{"local-epochs": 2}))
+    model = _model(client)
+    x, y = torch.randn(21, 3, 32, 32), torch.randint(0, 10, (21,))
+    stats = train_schedule(model, client.partition, client.schedule(), x, y, batch_size=10, lr=0.1, momentum=0.9,
+                           generator=torch.Generator().manual_seed(0))
+    assert (stats.steps, stats.samples) == (8, 80)  # 2 epochs × 2 passes × 2 full batches
+
+
 def test_pfedgate_uploads_the_base_and_keeps_the_gate(tmp_path):
     run_dir, grid, _ = _run(tmp_path, "pfedgate", method="pfedgate")
     for upload in _train_uploads(grid, 1).values():

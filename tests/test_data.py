@@ -457,6 +457,17 @@ def test_batches_cover_every_index_once():
     assert again.tolist() == seen_orders[0]
 
 
+def test_batches_drop_last_leaves_out_the_partial_batch_of_the_same_permutation():
+    n = 23
+    x, y = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1), torch.arange(n)
+    kept = list(D.batches(x, y, 5, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    dropped = list(D.batches(x, y, 5, shuffle=True, generator=torch.Generator().manual_seed(0), drop_last=True))
+    assert [len(yb) for _, yb in dropped] == [5, 5, 5, 5]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(kept, dropped))  # the same draw, minus the tail
+    # one partial batch only (no more samples than batch_size): kept, as the official loaders do
+    assert [len(yb) for _, yb in D.batches(x, y, 30, drop_last=True)] == [23]
+
+
 @pytest.mark.parametrize("name", D.AUGMENTATIONS)
 def test_batches_augment_per_sample_and_reproducible(name):
     augment = D.make_augment(name, D.CIFAR100_MEAN, D.CIFAR100_STD, size=32)
