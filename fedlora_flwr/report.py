@@ -375,7 +375,9 @@ def plot_per_client(frame, table, keys, label_keys, path: Path, clients: pd.Data
                    "(paper Fig. 7; dashed, up to 4 rows a panel: mean over clients)", path)
 
 
-def _plot_series(frame, table, keys, label_keys, path: Path, key: str, scale: float, ylabel: str, title: str) -> Path:
+def _plot_series(frame, table, keys, label_keys, path: Path, key: str, scale: float, ylabel: str, title: str,
+                 log: bool = False) -> Path:
+    """``key`` per round, one line per row (mean over seeds); ``log``: a logarithmic y-axis."""
     layout = _layout(table, keys, label_keys)
     fig, axes = _figure(len(layout.panels))
     for ax, (panel, rows) in zip(axes, layout.panels, strict=True):
@@ -384,7 +386,7 @@ def _plot_series(frame, table, keys, label_keys, path: Path, key: str, scale: fl
             label = layout.label(i) + (" (not logged)" if curve.empty else " (all 0)" if (curve["mean"] == 0).all() else "")
             ax.plot(curve.index, curve["mean"], color=layout.color(i), label=label, marker=MARKERS[j % len(MARKERS)],
                     markersize=7 - j % 3 * 2, markevery=max(1, len(curve) // 15))  # lines that coincide stay visible
-        ax.set(title=panel, xlabel="round", ylabel=ylabel)
+        ax.set(title=panel, xlabel="round", ylabel=ylabel, yscale="log" if log else "linear")
     return _finish(fig, axes, layout, title, path)
 
 
@@ -602,10 +604,13 @@ def make_report(root: str | Path, out: str | Path | None = None, spec: str | Pat
             _plot_series(*args, out / "bytes.png", "bytes_up", 1e-6, "bytes uploaded per round (MB)",
                          "Bytes uploaded per round, all clients (mean over seeds)"),
         ]
-        if "dp_epsilon" in frame and frame["dp_epsilon"].notna().any():
-            files.append(_plot_series(*args, out / "privacy.png", "dp_epsilon", 1.0,
-                                      r"privacy spent $\varepsilon$ (at dp-delta)", "User-level DP of the shared "
-                                      "update: ε after each round (RDP accountant; mean over seeds)"))
+        private = table[table.run_dirs.map(lambda dirs: "dp_epsilon" in frame and bool(
+            frame.loc[frame.run_dir.isin(dirs), "dp_epsilon"].notna().any()))].reset_index(drop=True)
+        if len(private):  # the rows whose runs added noise (ε is infinite, not logged, without)
+            files.append(_plot_series(frame, private, keys, label_keys, out / "privacy.png", "dp_epsilon", 1.0,
+                                      r"privacy spent $\varepsilon$ (at dp-delta, log scale)", "User-level DP of the "
+                                      "shared update: ε after each round (RDP accountant; mean over seeds; rows "
+                                      "without noise, whose ε is infinite, are not drawn)", log=True))
         elif (out / "privacy.png").exists():
             (out / "privacy.png").unlink()  # a stale plot of other runs would mislead
         partition = plot_partition(table, frame, out / "partition.png", echo)
