@@ -270,3 +270,19 @@ def test_no_by_validation_column_without_a_validation_split(two_methods, tmp_pat
     assert "by-val (%)" not in report.markdown and "no run held out a validation split" in report.markdown
     with pytest.raises(ReportError, match="eval-point 'sideways'"):
         make_report(two_methods, out=tmp_path / "report", plots=False, eval_point="sideways")
+
+
+def test_privacy_plot_only_for_runs_that_added_noise(tmp_path):
+    root = tmp_path / "runs"
+    for z in (0.0, 1.0):
+        run_dir = fake_run(root, f"dp-z{z}", "fedlora", 1, 0.5, **{"dp-clip-norm": 5.0, "dp-noise-multiplier": z})
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:  # ε is null without noise (infinite), as RunRecorder writes it
+            row["dp_epsilon"] = 10.0 * row["round"] if z else None
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = make_report(root, out=tmp_path / "report", echo=lambda line: None)
+    assert tmp_path / "report" / "privacy.png" in report.files
+    assert (tmp_path / "report" / "privacy.png").read_bytes().startswith(PNG_MAGIC)
+    (root / "dp-z1.0").rename(tmp_path / "elsewhere")  # only the run without noise is left
+    report = make_report(root, out=tmp_path / "report", echo=lambda line: None)
+    assert not (tmp_path / "report" / "privacy.png").exists()  # the stale plot is removed
