@@ -307,6 +307,12 @@ def _finish(fig, axes, layout: _Layout | None, title: str, path: Path) -> Path:
 
     if layout is not None:
         entries = {}
+        rounds = [line.get_xdata() for ax in axes if ax.get_xlabel() == "round" for line in ax.get_lines()
+                  if len(line.get_xdata())]
+        if rounds:  # per-round panels span the figure's rounds (a run with one accuracy left is not alone)
+            low, high = min(min(r) for r in rounds), max(max(r) for r in rounds)
+            for ax in axes:
+                ax.set_xlim(low - 0.3, high + 0.3)
         for number, ax in enumerate(axes):
             if number % 3:  # the y-axis is shared: its label once per row
                 ax.set_ylabel("")
@@ -341,7 +347,8 @@ def plot_curves(frame, table, keys, label_keys, path: Path) -> Path:
     for ax, (title, rows) in zip(axes, layout.panels, strict=True):
         for i in rows:
             curve = _per_round(frame, table.at[i, "run_dirs"], "acc_mean") * 100
-            ax.plot(curve.index, curve["mean"], color=layout.color(i), label=f"{layout.label(i)} (n={table.at[i, 'n']})")
+            ax.plot(curve.index, curve["mean"], color=layout.color(i), label=f"{layout.label(i)} (n={table.at[i, 'n']})",
+                    marker="o" if len(curve) < 3 else None)  # a round or two alone: points, not an empty panel
             if table.at[i, "n"] > 1:
                 ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"],
                                 color=layout.color(i), alpha=0.2, linewidth=0)
