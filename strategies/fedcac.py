@@ -57,8 +57,10 @@ class FedCACStrategy(PersonalizedStrategy):
     round keeps its customized critical entries and gets the new w̄ for the rest; a client that
     never trained gets w̄. With τ = 0 no element is critical and this is FedAvg.
 
-    Deviation: tensors without a mask (BatchNorm statistics) take w̄, as FedAvg averages them;
-    Fling merges ``named_parameters`` only and so never synchronises BN statistics after round 0.
+    Buffers: with ``fedcac-bn-stats = "local"`` (default, Fling's behaviour) the clients never
+    upload their BatchNorm statistics (they are personal, :class:`clients.fedcac.FedCACClient`),
+    so only parameters reach this strategy; with ``"global"`` the uploaded tensors without a mask
+    (the buffers) take w̄, as FedAvg averages them.
 
     Parameters
     ----------

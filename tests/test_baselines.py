@@ -464,8 +464,9 @@ def test_fedcac_merge_is_element_wise_exact(tmp_path):
     assert np.array_equal(merged[masks[0]["w"]], messages[0]["w"].numpy()[masks[0]["w"]])
 
 
-def test_fedcac_with_tau_zero_is_fedavg(tmp_path):
-    cac_dir, cac_grid, _ = _run(tmp_path / "a", "fedcac-0", method="fedcac", **{"fedcac-tau": 0.0})
+def test_fedcac_with_tau_zero_and_global_bn_stats_is_fedavg(tmp_path):
+    cac_dir, cac_grid, _ = _run(tmp_path / "a", "fedcac-0", method="fedcac",
+                                **{"fedcac-tau": 0.0, "fedcac-bn-stats": "global"})
     avg_dir, avg_grid, _ = _run(tmp_path / "b", "fedavg", method="fedavg")
     for a, b in zip(_metrics(cac_dir), _metrics(avg_dir), strict=True):
         assert a["acc_per_client"] == b["acc_per_client"] and a["train_loss"] == b["train_loss"]
@@ -473,6 +474,46 @@ def test_fedcac_with_tau_zero_is_fedavg(tmp_path):
         for pid in range(NUM_CLIENTS):
             assert _identical(cac_grid.sent[(server_round, _eval_type(cac_grid))][pid],
                               avg_grid.sent[(server_round, _eval_type(avg_grid))][pid])
+
+
+def test_fedcac_with_tau_zero_sends_fedavg_parameters_and_keeps_bn_stats_local(tmp_path):
+    """Fling at τ = 0: every parameter is w̄ (running statistics do not enter a training-mode
+    forward pass, so the parameters follow FedAvg's bit for bit), but each client evaluates with
+    its own BatchNorm statistics, which never reach the server."""
+    cac_dir, cac_grid, _ = _run(tmp_path / "a", "fedcac-0", method="fedcac", **{"fedcac-tau": 0.0})
+    avg_dir, avg_grid, _ = _run(tmp_path / "b", "fedavg", method="fedavg")
+    for a, b in zip(_metrics(cac_dir), _metrics(avg_dir), strict=True):
+        assert a["train_loss"] == b["train_loss"]
+    for server_round in (1, 2):
+        for pid in range(NUM_CLIENTS):
+            sent = cac_grid.sent[(server_round, _eval_type(cac_grid))][pid]
+            averaged = avg_grid.sent[(server_round, _eval_type(avg_grid))][pid]
+            assert set(sent) == {key for key in averaged if not key.endswith(BUFFERS)}
+            assert _same(sent, {key: averaged[key] for key in sent})
+
+
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def test_fedcac_bn_stats_stay_on_each_client(tmp_path):
+    """Fling writes only ``named_parameters`` into a client's model after round 0: BatchNorm
+    statistics are never uploaded nor merged, each client keeps (and evaluates with) its own."""
+    run_dir, grid, config = _run(tmp_path, "fedcac", method="fedcac")
+    client = registry()["fedcac"].client(load_config(config))
+    model = _model(client)
+    buffers = {key for key, _ in model.named_buffers()}
+    assert buffers and set(client.partition.keys(model, "personal")) == buffers
+    for server_round in (1, 2):
+        for upload in _train_uploads(grid, server_round).values():
+            assert not buffers & set(upload), "BN statistics were uploaded"
+            assert {key for key in upload if key.startswith(CRITICAL)} == {CRITICAL + k for k, _ in model.named_parameters()}
+        for sent in grid.sent[(server_round, _eval_type(grid))].values():
+            assert not buffers & set(sent), "BN statistics were sent"
+    states = [_state(run_dir / "clients" / str(pid) / "personal.safetensors")[0] for pid in range(NUM_CLIENTS)]
+    assert all(set(state) == buffers for state in states)
+    assert not np.array_equal(states[0]["bn1.running_mean"], states[1]["bn1.running_mean"])
+    # Round 2's statistics continue round 1's: two rounds × 2 epochs × 2 batches of 8 out of 16.
+    assert int(states[0]["bn1.num_batches_tracked"]) == 2 * 2 * 2
 
 
 def test_fedcac_sends_customized_models(tmp_path):

@@ -54,9 +54,13 @@ REFUSED = {
     "transformer-small": {*PRETRAINED_ONLY, "fedbn", "pfedgate"},
     "minilm": {"fedbn", "pfedgate", "pfedlora", "fedavg-adapter"},
 }
-#: Methods whose every tensor is averaged (pFedSD and FedCAC personalize through a teacher slot and
-#: server-side masks, lora-ft by fine-tuning a copy before evaluation): nothing in the personal group.
-GLOBAL = {"fedavg", "fedavg-lora", "lora", "ffa-lora", "fedavg-head", "lora-ft", "pfedsd", "fedcac"}
+#: Methods whose every tensor is averaged (pFedSD personalizes through a teacher slot, lora-ft by
+#: fine-tuning a copy before evaluation): nothing in the personal group.
+GLOBAL = {"fedavg", "fedavg-lora", "lora", "ffa-lora", "fedavg-head", "lora-ft", "pfedsd"}
+#: Methods whose personal group is exactly the model's buffers (FedCAC personalizes its parameters
+#: through server-side masks and keeps its BatchNorm statistics local, as Fling): none on a model
+#: without buffers.
+BUFFERS_ONLY = {"fedcac"}
 HEAD_METHODS = {"fedper", "fedrep", "fedrod"}
 #: FedAMP uploads its personal w_i by design: the server keeps each client's model and sends each
 #: its own attentive aggregate u_i (what is exchanged differs from what is stored).
@@ -127,6 +131,11 @@ def test_method_model_cell_keeps_its_meaning_or_is_refused(tmp_path, caplog, met
         if method in GLOBAL:
             assert not personal, f"{method} averages every tensor, yet keeps {sorted(personal)[:3]}"
             continue
+        if method in BUFFERS_ONLY:
+            buffers = {key for key, _ in built.named_buffers() if key in built.state_dict()}
+            assert personal == buffers, f"{method}: personal {sorted(personal)[:3]}, buffers {sorted(buffers)[:3]}"
+            if not personal:
+                continue
         assert personal, f"{method} on {model} keeps no personal tensor: it would silently be FedAvg"
         with safe_open(str(state_file), framework="pt") as stored:
             assert set(stored.keys()) == personal
