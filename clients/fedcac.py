@@ -32,7 +32,12 @@ def is_buffer(key: str, module: nn.Module) -> bool:
 
 
 def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torch.Tensor:
-    """Fling's ``evaluate_critical_parameter`` for one tensor: 1 where |Δw ⊙ w| is in the top τ."""
+    """Fling's ``evaluate_critical_parameter`` for one tensor: 1 where |Δw ⊙ w| is in the top τ.
+
+    As Fling: no element when ⌊τ·n⌋ = 0 (its threshold is then ∞); when the k-th largest score is
+    ≈ 0, the smallest positive score is the threshold; when no score is positive (the tensor did
+    not move, or is 0), the threshold stays 0 and every element is critical (Fling prints
+    "Abnormal!!!" and keeps ``c >= 0``)."""
     score = ((after - before) * after).abs().flatten()
     count = int(tau * score.numel())
     if count == 0:
@@ -40,9 +45,8 @@ def critical_mask(before: torch.Tensor, after: torch.Tensor, tau: float) -> torc
     threshold = torch.topk(score, count).values[-1]
     if threshold <= 1e-10:
         positive = score[score > 1e-20]
-        if positive.numel() == 0:
-            return torch.zeros_like(after, dtype=torch.uint8)
-        threshold = positive.min()
+        if positive.numel() > 0:
+            threshold = positive.min()
     return (score >= threshold).view_as(after).to(torch.uint8)
 
 

@@ -423,6 +423,10 @@ def test_fedcac_critical_mask_is_the_top_tau_fraction():
     # Top-k threshold ≈ 0: the smallest positive score is the threshold instead (Fling).
     sparse = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0])
     assert critical_mask(torch.zeros(5), sparse, 0.6).tolist() == [0, 0, 0, 0, 1]
+    # No positive score (the tensor did not move): Fling's threshold stays 0 and c >= 0 everywhere.
+    still = torch.tensor([0.5, -1.0, 0.0, 2.0])
+    assert critical_mask(still, still.clone(), 0.5).tolist() == [1, 1, 1, 1]
+    assert critical_mask(still, still.clone(), 0.1).tolist() == [0, 0, 0, 0], "⌊τ·n⌋ = 0: none"
 
 
 def test_fedcac_overlap_and_collaborators():
