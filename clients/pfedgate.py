@@ -344,7 +344,8 @@ class PFedGateClient(MethodClient):
     BatchNorm1d cannot train on a batch of one sample. The client uploads θ. Server
     (:class:`strategies.fedavg.FedAvgStrategy`): the sample-weighted mean of the participants' θ (the
     official aggregator averages all clients, the absent ones holding the last global they
-    received). Evaluation: the gated (and, for s < 1, pruned) forward.
+    received). Evaluation: the gated (and, for s < 1, pruned) forward. For s < 1 each train reply
+    carries the sparse model's cost (:meth:`train_metrics`; ``method_metrics`` in ``metrics.jsonl``).
 
     Official CIFAR-10 settings (``scripts/README.md``; the authors warn that pFedGate is sensitive to
     the two learning rates): split 5, batch 128, SGD lr_gating = lr_model = 0.05 for s ∈ {1, 0.5}
@@ -392,3 +393,15 @@ class PFedGateClient(MethodClient):
         base_pass = Phase(groups=("shared",), epochs=1, max_grad_norm=clip, eval_groups=("personal", "frozen"),
                           drop_last=True, optimizer=OptimizerSpec(lr=model_lr or None))
         return [gate_pass, base_pass] * self.config.local_epochs
+
+    def train_metrics(self, session) -> dict[str, float]:
+        """For s < 1, the cost of the sparse model after training (:func:`sparse_cost`) on the client's
+        first ``batch-size`` training samples, in eval mode as at test time: kept parameters, their
+        bytes and FLOPs per sample, and their fractions of the dense base (the round's row holds the
+        mean over the participants). At s = 1 nothing is pruned and nothing is sent."""
+        if self.params.pfedgate_budget == 1:
+            return {}
+        x, _ = session.tensors(train=True)
+        cost = sparse_cost(session.model, x[: self.config.batch_size])
+        return {"pfedgate-params": cost.params, "pfedgate-bytes": cost.bytes, "pfedgate-flops": cost.flops,
+                "pfedgate-param-ratio": cost.param_ratio, "pfedgate-flop-ratio": cost.flop_ratio}

@@ -217,6 +217,11 @@ def test_budgets_the_official_rule_cannot_meet_are_refused(tmp_path, budget, spl
         _config(tmp_path, method="pfedgate", **{"pfedgate-budget": budget, "pfedgate-split": split})
 
 
+def test_full_budget_run_rows_carry_no_method_metrics(tmp_path):
+    run_dir, _, _ = _run(tmp_path, "gate-full", method="pfedgate", pfedgate_split=5)
+    assert all("method_metrics" not in m for m in _metrics(run_dir))
+
+
 def test_gate_and_model_learning_rates_reach_their_passes(tmp_path):
     config = _config(tmp_path, method="pfedgate", **{"pfedgate-lr-gate": 0.05, "pfedgate-lr-model": 1.5})
     gate_pass, base_pass = PFedGateClient(config).schedule()[:2]
@@ -231,6 +236,10 @@ def test_half_budget_run_trains_and_evaluates_the_sparse_model_to_the_end(tmp_pa
     assert [m["round"] for m in metrics] == [1, 2]
     assert all(np.isfinite(m["train_loss"]) and m["num_failures"] == 0 for m in metrics)
     assert all(0 <= acc <= 1 for m in metrics for acc in m["acc_per_client"].values())
+    for m in metrics:  # the sparse model's cost, the mean over the participants (sparse_cost)
+        cost = m["method_metrics"]
+        assert 0 < cost["pfedgate-param-ratio"] <= 0.5 and 0 < cost["pfedgate-flop-ratio"] < 1
+        assert cost["pfedgate-bytes"] == pytest.approx(4 * cost["pfedgate-params"])
     for upload in _train_uploads(grid, 2).values():
         assert upload and all(key.startswith("base.") for key in upload)
     assert (run_dir / "summary.json").is_file()
