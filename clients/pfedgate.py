@@ -124,7 +124,7 @@ def knapsack_exact(weights: np.ndarray, values: np.ndarray, capacity: int) -> np
     """The 0-1 knapsack optimum (the paper's eq. for the block selection): max Σ v_i over subsets
     with Σ w_i ≤ ``capacity``, by dynamic programming over the integer values (the lightest subset
     reaching each total value), as the official ``KnapsackSolver01.found_max_value`` does. Values
-    must be non-negative integers. Returns a bool mask."""
+    must be non-negative integers. Time and memory O(n·Σv). Returns a bool mask."""
     values = np.asarray(values, dtype=np.int64)
     if np.any(values < 0):
         raise ValueError("knapsack values must be non-negative integers")
