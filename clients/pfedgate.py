@@ -37,7 +37,14 @@ class PFedGateParams(MethodParams):
                                     "official CIFAR-10 scripts: 0.05); 0: the run's lr")
     pfedgate_lr_model: float = Field(0.0, ge=0, description="SGD learning rate of the base pass (lr_model; the "
                                      "official CIFAR-10 scripts: 0.05); 0: the run's lr")
-    pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="gradient-norm clip of both passes")
+    pfedgate_weight_decay: float = Field(0.0, ge=0, description="SGD weight decay of gate and base (the official "
+                                         "optimizer: 5e-4)")
+    pfedgate_schedule: Literal["alternating", "joint"] = Field(
+        "alternating", description="alternating: per epoch a gate pass, then a base pass (bi_level_opt 1, the "
+        "code's default); joint: one pass updating both from the same loss (bi_level_opt 0, the official CIFAR "
+        "scripts)")
+    pfedgate_max_grad_norm: float = Field(10.0, gt=0, description="gradient-norm clip of gate and base (each "
+                                          "apart in the joint schedule)")
 
     def check(self, config) -> None:
         s, split = self.pfedgate_budget, self.pfedgate_split
@@ -333,15 +340,19 @@ class PFedGateClient(MethodClient):
     blocks. The forward uses θ̃_b = g_b(x)·θ_b, so the effective weights depend on the batch. With a
     budget s < 1 (:class:`GatedModel`), scores are clipped at s_min = min(max(1/split, 0.1), s) and a
     knapsack per group (linear / other) keeps blocks of at most round(W·(s − s_min)) elements beside
-    the always-kept first block of each tensor; the others are zeroed, so the sparse model keeps at
-    most about s of the parameters and of the conv/linear FLOPs (:func:`sparse_cost`). Each of the E =
-    ``local-epochs`` epochs is two passes (the code's ``bi_level_opt = 1``, its default), each with a
-    fresh SGD optimizer (momentum: the run's; lr: ``pfedgate-lr-gate`` / ``pfedgate-lr-model``, 0 =
-    the run's lr) on the cross-entropy of the gated forward, gradient norms clipped at
-    ``pfedgate-max-grad-norm``: the gate with the base frozen and in eval mode, then the base with
-    the gate frozen and in eval mode. Like the official CIFAR loaders (``drop_last`` when the data
-    holds more than one batch), each epoch leaves out its last partial mini-batch: the gate's
-    BatchNorm1d cannot train on a batch of one sample. The client uploads θ. Server
+    the always-kept first block of each tensor; the others are zeroed, so the sparse model keeps
+    about s of the parameters or less (the first blocks exceed 1/split only by the rounding up of
+    small tensors; :func:`sparse_cost` also counts the conv/linear FLOPs). Training
+    minimises the cross-entropy of the gated forward with SGD (momentum: the run's; lr:
+    ``pfedgate-lr-gate`` / ``pfedgate-lr-model``, 0 = the run's lr; ``pfedgate-weight-decay``),
+    gradient norms clipped at ``pfedgate-max-grad-norm``. ``pfedgate-schedule = "alternating"``
+    (the code's default ``bi_level_opt = 1``): each of the E = ``local-epochs`` epochs is two
+    passes, each with a fresh optimizer: the gate with the base frozen and in eval mode, then the
+    base with the gate frozen and in eval mode. ``"joint"`` (``bi_level_opt = 0``, the official
+    CIFAR scripts): E epochs in which every step updates gate and base from the same loss, both in
+    train mode, each with its own lr and its own gradient clip. Like the official CIFAR loaders
+    (``drop_last`` when the data holds more than one batch), each epoch leaves out its last partial
+    mini-batch: the gate's BatchNorm1d cannot train on a batch of one sample. The client uploads θ. Server
     (:class:`strategies.fedavg.FedAvgStrategy`): the sample-weighted mean of the participants' θ (the
     official aggregator averages all clients, the absent ones holding the last global they
     received). Evaluation: the gated (and, for s < 1, pruned) forward. For s < 1 each train reply
@@ -350,12 +361,13 @@ class PFedGateClient(MethodClient):
     Official CIFAR-10 settings (``scripts/README.md``; the authors warn that pFedGate is sensitive to
     the two learning rates): split 5, batch 128, SGD lr_gating = lr_model = 0.05 for s ∈ {1, 0.5}
     (0.03 / 1.5 for s = 0.3), momentum 0.9, weight decay 5e-4, ``block_wise_prune = 1``,
-    ``bi_level_opt = 0``, a multi-step lr schedule, 400 rounds.
+    ``bi_level_opt = 0``, a multi-step lr schedule, 400 rounds
+    (``experiments/grids/pfedgate-budgets-cpu.toml`` sets all but the schedule and the rounds).
 
-    Deviations from the official code: the CIFAR scripts' ``bi_level_opt = 0`` (gate and base in one
-    joint step) is not offered, both passes run as in its default mode 1; no weight decay and no lr
-    schedule (the run's constant lr); the greedy selection breaks value ties by block order; only the
-    block-wise path (``block_wise_prune = 1``): the code's other path also zeroes a (1 − g_b) tail
+    Deviations from the official code: no lr schedule (the run's constant lr; the CIFAR scripts use
+    a multi-step one); optimizers restart every round (and every pass in the alternating
+    schedule), where the code keeps its two for the whole run; the greedy selection breaks value
+    ties by block order; only the block-wise path (``block_wise_prune = 1``): the code's other path also zeroes a (1 − g_b) tail
     of each tensor, even at s = 1; s < 1 requires split ≥ 2 and s > 1/split (with split 1 the code's
     capacity round(W·(s − s_min)) is 0 and every block is dropped); ``pfedgate-knapsack = "exact"``
     (ours) solves the 0-1 knapsack the paper states exactly, where the code's learner is greedy.
@@ -370,9 +382,13 @@ class PFedGateClient(MethodClient):
     pfedgate-knapsack : {"greedy", "exact"}, default "greedy"
         Block selection for s < 1: the official greedy, or the exact 0-1 knapsack.
     pfedgate-lr-gate, pfedgate-lr-model : float, default 0.0
-        SGD learning rates of the gate pass and of the base pass (lr_gating, lr_model); 0: the run's lr.
+        SGD learning rates of the gate and of the base (lr_gating, lr_model); 0: the run's lr.
+    pfedgate-weight-decay : float, default 0.0
+        SGD weight decay of both (the official optimizer's 5e-4).
+    pfedgate-schedule : {"alternating", "joint"}, default "alternating"
+        bi_level_opt 1 (gate pass, then base pass, per epoch) or 0 (one joint step per batch).
     pfedgate-max-grad-norm : float, default 10.0
-        Gradient-norm clip of both passes (the official code's 10).
+        Gradient-norm clip of gate and of base (the official code's 10).
     """
 
     params = PFedGateParams
@@ -386,12 +402,18 @@ class PFedGateClient(MethodClient):
                           split=p.pfedgate_split, knapsack=p.pfedgate_knapsack)
 
     def schedule(self) -> list[Phase]:
-        clip = self.params.pfedgate_max_grad_norm
-        gate_lr, model_lr = self.params.pfedgate_lr_gate, self.params.pfedgate_lr_model
+        p = self.params
+        clip, decay = p.pfedgate_max_grad_norm, p.pfedgate_weight_decay
+        gate_lr, model_lr = p.pfedgate_lr_gate, p.pfedgate_lr_model
+        if p.pfedgate_schedule == "joint":  # gated_client.step with bi_level_opt 0: fit_epoch trains both
+            own = tuple((group, value) for group, value in (("personal", gate_lr), ("shared", model_lr)) if value)
+            return [Phase(groups=("shared", "personal"), epochs=self.config.local_epochs, max_grad_norm=clip,
+                          clip_per_group=True, drop_last=True,
+                          optimizer=OptimizerSpec(weight_decay=decay, group_lr=own))]
         gate_pass = Phase(groups=("personal",), epochs=1, max_grad_norm=clip, eval_groups=("shared", "frozen"),
-                          drop_last=True, optimizer=OptimizerSpec(lr=gate_lr or None))
+                          drop_last=True, optimizer=OptimizerSpec(lr=gate_lr or None, weight_decay=decay))
         base_pass = Phase(groups=("shared",), epochs=1, max_grad_norm=clip, eval_groups=("personal", "frozen"),
-                          drop_last=True, optimizer=OptimizerSpec(lr=model_lr or None))
+                          drop_last=True, optimizer=OptimizerSpec(lr=model_lr or None, weight_decay=decay))
         return [gate_pass, base_pass] * self.config.local_epochs
 
     def train_metrics(self, session) -> dict[str, float]:

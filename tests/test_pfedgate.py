@@ -25,7 +25,9 @@ from clients.pfedgate import (
     sparse_cost,
 )
 from fedlora_flwr.config import ConfigError
+from fedlora_flwr.groups import OptimizerSpec, Phase
 from fedlora_flwr.models import build_model
+from fedlora_flwr.training import train_schedule
 
 IMAGE = (3, 32, 32)
 
@@ -228,6 +230,47 @@ def test_gate_and_model_learning_rates_reach_their_passes(tmp_path):
     assert (gate_pass.optimizer.lr, base_pass.optimizer.lr) == (0.05, 1.5)
     default = PFedGateClient(_config(tmp_path, method="pfedgate")).schedule()[0]
     assert default.optimizer.lr is None  # the run's lr
+
+
+def test_joint_schedule_is_one_phase_training_both_with_their_own_lrs_and_clips(tmp_path):
+    config = _config(tmp_path, method="pfedgate", **{"pfedgate-schedule": "joint", "pfedgate-lr-gate": 0.05,
+                                                      "pfedgate-lr-model": 1.5, "pfedgate-weight-decay": 5e-4,
+                                                      "local-epochs": 3})
+    (phase,) = PFedGateClient(config).schedule()
+    assert phase.groups == ("shared", "personal") and phase.epochs == 3 and phase.eval_groups == ("frozen",)
+    assert phase.clip_per_group and phase.max_grad_norm == 10.0 and phase.drop_last
+    assert phase.optimizer.group_lr == (("personal", 0.05), ("shared", 1.5)) and phase.optimizer.weight_decay == 5e-4
+
+
+def _one_step(model, phase):
+    client_partition = PFedGateClient.partition
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    x, y = torch.randn(8, *IMAGE), torch.randint(0, 10, (8,))
+    train_schedule(model, client_partition, [phase], x, y, batch_size=8, lr=1.0, momentum=0.0,
+                   generator=torch.Generator().manual_seed(0))
+    delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
+    norm = lambda prefix: float(torch.sqrt(sum((d**2).sum() for k, d in delta.items() if k.startswith(prefix))))  # noqa: E731
+    return norm("gate."), norm("base.")
+
+
+def test_per_group_clip_bounds_gate_and_base_steps_apart():
+    """One SGD step at lr 1 without momentum moves each group by its clipped gradient: with
+    clip_per_group both move by exactly the clip norm; with one clip over all, by 0.001 together."""
+    spec = OptimizerSpec(lr=1.0, momentum=0.0)
+    apart = _one_step(_gated(budget=0.5, split=5), Phase(groups=("shared", "personal"), steps=1, max_grad_norm=1e-3,
+                                                        clip_per_group=True, optimizer=spec))
+    assert apart == pytest.approx((1e-3, 1e-3), rel=1e-3)
+    together = _one_step(_gated(budget=0.5, split=5), Phase(groups=("shared", "personal"), steps=1,
+                                                           max_grad_norm=1e-3, optimizer=spec))
+    assert np.hypot(*together) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_group_learning_rates_reach_their_parameters():
+    phase = Phase(groups=("shared", "personal"), steps=1, optimizer=OptimizerSpec(momentum=0.0, group_lr=(("personal", 0.0),)))
+    gate_step, base_step = _one_step(_gated(budget=0.5, split=5), phase)
+    assert gate_step == 0 and base_step > 0
+    with pytest.raises(ValueError, match="group_lr"):
+        Phase(groups=("shared",), epochs=1, optimizer=OptimizerSpec(group_lr=(("personal", 0.1),)))
 
 
 def test_half_budget_run_trains_and_evaluates_the_sparse_model_to_the_end(tmp_path):
