@@ -175,7 +175,7 @@ def test_sparse_models_flops_and_bytes_follow_the_budget():
         assert cost.param_ratio <= s and cost.bytes == 4 * cost.params
         assert cost.flop_ratio < 1
     ratios = [(costs[s].param_ratio, costs[s].flop_ratio) for s in (1.0, 0.7, 0.5, 0.3)]
-    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(ratios, ratios[1:]))
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in itertools.pairwise(ratios))
 
 
 def test_dense_flops_count_every_conv_and_linear_multiply_accumulate():
@@ -249,7 +249,10 @@ def _one_step(model, phase):
     train_schedule(model, client_partition, [phase], x, y, batch_size=8, lr=1.0, momentum=0.0,
                    generator=torch.Generator().manual_seed(0))
     delta = {k: p.detach() - before[k] for k, p in model.named_parameters()}
-    norm = lambda prefix: float(torch.sqrt(sum((d**2).sum() for k, d in delta.items() if k.startswith(prefix))))  # noqa: E731
+
+    def norm(prefix: str) -> float:
+        return float(torch.sqrt(sum((d**2).sum() for k, d in delta.items() if k.startswith(prefix))))
+
     return norm("gate."), norm("base.")
 
 
