@@ -542,6 +542,16 @@ def test_cli_dry_run(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_seeds_runs_a_subset_of_the_spec_seeds(tmp_path, capsys):
+    path = _spec_file(tmp_path)
+    assert main(["grid", str(path), "--dry-run", "--seeds", "2", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "grid tiny: 4 runs (4 configurations × 1 seeds)" in out
+    assert "seed_2" in out and "seed_1" not in out
+    assert main(["grid", str(path), "--dry-run", "--seeds", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "fedlora-flwr grid: --seeds 3: [3] not among the spec's seeds [1, 2]"
+
+
 def test_cli_invalid_spec_exits_2_with_one_line(tmp_path, capsys):
     path = _spec_file(tmp_path, GOOD_EXPERIMENT + "[grid]\nalpha = [0.0]\n")
     assert main(["grid", str(path), "--dry-run"]) == 2
