@@ -534,9 +534,13 @@ class Progress:
         parts = [f"{run.run_name} round {current}/{run.config['num-server-rounds']}"
                  for run, _, _, current in self.running.values()]
         eta = self.eta()
+        # to the minute (to 10 s under 90 s), so a log file gets a new bar only when it says something new
+        eta = None if eta is None else round(eta, -1) if eta < 90 else round(eta / 60) * 60
         parts.append(f"ETA {_duration(eta) if eta is not None else 'n/a'}")
         parts += [f"{self.failed} failed"] if self.failed else []
-        self.bar.set_description_str(" | ".join(parts))
+        text = " | ".join(parts)
+        if text != self.bar.desc:  # unchanged: no redraw (a log file would get the same bar every poll)
+            self.bar.set_description_str(text)
 
     def _line(self, text: str) -> None:
         self.bar.write(f"[grid] {text}", file=self.stream)
