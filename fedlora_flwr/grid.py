@@ -535,7 +535,7 @@ class Progress:
                  for run, _, _, current in self.running.values()]
         eta = self.eta()
         # to the minute (to 10 s under 90 s), so a log file gets a new bar only when it says something new
-        eta = None if eta is None else round(eta, -1) if eta < 90 else round(eta / 60) * 60
+        eta = None if eta is None else 10 * int(eta / 10 + 0.5) if eta < 90 else 60 * int(eta / 60 + 0.5)
         parts.append(f"ETA {_duration(eta) if eta is not None else 'n/a'}")
         parts += [f"{self.failed} failed"] if self.failed else []
         text = " | ".join(parts)

@@ -477,7 +477,7 @@ def test_progress_reads_rounds_from_run_folders_and_estimates_from_rounds(tmp_pa
     clock[0] += 30.0
     progress.poll()  # 1 round in 30 s, 5 rounds left
     assert progress.eta() == pytest.approx(150.0)
-    assert f"{runs[0].run_name} round 1/2 | ETA 2m 30s" in stream.getvalue()
+    assert f"{runs[0].run_name} round 1/2 | ETA 3m 00s" in stream.getvalue()  # shown to the minute
     assert "1/4 runs" in stream.getvalue()
     (runs[0].run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
     clock[0] += 30.0
