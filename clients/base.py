@@ -130,6 +130,12 @@ class MethodClient:
 
     # ------------------------------------------------------------------ per-round and per-batch hooks
 
+    def train_metrics(self, session: ClientSession) -> dict[str, float]:
+        """After training: the method's own figures for the train reply (finite numbers, named by
+        kebab-case keys that start with the method's name); the server records each key's mean over
+        the participants in the round's ``method_metrics``. Default: none (no record is sent)."""
+        return {}
+
     def begin_training(self, session: ClientSession) -> None:
         """Called after :meth:`load`, before the schedule (class counts, a teacher, an anchor)."""
 

@@ -51,7 +51,8 @@ from fedlora_flwr.training import EvalStats, TrainStats, train_schedule
 from fedlora_flwr.training import evaluate as evaluate_model
 from strategies.privacy import CLIP_NORM_KEY, NORM_BIT_KEY, clip_upload
 from strategies.protocol import (
-    ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION,
+    ARRAYS, CLIENT_INFO, EVALUATE_ROUND, EVALUATION, FAULT, METHOD_METRICS, METRICS, MODELLED_TIMEOUT,
+    TRAINED_EVALUATION,
 )
 
 app = ClientApp()
@@ -317,6 +318,9 @@ def train(message: Message, context: Context) -> Message:
         upload, norm = clip_upload(message.content[ARRAYS], upload, float(clip_norm))
         metrics[NORM_BIT_KEY] = int(norm <= float(clip_norm))
     reply = session.reply(message, metrics, ArrayRecord(upload))
+    figures = session.method.train_metrics(session)
+    if figures:
+        reply.content[METHOD_METRICS] = MetricRecord(figures)
     if evaluation is not None:
         reply.content[EVALUATION] = MetricRecord(evaluation)
     if AFTER_TRAINING in session.config.evaluation_points:

@@ -534,9 +534,13 @@ class Progress:
         parts = [f"{run.run_name} round {current}/{run.config['num-server-rounds']}"
                  for run, _, _, current in self.running.values()]
         eta = self.eta()
+        # to the minute (to 10 s under 90 s), so a log file gets a new bar only when it says something new
+        eta = None if eta is None else 10 * int(eta / 10 + 0.5) if eta < 90 else 60 * int(eta / 60 + 0.5)
         parts.append(f"ETA {_duration(eta) if eta is not None else 'n/a'}")
         parts += [f"{self.failed} failed"] if self.failed else []
-        self.bar.set_description_str(" | ".join(parts))
+        text = " | ".join(parts)
+        if text != self.bar.desc:  # unchanged: no redraw (a log file would get the same bar every poll)
+            self.bar.set_description_str(text)
 
     def _line(self, text: str) -> None:
         self.bar.write(f"[grid] {text}", file=self.stream)
@@ -880,8 +884,21 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="override [experiment] client-cpus")
     parser.add_argument("--client-gpus", type=float, default=None, metavar="F",
                         help="override [experiment] client-gpus (e.g. 0 on a CPU machine)")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="S[,S...]",
+                        help="run only these of the spec's [experiment] seeds (e.g. 1: one seed of every "
+                             "configuration first; the same command with the other seeds adds them)")
     parser.set_defaults(func=command)
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds repeat")
+    return seeds
 
 
 def command(args: argparse.Namespace) -> int:
@@ -889,6 +906,12 @@ def command(args: argparse.Namespace) -> int:
         spec = load_spec(args.spec, app_dir=args.app_dir)
         overrides = {key: value for key, value in (("client_cpus", args.client_cpus), ("client_gpus", args.client_gpus))
                      if value is not None}
+        if args.seeds is not None:
+            unknown = [seed for seed in args.seeds if seed not in spec.experiment.seeds]
+            if unknown:
+                raise SpecError(f"--seeds {','.join(map(str, args.seeds))}: {unknown} not among the spec's seeds "
+                                f"{spec.experiment.seeds}")
+            overrides["seeds"] = args.seeds
         if overrides:
             if overrides.get("client_gpus", 0) < 0:
                 raise SpecError(f"--client-gpus {overrides['client_gpus']}: must be at least 0")

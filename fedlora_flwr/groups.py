@@ -159,15 +159,19 @@ class OptimizerSpec:
     """A phase's optimizer, built fresh for every phase of every round (FedDecomp's ``client.py``
     rebuilds its optimizers every round, so momentum restarts).
 
-    ``lr``/``momentum`` left at None take the run's ``lr``/``momentum``.
+    ``lr``/``momentum`` left at None take the run's ``lr``/``momentum``. ``group_lr``: (group, lr)
+    pairs giving the parameters of those groups their own learning rate (one parameter group each;
+    pFedGate's joint step trains gate and base with their own lr, as its two optimizers do).
     """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = None
     momentum: float | None = None
     weight_decay: float = 0.0
+    group_lr: tuple[tuple[str, float], ...] = ()
 
-    def build(self, params: list[nn.Parameter], lr: float, momentum: float) -> torch.optim.Optimizer:
+    def build(self, params: list[nn.Parameter] | list[dict], lr: float, momentum: float) -> torch.optim.Optimizer:
+        """The optimizer over ``params`` (tensors, or torch parameter-group dicts with their own ``lr``)."""
         lr = self.lr if self.lr is not None else lr
         if self.name == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=self.weight_decay)
@@ -202,7 +206,9 @@ class Phase:
     in train mode, so BatchNorm running statistics move in every phase (as in FedDecomp), except
     in the modules whose tensors all belong to ``eval_groups``: those run in eval mode (a frozen
     backbone's BatchNorm does not drift; pFedGate trains its gate with the base in eval mode).
-    ``max_grad_norm`` clips the gradient norm of the trained parameters before every step.
+    ``max_grad_norm`` clips the gradient norm of the trained parameters before every step; with
+    ``clip_per_group`` the norm of each trained group's parameters separately (pFedGate's joint
+    step clips gate and base apart).
     ``drop_last`` leaves out each epoch's last partial mini-batch when the data holds more than one
     batch (pFedGate's official loader does, and its gate's BatchNorm1d cannot train on one sample).
 
@@ -218,6 +224,7 @@ class Phase:
     eval_groups: tuple[Group, ...] = ("frozen",)
     update: BilevelUpdate | None = None
     drop_last: bool = False
+    clip_per_group: bool = False
 
     def __post_init__(self) -> None:
         if (self.epochs is None) == (self.steps is None):
@@ -229,6 +236,11 @@ class Phase:
                 raise ValueError(f"a bilevel phase's lower level {self.update.lower} must be a strict subset of its groups {self.groups}")
             if self.max_grad_norm is not None:
                 raise ValueError("a bilevel phase does not clip gradients (max_grad_norm must be None)")
+            if self.optimizer.group_lr:
+                raise ValueError("a bilevel phase has no per-group learning rates (optimizer.group_lr must be empty)")
+        unknown = [group for group, _ in self.optimizer.group_lr if group not in self.groups]
+        if unknown:
+            raise ValueError(f"optimizer.group_lr names groups {unknown} the phase does not train {self.groups}")
 
     @property
     def empty(self) -> bool:

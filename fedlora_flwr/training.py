@@ -154,7 +154,16 @@ def train_schedule(
                 upper = {key: param for key, param in model.named_parameters()
                          if param.requires_grad and key not in lower}
                 params = list(upper.values())
-            optimizer = phase.optimizer.build(params, lr=lr, momentum=momentum)
+            by_group = {group: [param for key, param in model.named_parameters()
+                                if param.requires_grad and membership[key] == group] for group in phase.groups}
+            if phase.optimizer.group_lr:
+                own = dict(phase.optimizer.group_lr)
+                param_groups = [{"params": by_group[group], **({"lr": own[group]} if group in own else {})}
+                                for group in phase.groups if by_group[group]]
+                optimizer = phase.optimizer.build(param_groups, lr=lr, momentum=momentum)
+            else:
+                optimizer = phase.optimizer.build(params, lr=lr, momentum=momentum)
+            clipped = [ps for ps in by_group.values() if ps] if phase.clip_per_group else [params]
             for xb, yb in _phase_batches(phase, epoch_batches(phase.drop_last)):
                 if phase.update is None:
                     optimizer.zero_grad(set_to_none=True)
@@ -162,7 +171,8 @@ def train_schedule(
                         loss = loss_fn(model, xb, yb)
                     loss.backward()
                     if phase.max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, phase.max_grad_norm)
+                        for group_params in clipped:
+                            torch.nn.utils.clip_grad_norm_(group_params, phase.max_grad_norm)
                     optimizer.step()
                 else:
                     loss = bilevel_step(phase.update, model, upper, lower, optimizer, loss_fn, xb, yb)

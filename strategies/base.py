@@ -68,7 +68,7 @@ from fedlora_flwr.store import LAST_TRAINED, PersonalStateStore, StateError
 from strategies.evaluation import EvalResult, FusedEvaluation, PendingEvaluation, evaluation_result, result_from_json
 from strategies.faults import FaultInjector
 from strategies.privacy import SharedUpdatePrivacy, check_config
-from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METRICS, TRAINED_EVALUATION, instruction
+from strategies.protocol import ARRAYS, EVALUATE_ROUND, FAULT, METHOD_METRICS, METRICS, TRAINED_EVALUATION, instruction
 from strategies.recording import Recorder
 from strategies.robust import ROBUST_RULES, RobustAggregator
 from strategies.sampling import ParticipantSampler
@@ -478,6 +478,11 @@ class PersonalizedStrategy(Strategy):
         self.aggregated_rounds += 1
         train_loss = float(np.mean([float(m["train-loss"]) for m in metrics]))
         self._round.update(train_loss=train_loss, shared_distance=mean_distance(records, aggregated))
+        figures = [message.content[METHOD_METRICS] for message in valid if METHOD_METRICS in message.content]
+        if figures:  # a method's own figures: each key's mean over the participants that sent it
+            keys = sorted({key for record in figures for key in record})
+            self._round["method_metrics"] = {key: float(np.mean([float(r[key]) for r in figures if key in r]))
+                                             for key in keys}
         return aggregated, MetricRecord({"train-loss": train_loss})
 
     def _keep_trained_evaluations(self, valid: list[Message], server_round: int) -> None:

@@ -23,6 +23,10 @@ EVALUATE_ROUND = "evaluate-round"
 #: With ``evaluate-at`` after training: a train reply's evaluation of the model its local training
 #: left (accuracy, num-examples, eval-loss), before aggregation.
 TRAINED_EVALUATION = "after-training"
+#: Optional train-reply record of a method's own figures (``MethodClient.train_metrics``: pFedGate's
+#: sparse-model cost); the strategy records their mean over the participants that sent each one
+#: (``method_metrics`` in the round's row).
+METHOD_METRICS = "method-metrics"
 #: Message config key telling a client how to fail (fault injection, ``strategies.faults``).
 FAULT = "fault"
 #: Reply record of a modelled straggler (``fault-kind = "timeout"``): the server treats the reply

@@ -41,7 +41,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from strategies.identity import Identities
-from strategies.protocol import ARRAYS, CLIENT_INFO, EVALUATION, METRICS, MODELLED_TIMEOUT, TRAINED_EVALUATION
+from strategies.protocol import (
+    ARRAYS,
+    CLIENT_INFO,
+    EVALUATION,
+    METHOD_METRICS,
+    METRICS,
+    MODELLED_TIMEOUT,
+    TRAINED_EVALUATION,
+)
 
 
 @dataclass
@@ -110,6 +118,16 @@ def _client_info_problem(message: Message) -> str | None:
     return None if isinstance(info.get("group"), str) else f"'{CLIENT_INFO}' group = {info.get('group')!r} is not a string"
 
 
+def _method_metrics_problem(message: Message) -> str | None:
+    """Why the optional ``method-metrics`` record is not a MetricRecord of finite numbers, or None."""
+    if METHOD_METRICS not in message.content:
+        return None
+    figures, problem = _record(message, METHOD_METRICS, MetricRecord)
+    if problem:
+        return problem
+    return next((problem for key in figures if (problem := _number(figures, METHOD_METRICS, key))), None)
+
+
 class ReplyValidator:
     """Checks train, evaluate and query replies; train replies against ``upload_template``, the
     sample counts against ``train_per_client`` and ``test_per_client`` (None: unbounded), and with
@@ -127,7 +145,7 @@ class ReplyValidator:
 
     def train_problem(self, message: Message) -> str | None:
         """Why a train reply cannot be averaged, or None (its ``evaluation`` record aside)."""
-        problem = _partition_problem(message) or _client_info_problem(message)
+        problem = _partition_problem(message) or _client_info_problem(message) or _method_metrics_problem(message)
         if problem:
             return problem
         metrics = message.content[METRICS]

@@ -477,7 +477,7 @@ def test_progress_reads_rounds_from_run_folders_and_estimates_from_rounds(tmp_pa
     clock[0] += 30.0
     progress.poll()  # 1 round in 30 s, 5 rounds left
     assert progress.eta() == pytest.approx(150.0)
-    assert f"{runs[0].run_name} round 1/2 | ETA 2m 30s" in stream.getvalue()
+    assert f"{runs[0].run_name} round 1/2 | ETA 3m 00s" in stream.getvalue()  # shown to the minute
     assert "1/4 runs" in stream.getvalue()
     (runs[0].run_dir / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
     clock[0] += 30.0
@@ -540,6 +540,16 @@ def test_cli_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "grid tiny: 8 runs" in out and TINY_NAMES[-1] in out
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_seeds_runs_a_subset_of_the_spec_seeds(tmp_path, capsys):
+    path = _spec_file(tmp_path)
+    assert main(["grid", str(path), "--dry-run", "--seeds", "2", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "grid tiny: 4 runs (4 configurations × 1 seeds)" in out
+    assert "seed_2" in out and "seed_1" not in out
+    assert main(["grid", str(path), "--dry-run", "--seeds", "3"]) == 2
+    assert capsys.readouterr().err.strip() == "fedlora-flwr grid: --seeds 3: [3] not among the spec's seeds [1, 2]"
 
 
 def test_cli_invalid_spec_exits_2_with_one_line(tmp_path, capsys):

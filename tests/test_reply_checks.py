@@ -266,3 +266,21 @@ def test_a_bad_eval_fault_is_drawn_among_the_evaluated_clients_and_not_recorded(
         assert set(m["acc_per_client"]) == {str(pid) for pid in range(clients)} - {str(pid) for pid in faulty}
         assert all(0.0 <= acc <= 1.0 for acc in m["acc_per_client"].values())
         assert m["num_failures"] == 2 and m["num_bad_updates"] == 0 and m["participants"] == list(range(clients))
+
+
+def test_a_method_metrics_record_with_a_non_finite_figure_is_left_out(tmp_path, caplog):
+    """``method-metrics`` (MethodClient.train_metrics) must hold finite numbers; the other
+    participants' figures are averaged into the round's ``method_metrics``."""
+    from strategies.protocol import METHOD_METRICS
+
+    def rewrite(kind: str, pid: int, reply: Message) -> Message:
+        if kind == "train":
+            reply.content[METHOD_METRICS] = MetricRecord({"x-figure": float("nan") if pid == 1 else float(pid)})
+        return reply
+
+    with caplog.at_level(logging.WARNING):
+        run_dir, _ = _run(tmp_path, "method-metrics", rewrite=rewrite)
+    for m in _metrics(run_dir):
+        assert m["participants"] == [0, 2] and m["num_bad_updates"] == 1
+        assert m["method_metrics"] == {"x-figure": 1.0}
+    assert _warnings(caplog, METHOD_METRICS)
