@@ -104,6 +104,18 @@ class ParticipantSampler:
         chosen = np.random.default_rng([self.seed, server_round]).choice(partitions, size=count, replace=False)
         return [by_partition[int(pid)] for pid in sorted(chosen)]
 
+    def sample_evaluation(self, node_ids: list[int], server_round: int, fraction: float) -> list[int]:
+        """``fraction`` (at least 1) of the bound partition ids among ``node_ids``, drawn with
+        ``numpy.random.default_rng([seed, round, 1])`` (not the training draw's stream), as node
+        ids sorted by partition id: who is evaluated after aggregation when not everyone is."""
+        by_partition = {pid: node for node in node_ids if (pid := self.partition_ids.get(node)) is not None}
+        partitions = sorted(by_partition)
+        if not partitions:
+            return []
+        count = min(max(int(len(partitions) * fraction), 1), len(partitions))
+        chosen = np.random.default_rng([self.seed, server_round, 1]).choice(partitions, size=count, replace=False)
+        return [by_partition[int(pid)] for pid in sorted(chosen)]
+
     def _await_federation(self, grid: Grid, server_round: int) -> list[int]:
         """The connected node ids not refused, once ``min_available_nodes`` (0: the num-partitions
         a strict majority reports) are connected and asked for their partition id, with the
