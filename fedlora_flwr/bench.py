@@ -355,6 +355,9 @@ def bench_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "method": "fedlora", "num-server-rounds": args.memory_rounds, "local-epochs": 1, "lora-epochs": 1,
             "train-per-client": 20, "test-per-client": 10, "batch-size": 20, "run-name": f"memory-{clients}",
             "fraction-train": fraction, "fraction-evaluate": fraction,
+            # round 1 asks all 10,000 nodes their partition id, which takes Flower's simulation
+            # engine minutes (docs/guide/scale.md): wait for every answer
+            "node-wait-timeout": args.memory_node_wait,
         })
         with LocalSuperLink() as link:
             result = _simulate(link, overrides, clients, client_cpus=1, sample_memory=True)
@@ -513,6 +516,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-per-client", type=int, default=100)
     parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 1000, 10_000], help="memory benchmark sizes")
     parser.add_argument("--memory-rounds", type=int, default=3, help="rounds of each memory benchmark run")
+    parser.add_argument("--memory-node-wait", type=float, default=7200.0,
+                        help="node-wait-timeout of the memory benchmark: round 1 waits this long for every node's "
+                        "partition id (default: %(default)s s)")
     parser.add_argument("--memory-sampled", type=int, default=100,
                         help="clients trained and evaluated per round in the memory benchmark (fraction-train = "
                         "fraction-evaluate = this / clients, at most 1)")

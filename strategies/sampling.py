@@ -66,9 +66,13 @@ class ParticipantSampler:
         unknown = sorted(node for node in node_ids if not identities.answered(node))
         if not unknown:
             return
+        # A query lives as long as it is waited for: one left unanswered would otherwise stay in the
+        # SuperLink's store (Flower's default TTL is 12 h), and Flower 1.41's simulation engine walks
+        # every stored message for every node ten times a second (docs/guide/scale.md).
+        wait = timeout or self.query_timeout
         questions = [Message(RecordDict({CONFIG: ConfigRecord({"server-round": server_round})}),
-                             dst_node_id=node_id, message_type=MessageType.QUERY) for node_id in unknown]
-        checked = ReplyValidator.query(grid.send_and_receive(questions, timeout=timeout or self.query_timeout), server_round)
+                             dst_node_id=node_id, message_type=MessageType.QUERY, ttl=wait) for node_id in unknown]
+        checked = ReplyValidator.query(grid.send_and_receive(questions, timeout=wait), server_round)
         for message, reason in checked.rejected:
             identities.refuse(message.metadata.src_node_id, f"bad query reply: {reason}", server_round)
         for message in checked.valid:
