@@ -21,8 +21,10 @@ count, torch/flwr versions and the exact settings.
   with the GPU memory per actor: the peak rise of the memory in use on the device during the run
   (``torch.cuda.mem_get_info``, sampled every 0.5 s: the actors' CUDA contexts, allocator caches
   and tensors together) divided by the actors running at once.
-- ``memory``: peak memory of the whole simulation process tree for 40, 200 and 1,000 clients
-  (personal state lives on disk, so it should stay nearly flat).
+- ``memory``: peak memory of the whole simulation process tree for 40, 1,000 and 10,000 clients,
+  3 rounds, each training and evaluating 100 sampled clients (``fraction-train`` =
+  ``fraction-evaluate`` = 100 / clients); personal state lives on disk, so it should stay nearly
+  flat. With the wall time and the seconds of each round (round 1 asks every node its partition id).
 - ``comm``: bytes up and down per round for each method and model.
 - ``cost``: pFedLoRA's computation and communication figures: training FLOPs per round per client
   (counted by ``torch.utils.flop_counter.FlopCounterMode`` around one real round of local training:
@@ -342,19 +344,32 @@ def bench_paper(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def bench_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Synthetic data whatever ``--dataset`` says: 1,000 clients need more samples than the subset."""
+    """Synthetic data whatever ``--dataset`` says: 10,000 clients need more samples than the subset.
+    Each size trains and evaluates the same ``--memory-sampled`` clients per round (``fraction-train``
+    = ``fraction-evaluate`` = sampled / clients, at most 1), so that only the number of clients grows."""
     args = argparse.Namespace(**{**vars(args), "dataset": "synthetic"})
     rows = []
     for clients in args.client_counts:
+        fraction = min(1.0, args.memory_sampled / clients)
         overrides = _base(args, work, **{
-            "method": "fedlora", "num-server-rounds": 1, "local-epochs": 1, "lora-epochs": 1,
+            "method": "fedlora", "num-server-rounds": args.memory_rounds, "local-epochs": 1, "lora-epochs": 1,
             "train-per-client": 20, "test-per-client": 10, "batch-size": 20, "run-name": f"memory-{clients}",
+            "fraction-train": fraction, "fraction-evaluate": fraction,
+            # round 1 asks all 10,000 nodes their partition id, which takes Flower's simulation
+            # engine minutes (docs/guide/scale.md): wait for every answer
+            "node-wait-timeout": args.memory_node_wait,
         })
         with LocalSuperLink() as link:
             result = _simulate(link, overrides, clients, client_cpus=1, sample_memory=True)
-        rows.append({"clients": clients, "peak_rss_mib": result["peak_rss_mib"], "peak_pss_mib": result["peak_pss_mib"],
-                     "wall_s": result["wall_s"]})
-    return {"rows": rows, "settings": {"sampling": "sum over the SuperLink's process tree every 0.5 s"}}
+        last = result["metrics"].iloc[-1]
+        evaluated = last["num_evaluated"] if "num_evaluated" in last.index else last["num_nodes"]
+        rows.append({"clients": clients, "fraction": round(fraction, 6),
+                     "trained_per_round": int(last["num_participants"]), "evaluated_per_round": int(evaluated),
+                     "peak_rss_mib": result["peak_rss_mib"], "peak_pss_mib": result["peak_pss_mib"],
+                     "wall_s": result["wall_s"], "round_s": result["round_s"]})
+    return {"rows": rows, "settings": {"sampling": "sum over the SuperLink's process tree every 0.5 s",
+                                       "rounds": args.memory_rounds, "sampled_per_round": args.memory_sampled,
+                                       "personal_state": "on disk (clients/<partition id>/)"}}
 
 
 def bench_comm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -499,7 +514,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clients", type=int, default=40, help="clients for overhead/throughput/comm")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--train-per-client", type=int, default=100)
-    parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 200, 1000], help="memory benchmark sizes")
+    parser.add_argument("--client-counts", type=int, nargs="+", default=[40, 1000, 10_000], help="memory benchmark sizes")
+    parser.add_argument("--memory-rounds", type=int, default=3, help="rounds of each memory benchmark run")
+    parser.add_argument("--memory-node-wait", type=float, default=7200.0,
+                        help="node-wait-timeout of the memory benchmark: round 1 waits this long for every node's "
+                        "partition id (default: %(default)s s)")
+    parser.add_argument("--memory-sampled", type=int, default=100,
+                        help="clients trained and evaluated per round in the memory benchmark (fraction-train = "
+                        "fraction-evaluate = this / clients, at most 1)")
     parser.add_argument("--steps", type=int, default=20, help="timed local steps per method (step benchmark)")
     parser.add_argument("--batch-size", type=int, default=100, help="mini-batch size (step benchmark)")
     parser.add_argument("--step-models", nargs="+", default=["cnn"], help="models for the step benchmark (minilm: on AG_NEWS)")

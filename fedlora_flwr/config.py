@@ -118,8 +118,11 @@ class RunConfig(Settings):
     batch_size: int = Field(100, ge=1, description="B: mini-batch size")
     lr: float = Field(0.1, gt=0, description="SGD learning rate (optimizers are rebuilt every phase and round)")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    fraction_train: float = Field(1.0, gt=0, le=1, description="fraction of clients trained per round (all clients "
-                                  "evaluate), sampled by partition id with the seed and the round")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="fraction of clients trained per round, sampled by "
+                                  "partition id with the seed and the round")
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, description="fraction of the clients evaluated after aggregation "
+                                     "each round (1: every client), sampled by partition id with the seed and the round "
+                                     "(a draw of its own); metrics.jsonl then says fraction_evaluate and num_evaluated")
     aggregation: Aggregation = Field(
         "auto", description="mean: unweighted (FedLoRA eq. 8); weighted: by training samples; auto: the method's own "
         "rule; or a robust rule: trimmed-mean, median, krum (strategies/robust.py)")

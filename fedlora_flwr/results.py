@@ -331,6 +331,9 @@ class RunRecorder:
             "wall_seconds": round(time.monotonic() - self.started, 3),
             "run_dir": str(self.run_dir),
         }
+        sampled = [r["fraction_evaluate"] for r in self.rounds if "fraction_evaluate" in r]
+        if sampled:  # fraction-evaluate < 1: acc_mean of each round is over a seeded sample of the clients
+            summary["fraction_evaluate"] = sampled[-1]
         private = [r for r in self.rounds if "dp_epsilon" in r]
         if private:  # DP runs (strategies/privacy.py): ε at δ after the last recorded round
             summary.update(dp_epsilon=private[-1]["dp_epsilon"], dp_delta=private[-1]["dp_delta"],

@@ -122,6 +122,10 @@ class PersonalizedStrategy(Strategy):
 
     - ``upload_template``: the arrays every train reply must carry (keys, shapes, dtypes);
     - ``fraction_train``: the fraction of the known partitions that train each round (at least 1);
+    - ``fraction_evaluate``: the fraction of the connected known partitions evaluated after
+      aggregation each round (at least 1; 1: every connected client), drawn by (seed, round) in a
+      stream of its own (:meth:`~strategies.sampling.ParticipantSampler.sample_evaluation`); not with
+      ``fused_evaluation``;
     - ``seed``: seeds the participants drawn each round (``numpy.random.default_rng([seed, round])``);
     - ``aggregation``: ``"mean"`` (eq. 8) or ``"weighted"`` (by ``num-examples``), or a robust
       rule, ``"trimmed-mean"`` (β = ``trim_fraction``), ``"median"``, ``"krum"`` (f =
@@ -158,6 +162,7 @@ class PersonalizedStrategy(Strategy):
         *,
         upload_template: ArrayRecord,
         fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
         seed: int = 0,
         aggregation: str | None = None,
         partial_average: str = "participants",
@@ -190,6 +195,11 @@ class PersonalizedStrategy(Strategy):
             raise ValueError(f"partial_average must be 'participants' or 'all-clients', not {partial_average!r}")
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], not {fraction_train}")
+        if not 0.0 < fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction_evaluate must be in (0, 1], not {fraction_evaluate}")
+        if fused_evaluation and fraction_evaluate < 1.0:
+            raise ValueError("fused_evaluation evaluates every client (the participants in their train message): "
+                             "not with fraction_evaluate < 1")
         if not evaluation_points or len(set(evaluation_points)) < len(evaluation_points) or not set(
                 evaluation_points) <= {AFTER_AGGREGATION, AFTER_TRAINING}:
             raise ValueError(f"evaluation_points must name {AFTER_AGGREGATION!r} and/or {AFTER_TRAINING!r} once each, "
@@ -200,6 +210,7 @@ class PersonalizedStrategy(Strategy):
             raise ValueError(f"{type(self).__name__} sends each client its own arrays: no fused evaluation")
         self.partial_average = partial_average
         self.evaluation_points = tuple(evaluation_points)
+        self.fraction_evaluate = fraction_evaluate
         self.sampler = ParticipantSampler(fraction_train, seed, min_available_nodes, node_wait_timeout, query_timeout)
         self.validator = ReplyValidator(upload_template, train_per_client, test_per_client, validation,
                                         (privacy.reply_problem,) if privacy is not None else ())
@@ -233,6 +244,9 @@ class PersonalizedStrategy(Strategy):
         if config.fused_evaluation and cls.per_client_messages:
             raise ConfigError(f"fused-evaluation: method {config.method!r} sends each client its own arrays, so its "
                               "evaluation cannot ride on the next train message; set fused-evaluation = false")
+        if config.fused_evaluation and config.fraction_evaluate < 1:
+            raise ConfigError("fused-evaluation evaluates every client (participants in their train message), "
+                              f"fraction-evaluate = {config.fraction_evaluate:g} a sample: set one of them back")
         check_config(config, cls)
 
     @classmethod
@@ -255,6 +269,7 @@ class PersonalizedStrategy(Strategy):
         return cls(
             upload_template=upload_template,
             fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
             seed=config.seed,
             aggregation=aggregation,
             partial_average=config.partial_average,
@@ -498,6 +513,9 @@ class PersonalizedStrategy(Strategy):
         self._arrays = arrays
         # no evaluation after aggregation: no evaluate message
         node_ids = sorted(self.sampler.connected(grid)) if AFTER_AGGREGATION in self.evaluation_points else []
+        if node_ids and self.fraction_evaluate < 1.0:
+            node_ids = self.sampler.sample_evaluation(node_ids, server_round, self.fraction_evaluate)
+            self._round.update(fraction_evaluate=self.fraction_evaluate, num_evaluated=len(node_ids))
         if self.fused is not None:
             ahead = self.sampler.sample(grid, server_round + 1) if server_round < self.num_rounds else []
             self.fused.defer(server_round, ahead)

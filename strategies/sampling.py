@@ -66,9 +66,13 @@ class ParticipantSampler:
         unknown = sorted(node for node in node_ids if not identities.answered(node))
         if not unknown:
             return
+        # A query lives as long as it is waited for: one left unanswered would otherwise stay in the
+        # SuperLink's store (Flower's default TTL is 12 h), and Flower 1.41's simulation engine walks
+        # every stored message for every node ten times a second (docs/guide/scale.md).
+        wait = timeout or self.query_timeout
         questions = [Message(RecordDict({CONFIG: ConfigRecord({"server-round": server_round})}),
-                             dst_node_id=node_id, message_type=MessageType.QUERY) for node_id in unknown]
-        checked = ReplyValidator.query(grid.send_and_receive(questions, timeout=timeout or self.query_timeout), server_round)
+                             dst_node_id=node_id, message_type=MessageType.QUERY, ttl=wait) for node_id in unknown]
+        checked = ReplyValidator.query(grid.send_and_receive(questions, timeout=wait), server_round)
         for message, reason in checked.rejected:
             identities.refuse(message.metadata.src_node_id, f"bad query reply: {reason}", server_round)
         for message in checked.valid:
@@ -102,6 +106,18 @@ class ParticipantSampler:
         partitions = sorted(by_partition)
         count = min(max(int(len(partitions) * self.fraction), 1), len(partitions))
         chosen = np.random.default_rng([self.seed, server_round]).choice(partitions, size=count, replace=False)
+        return [by_partition[int(pid)] for pid in sorted(chosen)]
+
+    def sample_evaluation(self, node_ids: list[int], server_round: int, fraction: float) -> list[int]:
+        """``fraction`` (at least 1) of the bound partition ids among ``node_ids``, drawn with
+        ``numpy.random.default_rng([seed, round, 1])`` (not the training draw's stream), as node
+        ids sorted by partition id: who is evaluated after aggregation when not everyone is."""
+        by_partition = {pid: node for node in node_ids if (pid := self.partition_ids.get(node)) is not None}
+        partitions = sorted(by_partition)
+        if not partitions:
+            return []
+        count = min(max(int(len(partitions) * fraction), 1), len(partitions))
+        chosen = np.random.default_rng([self.seed, server_round, 1]).choice(partitions, size=count, replace=False)
         return [by_partition[int(pid)] for pid in sorted(chosen)]
 
     def _await_federation(self, grid: Grid, server_round: int) -> list[int]:

@@ -129,6 +129,10 @@ class InProcessLink:
     under the overrides, as Flower merges them) and records the client resources it was given."""
 
     runs: list[dict] = []
+    tree: dict = {}  # no processes of its own: the memory benchmark samples nothing
+
+    def record_tree(self):
+        pass
 
     def __enter__(self):
         return self
@@ -165,6 +169,16 @@ def test_overhead_with_resnet8_on_cpu(tmp_path, in_process_link):
     for row in overhead["rows"]:
         assert (row["model"], row["device"], row["client_cpus"], row["client_gpus"]) == ("resnet8", "cpu", expected_cpus, 0.0)
         assert row["flwr_wall_s"] >= row["flwr_rounds_s"] > 0 and row["plain_wall_s"] > 0
+
+
+def test_memory_trains_and_evaluates_the_same_number_of_sampled_clients_at_every_size(tmp_path, in_process_link):
+    assert cli.main(["bench", "memory", "--client-counts", "2", "5", "--memory-sampled", "2", "--memory-rounds", "1",
+                     "--out", str(tmp_path)]) == 0
+    assert [(run["num_supernodes"], run["fraction-train"], run["fraction-evaluate"], run["num-server-rounds"])
+            for run in in_process_link.runs] == [(2, 1.0, 1.0, 1), (5, 0.4, 0.4, 1)]
+    rows = json.loads((tmp_path / "memory.json").read_text())["rows"]
+    assert [(row["clients"], row["trained_per_round"], row["evaluated_per_round"]) for row in rows] == [(2, 2, 2), (5, 2, 2)]
+    assert all(len(row["round_s"]) == 1 and row["peak_pss_mib"] == 0 for row in rows)
 
 
 def test_throughput_on_cpu_sweeps_the_divisors_of_the_cpu_count(tmp_path, in_process_link, monkeypatch):

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file
-from test_federation import CapturingGrid, _metrics, _run_config, _start, _train_type
+from test_federation import CapturingGrid, _metrics, _run_config, _start, _summary, _train_type
 
 from clients.fedlora import FedLoRAClient
 from fedlora_flwr import client_app
-from fedlora_flwr.config import load_config
+from fedlora_flwr.config import ConfigError, load_config
 from fedlora_flwr.data import TaskSpec
 from fedlora_flwr.store import PersonalStateStore
 from strategies.base import ARRAYS, METRICS, average_arrays
+from strategies.fedlora import FedLoRAStrategy
 
 NUM_CLIENTS = 5
 
@@ -183,3 +184,20 @@ def test_thirty_percent_faults_on_twenty_clients(tmp_path, kind, bad):
     assert store.stored_ids() == list(range(clients))
     for pid in range(clients):
         assert store.load(pid, expected=expected) is not None
+
+
+def test_fraction_evaluate_evaluates_a_seeded_sample_whatever_the_node_ids(tmp_path):
+    """fraction-evaluate < 1: each round evaluates a draw of its own (seed, round, 1) of the partition
+    ids, the same whatever the node ids; rows and summary say so; not with fused evaluation."""
+    runs = [_participation_run(tmp_path, name, node_seed=node_seed, **{"fraction-evaluate": 0.4, "num-server-rounds": 2})[0]
+            for name, node_seed in (("a", 1), ("b", 2))]
+    rows = [_metrics(run_dir) for run_dir in runs]
+    expected = [sorted(int(p) for p in np.random.default_rng([1, r, 1]).choice(NUM_CLIENTS, size=2, replace=False))
+                for r in (1, 2)]
+    assert [sorted(map(int, row["acc_per_client"])) for row in rows[0]] == expected
+    assert [row["acc_per_client"] for row in rows[0]] == [row["acc_per_client"] for row in rows[1]]
+    assert all(row["fraction_evaluate"] == 0.4 and row["num_evaluated"] == 2 for row in rows[0])
+    assert _summary(runs[0])["fraction_evaluate"] == 0.4
+    with pytest.raises(ConfigError, match="fraction-evaluate"):
+        FedLoRAStrategy.check(load_config({**_run_config(tmp_path, "x"), "fused-evaluation": True,
+                                           "fraction-evaluate": 0.5}, base=tmp_path))

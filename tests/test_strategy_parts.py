@@ -68,6 +68,27 @@ def test_sampler_stops_when_the_federation_stays_incomplete():
     assert _partitions(grid, started.sample(grid, 1)) == [0, 1]
 
 
+def test_partition_id_queries_expire_when_their_wait_ends():
+    """A query left unanswered must not stay in the SuperLink's store past its wait (Flower 1.41's
+    simulation engine walks every stored message for every node: docs/guide/scale.md)."""
+    sent = []
+
+    class Recording(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            sent.append((timeout, [message.metadata.ttl for message in messages]))
+            return super().send_and_receive(messages, timeout=timeout)
+
+    grid = Recording(client_app.app, 3, app_defaults())
+    sampler = ParticipantSampler(fraction=1.0, seed=1, node_wait_timeout=50.0, query_timeout=20.0)
+    sampler.sample(grid, 1)
+    first_wait, ttls = sent[0]
+    assert 1.0 <= first_wait <= 50.0 and ttls == [first_wait] * 3  # round 1: what is left of node-wait-timeout
+    grid.contexts[99] = next(iter(grid.contexts.values()))  # a node that joins later is asked with query-timeout
+    sampler.identify(grid, list(grid.contexts), 2)
+    assert sent[1] == (20.0, [20.0])
+
+
 # --------------------------------------------------------------------------- validation
 
 TEMPLATE = {"w": np.zeros((2, 3), np.float32), "n": np.asarray(0, np.int64)}
