@@ -14,6 +14,10 @@ from fedlora_flwr.superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+# The tests' models and batches are tiny: a second intra-op thread only spins in OpenMP's barriers,
+# and where the cores are shared it waits for the other thread to be scheduled (a suite several times
+# slower on a loaded machine). Processes the tests start keep their own settings.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
