@@ -1,5 +1,5 @@
 """Shared fixtures: the app's default run config, the real CIFAR-10 subset, a private SuperLink;
-the ``gpu`` marker's skip where no CUDA GPU is visible."""
+the ``gpu`` marker's skip where no CUDA GPU is visible; torch on one thread in the test process."""
 
 from __future__ import annotations
 
