@@ -1,8 +1,10 @@
 """Shared fixtures: the app's default run config, the real CIFAR-10 subset, a private SuperLink;
-the ``gpu`` marker's skip where no CUDA GPU is visible."""
+the ``gpu`` marker's skip where no CUDA GPU is visible. Torch runs on one thread, here and in the
+processes the tests start."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,12 @@ from fedlora_flwr.superlink import LocalSuperLink
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NPZ = REPO.parent / "shared" / "data" / "cifar10" / "cifar10.npz"
+# The tests' models and batches are tiny: a second intra-op thread only spins in OpenMP's barriers,
+# and where the cores are shared it waits for the other thread to be scheduled (a suite several times
+# slower on a loaded machine). The processes the tests start inherit it, so that a result computed in
+# one of them equals the same computation here, bit for bit (tests/test_bench.py).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
