@@ -10,6 +10,8 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 CANDIDATES = [ipaddress.ip_network(f"10.231.{third}.0/24") for third in range(1, 255)]
 
@@ -99,3 +101,15 @@ class Hosts:
                     pass
             _ip("netns", "del", namespace)
         return [name for name in _ip("netns", "list").split() if name.startswith(f"{self.tag}-")]
+
+
+@contextmanager
+def created_hosts(roles: list[str]) -> Iterator[Hosts]:
+    """``roles`` as hosts on a free subnet, deleted on exit; fails if a namespace is left behind."""
+    hosts = Hosts(roles, free_subnet())
+    try:
+        hosts.create()
+        yield hosts
+    finally:
+        left = hosts.delete()
+    assert not left, f"namespaces left behind: {left}"

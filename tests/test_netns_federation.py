@@ -19,7 +19,7 @@ import psutil
 import pytest
 from conftest import REPO
 from flwr.supercore.exit import ExitCode
-from netns import Hosts, free_subnet, skip_reason
+from netns import Hosts, created_hosts, skip_reason
 
 from fedlora_flwr.deployment import LocalFederation, make_node_key, make_tls
 
@@ -33,13 +33,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.skipif(skip_reason() is not None, rea
 
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
-    hosts = Hosts(ROLES, free_subnet())
-    try:
-        hosts.create()
+    with created_hosts(ROLES) as hosts:
         yield hosts
-    finally:
-        left = hosts.delete()
-    assert not left, f"namespaces left behind: {left}"
 
 
 def test_federation_across_network_namespaces(hosts, tmp_path, real_npz):

@@ -31,7 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import REPO
-from netns import Hosts, free_subnet, skip_reason
+from netns import Hosts, created_hosts, skip_reason
 
 from fedlora_flwr.superlink import BIN_DIR, LocalSuperLink, free_port
 
@@ -182,13 +182,8 @@ ray.shutdown()
 def two_hosts() -> Iterator[Hosts]:
     if (reason := skip_reason()) is not None:
         pytest.skip(reason)
-    hosts = Hosts(["head", "worker"], free_subnet())
-    try:
-        hosts.create()
+    with created_hosts(["head", "worker"]) as hosts:
         yield hosts
-    finally:
-        left = hosts.delete()
-    assert not left, f"namespaces left behind: {left}"
 
 
 def test_flwr_run_places_client_actors_on_both_hosts_of_a_ray_cluster(two_hosts, tmp_path, monkeypatch):
