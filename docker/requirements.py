@@ -1,20 +1,28 @@
 """Print the app's ``[project]`` dependencies from ./pyproject.toml, one per line, for an image.
 
-``--torch``: only torch and torchvision (installed from PyTorch's CPU wheel index); otherwise every
-other dependency except flwr itself, which Flower's base images already hold.
+No flag: every dependency except flwr, torch and torchvision. ``--torch``: only torch and
+torchvision (installed first, as CPU wheels). ``--flwr``: only flwr's pin, without its extras
+(``[simulation]``'s Ray is for simulation only). Needs nothing but Python 3.11's standard library,
+so that it runs on any base image before anything is installed.
 """
 
+import re
 import sys
 import tomllib
 
-from packaging.requirements import Requirement  # a dependency of flwr
-
 TORCH = {"torch", "torchvision"}
+
+
+def name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9._-]+", requirement).group(0).lower()
+
 
 with open("pyproject.toml", "rb") as handle:
     dependencies = tomllib.load(handle)["project"]["dependencies"]
-torch_only = sys.argv[1:] == ["--torch"]
+flag = sys.argv[1] if sys.argv[1:] else ""
 for line in dependencies:
-    name = Requirement(line).name.lower()
-    if name != "flwr" and (name in TORCH) == torch_only:
+    if flag == "--flwr":
+        if name(line) == "flwr":
+            print(re.sub(r"\[[^]]*\]", "", line))
+    elif name(line) != "flwr" and (name(line) in TORCH) == (flag == "--torch"):
         print(line)

