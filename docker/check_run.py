@@ -1,6 +1,6 @@
 """Check one compose run's copied outputs and personal state (docker/smoke.sh calls it).
 
-    python docker/check_run.py <outputs copy>/<run-name> <state copies> --rounds N [--restarted K --before <copy>]
+    python docker/check_run.py <copy of the run folder> <state copies> --rounds N [--restarted K --before <copy>]
 
 <state copies> holds ``state-<n>/`` (a copy of SuperNode n's /app/state volume, n = 1..3, partition
 id n-1). Checked: config.json, one metrics.jsonl row per round, summary.json ``finished`` (the
@@ -40,11 +40,11 @@ def main() -> int:
 
 def check(run_dir: Path, state: Path, rounds: int, restarted: int | None = None, before: Path | None = None) -> list[str]:
     problems = []
-    name = run_dir.name
     for file in ("config.json", "metrics.jsonl", "summary.json"):
         if not (run_dir / file).is_file():
             return [f"{run_dir}/{file} missing"]
     config = json.loads((run_dir / "config.json").read_text())
+    name = config["run-name"]
     if (config.get("dataset"), config.get("num-server-rounds")) != ("npz", rounds):
         problems.append(f"config.json: dataset {config.get('dataset')}, {config.get('num-server-rounds')} rounds")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -65,7 +65,10 @@ def check(run_dir: Path, state: Path, rounds: int, restarted: int | None = None,
         trained = [row["round"] for row in rows if node - 1 in row.get("participants", [])]
         if trained and last != max(trained):
             problems.append(f"SuperNode {node}: personal state from round {last}, last trained in {max(trained)}")
-        if node == restarted:
+        if node == restarted and not any(row["round"] > 1 and node - 1 in row.get("participants", []) for row in rows):
+            problems.append(f"SuperNode {node} did not train again after its restart (participants per round: "
+                            f"{[row.get('participants') for row in rows]})")
+        elif node == restarted:
             old = before / name / str(node - 1) / "personal.safetensors" if before else None
             old_round = saved_round(old) if old and old.is_file() else None
             replaced = replaced_round(personal, read_metadata(personal))

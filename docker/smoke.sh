@@ -2,11 +2,12 @@
 # End to end on this Docker host: daemon check, base image (Flower's flwr/superexec:1.41.0 if it is
 # here or can be pulled, else docker/base-image.sh's local Debian one), image build, then in one
 # compose project (docs/deploy.md, "Docker"):
-#   1. plain: `up`, `fedlora-flwr run` of 3 rounds of FedLoRA on the CIFAR-10 subset from the host,
-#      SuperNode 2 stopped and started while round 2 runs; checks the outputs, every node's state
-#      and that SuperNode 2 trained again from the state in its volume;
+#   1. plain: `up`, `fedlora-flwr run` of 2 rounds of FedLoRA on the CIFAR-10 subset from the host;
+#      checks the outputs and every node's state (docker/check_run.py);
 #   2. TLS + SuperNode authentication (compose.tls.yaml, certs.sh): `down` (volumes kept), the
-#      SuperLink first, the 3 SuperNode keys registered, `up`, 2 rounds; the same checks;
+#      SuperLink first, the 3 SuperNode keys registered, `up`, 3 rounds with SuperNode 2 stopped
+#      and started after round 1; the same checks, and that SuperNode 2 trained again from the
+#      state in its volume;
 # then `down --volumes`: every container, network and volume of the project goes, also on failure.
 # Exits non-zero with the reason on the first failure. Prints `smoke: time <what> <seconds>` lines.
 #
@@ -129,41 +130,31 @@ wait_for_superlink() {  # <connection>
   for _ in $(seq 60); do "$bin/flwr" ls "$1" >/dev/null 2>&1 && return 0; sleep 2; done
   fail "the SuperLink does not answer at 127.0.0.1:$FEDLORA_SUPERLINK_PORT ($1)"
 }
-collect() {  # <run-name> <files...>: copy the outputs and every state volume out of the containers
+collect() {  # <run-name> <compose command...>: copy the outputs and every state volume out of the containers
   rm -rf "$out/$1"; mkdir -p "$out/$1"
-  "${@:2}" cp superexec-serverapp:/app/outputs/"$1" "$out/$1/outputs" || fail "$1: no outputs"
-  for n in 1 2 3; do "${@:2}" cp "superexec-clientapp-$n:/app/state" "$out/$1/state-$n" || fail "$1: no state volume $n"; done
+  "${@:2}" cp superexec-serverapp:/app/outputs/"$1" "$out/$1/outputs" >/dev/null 2>&1 || fail "$1: no outputs"
+  for n in 1 2 3; do
+    "${@:2}" cp "superexec-clientapp-$n:/app/state" "$out/$1/state-$n" >/dev/null 2>&1 || fail "$1: no state volume $n"
+  done
 }
 rows() { "${@:2}" exec -T superexec-serverapp sh -c "cat /app/outputs/$1/metrics.jsonl 2>/dev/null | wc -l"; }
 
-# ---- 1. plain, with SuperNode 2 restarted in round 2
+# ---- 1. plain, 2 rounds
 started=$SECONDS
 dc up -d --no-build > "$out/up.log" 2>&1 || { cat "$out/up.log" >&2; fail "compose up"; }
 all_running dc
 wait_for_superlink docker
 timing up-plain $((SECONDS - started))
-run_config plain 3
+run_config plain 2
 started=$SECONDS
-(cd "$repo" && exec "$bin/fedlora-flwr" run . docker --run-config "$out/plain.toml") > "$out/plain.log" 2>&1 &
-run=$!
-until [[ "$(rows plain dc 2>/dev/null || echo 0)" -ge 1 ]]; do
-  kill -0 $run 2>/dev/null || { wait $run || true; tail -20 "$out/plain.log" >&2; fail "plain run ended before round 1"; }
-  sleep 2
-done
-rm -rf "$out/before-restart"; dc cp superexec-clientapp-2:/app/state "$out/before-restart" || fail "state of SuperNode 2 before its restart"
-dc stop supernode-2 >/dev/null 2>&1 || fail "docker compose stop supernode-2"
-echo "smoke: SuperNode 2 stopped after round 1 ($((SECONDS - started)) s into the run)"
-sleep 10
-dc start supernode-2 >/dev/null 2>&1 || fail "docker compose start supernode-2"
-echo "smoke: SuperNode 2 started again"
-code=0; wait $run || code=$?; run=""
-[[ $code == 0 ]] || { tail -30 "$out/plain.log" >&2; fail "plain run: fedlora-flwr run exited $code (log: $out/plain.log)"; }
-timing run-plain-3-rounds-with-restart $((SECONDS - started))
+(cd "$repo" && "$bin/fedlora-flwr" run . docker --run-config "$out/plain.toml") > "$out/plain.log" 2>&1 \
+  || { tail -30 "$out/plain.log" >&2; fail "plain run: fedlora-flwr run failed (log: $out/plain.log)"; }
+timing run-plain-2-rounds $((SECONDS - started))
 collect plain dc
-"$PYTHON" "$here/check_run.py" "$out/plain/outputs" "$out/plain" --rounds 3 --restarted 2 --before "$out/before-restart" \
-  || fail "plain run: outputs or state (above)"
+"$PYTHON" "$here/check_run.py" "$out/plain/outputs" "$out/plain" --rounds 2 || fail "plain run: outputs or state (above)"
 
-# ---- 2. TLS + SuperNode authentication (the state volumes are kept across the down)
+# ---- 2. TLS + SuperNode authentication, 3 rounds, SuperNode 2 stopped and started after round 1
+# (the state volumes are kept across the down)
 started=$SECONDS
 dc down --timeout 10 >/dev/null 2>&1 || fail "compose down"
 [[ -f certs/ca.crt ]] || bash certs.sh >/dev/null || fail "certs.sh"
@@ -176,13 +167,27 @@ done
 dctls up -d --no-build >> "$out/up-tls.log" 2>&1 || { cat "$out/up-tls.log" >&2; fail "compose up (TLS)"; }
 all_running dctls
 timing up-tls $((SECONDS - started))
-run_config tls 2
+run_config tls 3
 started=$SECONDS
-(cd "$repo" && "$bin/fedlora-flwr" run . docker-tls --run-config "$out/tls.toml") > "$out/tls.log" 2>&1 \
-  || { tail -30 "$out/tls.log" >&2; fail "TLS run: fedlora-flwr run failed (log: $out/tls.log)"; }
-timing run-tls-2-rounds $((SECONDS - started))
+(cd "$repo" && exec "$bin/fedlora-flwr" run . docker-tls --run-config "$out/tls.toml") > "$out/tls.log" 2>&1 &
+run=$!
+until [[ "$(rows tls dctls 2>/dev/null || echo 0)" -ge 1 ]]; do
+  kill -0 $run 2>/dev/null || { wait $run || true; tail -20 "$out/tls.log" >&2; fail "TLS run ended before round 1"; }
+  sleep 2
+done
+rm -rf "$out/before-restart"; dctls cp superexec-clientapp-2:/app/state "$out/before-restart" >/dev/null 2>&1 \
+  || fail "state of SuperNode 2 before its restart"
+dctls stop supernode-2 >/dev/null 2>&1 || fail "docker compose stop supernode-2"
+echo "smoke: SuperNode 2 stopped after round 1 ($((SECONDS - started)) s into the run)"
+sleep 10
+dctls start supernode-2 >/dev/null 2>&1 || fail "docker compose start supernode-2"
+echo "smoke: SuperNode 2 started again"
+code=0; wait $run || code=$?; run=""
+[[ $code == 0 ]] || { tail -30 "$out/tls.log" >&2; fail "TLS run: fedlora-flwr run exited $code (log: $out/tls.log)"; }
+timing run-tls-3-rounds-with-restart $((SECONDS - started))
 collect tls dctls
-"$PYTHON" "$here/check_run.py" "$out/tls/outputs" "$out/tls" --rounds 2 || fail "TLS run: outputs or state (above)"
+"$PYTHON" "$here/check_run.py" "$out/tls/outputs" "$out/tls" --rounds 3 --restarted 2 --before "$out/before-restart" \
+  || fail "TLS run: outputs or state (above)"
 # the plain run's state is still in the volumes after the down/up
 for n in 1 2 3; do [[ -f "$out/tls/state-$n/plain/$((n - 1))/personal.safetensors" ]] || fail "state-$n lost the plain run's state"; done
 
