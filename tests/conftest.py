@@ -25,7 +25,10 @@ torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip the ``gpu``-marked tests, saying why, where torch sees no CUDA GPU."""
+    """Run the ``docker``-marked tests last (the image build that .ci/run starts in the background
+    has the rest of the suite to finish); skip the ``gpu``-marked tests, saying why, where torch
+    sees no CUDA GPU."""
+    items.sort(key=lambda item: item.get_closest_marker("docker") is not None)  # stable: order kept otherwise
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
