@@ -11,7 +11,7 @@
 # then `down --volumes`: every container, network and volume of the project goes, also on failure.
 # Exits non-zero with the reason on the first failure. Prints `smoke: time <what> <seconds>` lines.
 #
-# `smoke.sh --build-only` stops after the images (.ci/run builds them so while the other tests run).
+# `smoke.sh --build-only` stops after the images (.ci/run uses it to build them while the other tests run).
 # The image step holds a lock ($TMPDIR/fedlora-docker-build.lock): a second smoke.sh waits for a build
 # under way and then reuses it.
 #
